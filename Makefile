@@ -31,10 +31,11 @@ $(VENV)/.torch: | $(PY)
 # Registers the package (editable) and its dependencies; builds the extension once.
 $(VENV)/.installed: pyproject.toml setup.py $(VENV)/.torch
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
-	touch $@ $(BUILD_STAMP)
+	touch $@
+	touch $(BUILD_STAMP)
 
 # Incremental rebuild (ninja) when a C++/CUDA source changes. flock: one build at a time.
-$(BUILD_STAMP): $(VENV)/.installed $(CSRC) setup.py
+$(BUILD_STAMP): $(CSRC) setup.py | $(VENV)/.installed
 	flock .build.lock $(PY) setup.py -q build_ext --inplace
 	touch $@
 
