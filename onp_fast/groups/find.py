@@ -1,0 +1,245 @@
+"""find_groups: trace a model, propagate channel spaces, collect mask points into coupling groups."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import UserError
+from .channels import ChannelTracer
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class MaskPoint:
+    """Channel `channel` of module `module`'s output (site "out") or input (site "in"), along dim `dim`."""
+
+    module: str
+    site: str
+    channel: int
+    dim: int
+
+
+@dataclass
+class Group:
+    """One pruning decision. kind: "channel" (one layer's channel), "coupled" (tied by adds/concats),
+    "head" (an attention head). `rows`: (layer name, output row) of the conv/linear weights it owns."""
+
+    index: int
+    kind: str
+    points: list[MaskPoint] = field(default_factory=list)
+    rows: list[tuple[str, int]] = field(default_factory=list)
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn modules and attention blocks (anything with `num_heads`) stay leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return hasattr(m, "num_heads") or super().is_leaf_module(m, qualname)
+
+
+class NeuronGroups:
+    """The groups of a model. `layers`: conv/linear names whose output rows are neurons (graph layers),
+    `layer_groups[name]`: int64 [C_out] group of each row (-1: not prunable, e.g. the logits)."""
+
+    def __init__(self, groups: list[Group], layers: list[str], layer_groups: dict[str, np.ndarray],
+                 point_dims: dict[tuple[str, str], tuple[int, int]]):
+        self.groups = groups
+        self.layers = layers
+        self.layer_groups = layer_groups
+        # (module, site) -> group index per channel [C] int64 (-1: untouched), and the channel dim.
+        self._index: dict[tuple[str, str], np.ndarray] = {}
+        self._dim: dict[tuple[str, str], int] = {}
+        for key, (channels, dim) in point_dims.items():
+            self._index[key] = np.full(channels, -1, dtype=np.int64)
+            self._dim[key] = dim
+        for g in groups:
+            for p in g.points:
+                self._index[(p.module, p.site)][p.channel] = g.index
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def point_keys(self) -> list[tuple[str, str]]:
+        """(module, site) of every masked place, in model order."""
+        return [k for k, v in self._index.items() if (v >= 0).any()]
+
+    def point_index(self, key: tuple[str, str]) -> np.ndarray:
+        """int64 [C]: the group of each channel at this place, -1 where no group masks it."""
+        return self._index[key]
+
+    def point_dim(self, key: tuple[str, str]) -> int:
+        return self._dim[key]
+
+    def channel_masks(self, keep: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+        """keep [K, G] (or [G]) float -> {(module, site): [K, C] (or [C]) multiplier, 1 where no group}."""
+        squeeze = keep.dim() == 1
+        keep2 = keep.reshape(-1, self.num_groups)
+        ones = torch.ones(keep2.shape[0], 1, dtype=keep2.dtype, device=keep2.device)
+        padded = torch.cat([keep2, ones], dim=1)  # index -1 picks the trailing 1
+        out = {}
+        for key in self.point_keys:
+            idx = torch.as_tensor(self._index[key], device=keep2.device)
+            m = padded[:, idx]
+            out[key] = m[0] if squeeze else m
+        return out
+
+    @contextlib.contextmanager
+    def masked(self, model: nn.Module, keep: torch.Tensor):
+        """Within the block, model's forward multiplies every mask point by keep [G] (hooks)."""
+        modules = dict(model.named_modules())
+        handles = []
+        for (name, site), m in self.channel_masks(keep).items():
+            dim = self._dim[(name, site)]
+
+            def scale(t, m=m, dim=dim):
+                shape = [1] * t.dim()
+                shape[dim] = -1
+                return t * m.to(t.dtype).view(shape)
+
+            if site == "out":
+                handles.append(modules[name].register_forward_hook(lambda mod, inp, out, s=scale: s(out)))
+            else:
+                handles.append(modules[name].register_forward_pre_hook(
+                    lambda mod, inp, s=scale: (s(inp[0]),) + tuple(inp[1:])))
+        try:
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def prune_(self, model: nn.Module, keep: torch.Tensor) -> nn.Module:
+        """Zeroes, in place, the weights that carry every group with keep [G] == False (hard mask)."""
+        modules = dict(model.named_modules())
+        drop = ~keep.bool().cpu()
+        for key in self.point_keys:
+            name, site = key
+            idx = torch.as_tensor(self._index[key])
+            chans = torch.nonzero((idx >= 0) & drop[idx.clamp(min=0)]).flatten()
+            if chans.numel() == 0:
+                continue
+            mod = modules[name]
+            if site == "in":
+                mod.weight[:, chans] = 0
+                continue
+            mod.weight[chans] = 0
+            if getattr(mod, "bias", None) is not None:
+                mod.bias[chans] = 0
+        return model
+
+
+def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> NeuronGroups:
+    """Traces `model` on a zero input [2, *input_shape] and returns its neuron groups.
+
+    Raises UserError when the model cannot be traced or has no prunable neuron.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as exc:  # noqa: BLE001 - fx raises many types
+            raise UserError(f"cannot trace the model with torch.fx: {str(exc).splitlines()[0]}") from None
+        gm = fx.GraphModule(model, graph)
+        param = next(model.parameters(), None)
+        x = torch.zeros(2, *input_shape, dtype=param.dtype if param is not None else torch.float32)
+        with torch.no_grad():
+            try:
+                ShapeProp(gm).propagate(x)
+            except Exception as exc:  # noqa: BLE001
+                raise UserError(
+                    f"the model rejects inputs of shape {tuple(input_shape)}: {str(exc).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+    tracer = ChannelTracer(gm).run()
+    return _collect(gm, tracer)
+
+
+def _collect(gm: fx.GraphModule, tr: ChannelTracer) -> NeuronGroups:
+    modules = dict(gm.named_modules())
+    uf = tr.uf
+    frozen = {uf.find(int(i)) for ids in tr.output_ids + tr.input_ids for i in ids}
+    users: dict[str, list] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            users[node.target] = [u for u in node.users]
+
+    def only_norms_follow(name: str) -> bool:
+        us = users.get(name, [])
+        return bool(us) and all(u.op == "call_module" and isinstance(modules[u.target], _NORMS) for u in us)
+
+    by_root: dict[int, Group] = {}
+    groups: list[Group] = []
+    point_dims: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def group_for(root: int, kind: str) -> Group:
+        if root not in by_root:
+            by_root[root] = Group(index=len(groups), kind=kind)
+            groups.append(by_root[root])
+        return by_root[root]
+
+    layers: list[str] = []
+    layer_groups: dict[str, np.ndarray] = {}
+    producers: dict[int, set[str]] = {}
+    for name, space in tr.module_out.items():
+        mod = modules[name]
+        roots = [uf.find(int(i)) for i in space.ids]
+        is_point = isinstance(mod, _NORMS) and getattr(mod, "weight", None) is not None
+        is_point |= isinstance(mod, _WEIGHTED) and not only_norms_follow(name)
+        if isinstance(mod, _WEIGHTED):
+            layers.append(name)
+            depthwise = getattr(mod, "groups", 1) > 1 and getattr(mod, "groups", 1) == getattr(mod, "out_channels", 0)
+            for r in roots if not depthwise else ():
+                producers.setdefault(r, set()).add(name)
+        if not is_point:
+            continue
+        point_dims[(name, "out")] = (len(roots), space.dim)
+        for c, r in enumerate(roots):
+            if r not in frozen:
+                group_for(r, "channel").points.append(MaskPoint(name, "out", c, space.dim))
+    for g_root, g in by_root.items():
+        if len(producers.get(g_root, ())) > 1:
+            g.kind = "coupled"
+    for name in layers:
+        space = tr.module_out[name]
+        idx = np.array([by_root[r].index if r in by_root else -1 for r in (uf.find(int(i)) for i in space.ids)],
+                       dtype=np.int64)
+        layer_groups[name] = idx
+        for row, g in enumerate(idx.tolist()):
+            if g >= 0:
+                groups[g].rows.append((name, row))
+    # Attention heads: one group per head, masked at the input of the output projection.
+    for name, mod in modules.items():
+        proj = getattr(mod, "proj", None)
+        if hasattr(mod, "num_heads") and isinstance(proj, nn.Linear) and name in tr.module_out:
+            heads, dim = int(mod.num_heads), proj.in_features
+            point_dims[(f"{name}.proj", "in")] = (dim, 2)
+            for h in range(heads):
+                g = Group(index=len(groups), kind="head")
+                step = dim // heads
+                g.points = [MaskPoint(f"{name}.proj", "in", c, 2) for c in range(h * step, (h + 1) * step)]
+                groups.append(g)
+    groups = [g for g in groups if g.points]
+    for i, g in enumerate(groups):
+        g.index = i
+    for name in layers:  # re-index after dropping empty groups
+        layer_groups[name] = np.array([_new_index(groups, by_root, r, uf) for r in tr.module_out[name].ids],
+                                      dtype=np.int64)
+    if not groups:
+        raise UserError("the model has no prunable neurons (no conv/linear/norm channel outside the input and logits)")
+    return NeuronGroups(groups, layers, layer_groups, point_dims)
+
+
+def _new_index(groups, by_root, channel_id, uf) -> int:
+    g = by_root.get(uf.find(int(channel_id)))
+    return g.index if g is not None and g.points else -1
