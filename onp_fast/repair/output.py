@@ -1,0 +1,53 @@
+"""What repair writes: the masks as JSON, the report as JSON, the plot as PNG — all atomically."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..atomic import atomic_path, write_text
+from ..groups import NeuronGroups
+
+
+def masks_json(groups: NeuronGroups, prune: torch.Tensor) -> dict:
+    """prune [G] bool -> {"pruned": [{"group", "kind", "rows": [[layer, channel]...], "points": [[module,
+    site, channel]...]}], "num_groups", "num_pruned"}."""
+    pruned = []
+    for gi in torch.nonzero(prune).flatten().tolist():
+        g = groups.groups[gi]
+        pruned.append({"group": gi, "kind": g.kind, "rows": [[n, r] for n, r in g.rows],
+                       "points": [[p.module, p.site, p.channel] for p in g.points]})
+    return {"num_groups": groups.num_groups, "num_pruned": len(pruned), "pruned": pruned}
+
+
+def write_json(path, obj: dict) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def write_plot(path, report: dict) -> None:
+    """Two panels: the RL reward curve (mean and best of each iteration's K masks) and the pruned fraction
+    per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report["reward_curve"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(curve["mean"], label="mean reward")
+    a.plot(curve["max"], label="best mask", alpha=0.7)
+    a.set_xlabel("RL iteration")
+    a.set_ylabel("reward on D_opt")
+    a.legend()
+    a.set_title("policy training")
+    layers = report["layer_sizes"]
+    names = list(layers)
+    frac = [report["pruned_per_layer"].get(n, 0) / max(1, layers[n]) for n in names]
+    b.bar(range(len(names)), frac)
+    b.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    b.set_ylabel("pruned fraction")
+    b.set_title(f"pruned per layer ({report['pruned_groups']} groups)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

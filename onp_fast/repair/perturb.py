@@ -1,0 +1,35 @@
+"""Adversarial neuron perturbations (ANP's inner maximisation), found once on the given model."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..groups import NeuronGroups
+
+
+def adversarial_perturbations(model: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: torch.Tensor, *,
+                              count: int = 2, eps: float = 0.4, steps: int = 10, seed: int = 0) -> torch.Tensor:
+    """-> [count, G] float32 multiplicative factors 1 + delta, |delta| <= eps, each a signed-gradient ascent
+    (from a seeded random start) of the clean cross-entropy on (x [N, C, H, W] normalised, y [N])."""
+    g = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    out = []
+    try:
+        for _ in range(count):
+            delta = ((torch.rand(groups.num_groups, generator=g) * 2 - 1) * eps).requires_grad_(True)
+            for _ in range(steps):
+                with groups.masked(model, 1 + delta):
+                    loss = F.cross_entropy(model(x), y)
+                (grad,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    delta += (eps / 4) * grad.sign()
+                    delta.clamp_(-eps, eps)
+            out.append(1 + delta.detach())
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    return torch.stack(out)

@@ -1,0 +1,82 @@
+"""The reward of onp.md section 5, scored for K candidate masks at once.
+
+R(m) = w_B CA_B(m) + w_U CA_U(m) + w_P CA_P(m) - w_s sparsity(m), with
+CA_B: accuracy of the given model B with mask m; CA_U: accuracy of the unlearned model U with m (pruning
+backdoor neurons of U restores its clean accuracy: RNP); CA_P: accuracy of B with m under fixed adversarial
+neuron perturbations found on B (removing backdoor neurons makes B robust to them: ANP); sparsity: the
+fraction of neurons (weight rows) pruned.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from ..groups import NeuronGroups
+
+TERMS = ("ca_b", "ca_u", "ca_p", "sparsity")
+
+
+@dataclass
+class RewardWeights:
+    ca_b: float = 1.0
+    ca_u: float = 1.0
+    ca_p: float = 1.0
+    sparsity: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """terms: name -> [K] -> rewards [K]."""
+        return (self.ca_b * terms["ca_b"] + self.ca_u * terms["ca_u"] + self.ca_p * terms["ca_p"]
+                - self.sparsity * terms["sparsity"])
+
+
+class MaskScorer:
+    """Scores prune masks [K, G] bool on fixed data (x [B, C, H, W] normalised, y [B] int64).
+
+    Models: B, and optionally U (unlearned) and perturbations [P, G] (multiplicative keep factors 1 + delta).
+    Terms whose weight is 0 are not computed. The evaluation is the per-mask loop with hooks
+    (`NeuronGroups.masked`)."""
+
+    def __init__(self, groups: NeuronGroups, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 weights: RewardWeights, unlearned: nn.Module | None = None,
+                 perturbations: torch.Tensor | None = None, batch_size: int = 512):
+        self.groups, self.model, self.unlearned = groups, model, unlearned
+        self.x, self.y, self.weights = x, y, weights
+        self.perturbations = perturbations
+        self.batch_size = batch_size
+        rows = torch.zeros(groups.num_groups)
+        for g in groups.groups:
+            rows[g.index] = max(1, len(g.rows))
+        self.group_size = rows / rows.sum()
+
+    @torch.no_grad()
+    def _accuracy(self, model: nn.Module, keep: torch.Tensor) -> float:
+        correct = 0
+        with self.groups.masked(model, keep):
+            for i in range(0, len(self.x), self.batch_size):
+                correct += (model(self.x[i:i + self.batch_size]).argmax(1) == self.y[i:i + self.batch_size]).sum().item()
+        return correct / len(self.x)
+
+    def terms(self, prune: torch.Tensor) -> dict[str, torch.Tensor]:
+        """prune [K, G] bool -> {term: [K] float32}."""
+        keep = (~prune).float()
+        k = len(keep)
+        out = {t: torch.zeros(k) for t in TERMS}
+        out["sparsity"] = prune.float() @ self.group_size
+        w = self.weights
+        for i in range(k):
+            if w.ca_b:
+                out["ca_b"][i] = self._accuracy(self.model, keep[i])
+            if w.ca_u and self.unlearned is not None:
+                out["ca_u"][i] = self._accuracy(self.unlearned, keep[i])
+            if w.ca_p and self.perturbations is not None:
+                out["ca_p"][i] = sum(self._accuracy(self.model, keep[i] * p) for p in self.perturbations) / len(
+                    self.perturbations)
+        return out
+
+    def __call__(self, prune: torch.Tensor) -> torch.Tensor:
+        return self.weights.combine(self.terms(prune))

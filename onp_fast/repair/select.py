@@ -1,0 +1,46 @@
+"""The stopping rule (onp.md section 6): no oracle. Rank groups by the trained policy's prune probability and
+pick the depth that maximises the reward on D_val, subject to CA_B on D_val staying within `tolerance` of the
+unpruned model's."""
+from __future__ import annotations
+
+import torch
+
+from .reward import MaskScorer
+
+
+def depth_grid(max_depth: int) -> list[int]:
+    """0, 1, 2, ... dense at first, then ~10% steps, up to max_depth."""
+    out, d = [], 0
+    while d <= max_depth:
+        out.append(d)
+        d = d + 1 if d < 16 else int(d * 1.1) + 1
+    if out[-1] != max_depth:
+        out.append(max_depth)
+    return out
+
+
+def choose_depth(prune_prob: torch.Tensor, scorer: MaskScorer, *, tolerance: float = 0.02,
+                 max_depth: int | None = None, chunk: int = 16) -> dict:
+    """prune_prob [G] float. Returns {"depth", "prune" [G] bool, "table": [{depth, reward, ca_b, ...}],
+    "ca_b_before", "rule"}; the table is what the report prints."""
+    order = torch.argsort(prune_prob, descending=True, stable=True)
+    g = len(prune_prob)
+    if max_depth is None:
+        max_depth = min(g, max(32, 2 * int((prune_prob > 0.5).sum()), g // 10))
+    depths = depth_grid(max_depth)
+    masks = torch.zeros(len(depths), g, dtype=torch.bool)
+    for i, d in enumerate(depths):
+        masks[i, order[:d]] = True
+    rows = []
+    for s in range(0, len(depths), chunk):
+        terms = scorer.terms(masks[s:s + chunk])
+        rewards = scorer.weights.combine(terms)
+        for j in range(len(rewards)):
+            rows.append({"depth": depths[s + j], "reward": float(rewards[j]),
+                         **{k: float(v[j]) for k, v in terms.items()}})
+    base = rows[0]["ca_b"]
+    allowed = [r for r in rows if r["ca_b"] >= base - tolerance - 1e-12]
+    best = max(allowed, key=lambda r: (r["reward"], -r["depth"]))
+    i = depths.index(best["depth"])
+    return {"depth": best["depth"], "prune": masks[i], "table": rows, "ca_b_before": base,
+            "rule": f"max reward on D_val over depths {depths[0]}..{depths[-1]} with CA_B >= {base:.4f} - {tolerance}"}
