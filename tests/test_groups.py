@@ -101,3 +101,21 @@ def test_no_prunable_neurons_and_untraceable():
         find_groups(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), (3, 2, 2))
     with pytest.raises(UserError, match="rejects inputs"):
         find_groups(models.build("preactresnet18", width=0.25), (1, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["preactresnet18", "resnet18", "vgg16_bn", "mobilenet_v2", "user"])
+def test_compact_equals_masked_model(name):
+    from onp_fast.groups import compact
+
+    m = _randomize_bn(UserNet() if name == "user" else models.build(name, width=0.25))
+    shape = (3, 8, 8) if name == "user" else (3, 32, 32)
+    g = find_groups(m, shape)
+    prune = torch.rand(g.num_groups, generator=torch.Generator().manual_seed(0)) < 0.3
+    x = torch.randn(3, *shape)
+    with torch.no_grad(), g.masked(m, (~prune).float()):
+        ref = m(x)
+    small = compact(m, g, prune)
+    with torch.no_grad():
+        out = small(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in m.parameters())

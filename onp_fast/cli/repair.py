@@ -34,6 +34,28 @@ def _weights(text: str | None):
     return w
 
 
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _compacted(loaded, result, x):
+    """The repaired model with pruned channels removed, checked against the masked model on x."""
+    import dataclasses
+
+    import torch
+
+    from ..groups import compact
+
+    small = compact(result.model, result.groups, result.prune).eval()
+    with torch.no_grad():
+        ref, out = result.model(x[:64]), small(x[:64])
+    diff = float((out - ref).abs().max())
+    if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
+        raise UserError(f"--compact: the compact model differs from the masked model by {diff:.2e}")
+    return dataclasses.replace(loaded, model=small, format="torchscript", source=None,
+                               extra={**loaded.extra, "_compact_diff": diff})
+
+
 @click.command("repair")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("--dataset", required=True, help="Where the clean defense images come from (train split only).")
@@ -52,6 +74,8 @@ def _weights(text: str | None):
 @click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_u=1,ca_p=1,sparsity=0.5")
 @click.option("--tolerance", type=float, default=0.02, show_default=True,
               help="CA drop allowed on the held-out defense images when choosing the depth.")
+@click.option("--compact", "compact_model", is_flag=True,
+              help="Remove pruned channels physically (written as TorchScript: its shapes no longer match the arch).")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True,
               help="Clean fine-tuning on the defense set afterwards, pruned channels held at zero.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -59,7 +83,7 @@ def _weights(text: str | None):
 @click.option("--trust-pickle", is_flag=True, help="Allow loading pickled (non-weights-only) checkpoints.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, iterations, samples,
-            algorithm, reward_weights, tolerance, finetune_epochs, seed, arch, trust_pickle, quiet):
+            algorithm, reward_weights, tolerance, compact_model, finetune_epochs, seed, arch, trust_pickle, quiet):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds, keeping clean accuracy."""
     from ..data import defense_subset, load_dataset, normalize
     from ..io import check_model_fits, load_model, save_model
@@ -83,17 +107,25 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
 
     loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
     splits = load_dataset(dataset, seed=seed)
-    check_model_fits(loaded, splits)
+    # Only the train split is read (defense images); the test split stays untouched.
+    x, y = defense_subset(splits, defense_size, seed=seed)
+    check_model_fits(loaded, x)
+    if loaded.num_classes and loaded.num_classes != splits.num_classes:
+        raise UserError(f"the model has {loaded.num_classes} classes, {dataset} has {splits.num_classes}")
     mean = splits.mean if loaded.mean is None else loaded.mean
     std = splits.std if loaded.std is None else loaded.std
-    x, y = defense_subset(splits, defense_size, seed=seed)
     xn = normalize(x, mean, std)
     result = repair(loaded.model, xn, y, splits.num_classes, cfg, progress=not quiet)
     if finetune_epochs > 0:
         finetune_pruned(result.model, result.groups, result.prune, xn, y, epochs=finetune_epochs, seed=seed)
     report = dict(result.report)
+    if compact_model:
+        loaded = _compacted(loaded, result, xn)
+        report["compact"] = {"parameters_before": _params(result.model), "parameters_after": _params(loaded.model),
+                             "max_abs_diff": loaded.extra.pop("_compact_diff")}
     report.update(model=str(src), dataset=dataset, output=str(out), finetune_epochs=finetune_epochs)
-    loaded.model = result.model
+    if not compact_model:
+        loaded.model = result.model
     save_model(loaded, out, extra={"onp_repair": {"pruned_groups": report["pruned_groups"], "seed": seed}})
     write_json(masks_p, masks_json(result.groups, result.prune))
     write_plot(plot_p, report)

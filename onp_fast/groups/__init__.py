@@ -15,3 +15,6 @@ Zeroing every point of a group makes that channel exactly zero wherever it flows
 from .find import Group, MaskPoint, NeuronGroups, find_groups
 
 __all__ = ["Group", "MaskPoint", "NeuronGroups", "find_groups"]
+from .compact import compact  # noqa: E402
+
+__all__.append("compact")

@@ -50,8 +50,11 @@ class NeuronGroups:
     `layer_groups[name]`: int64 [C_out] group of each row (-1: not prunable, e.g. the logits)."""
 
     def __init__(self, groups: list[Group], layers: list[str], layer_groups: dict[str, np.ndarray],
-                 point_dims: dict[tuple[str, str], tuple[int, int]]):
+                 point_dims: dict[tuple[str, str], tuple[int, int]],
+                 module_channels: dict[str, tuple[np.ndarray | None, np.ndarray | None]] | None = None):
         self.groups = groups
+        # module name -> (group of each input channel, group of each output channel), -1 where none.
+        self.module_channels = module_channels or {}
         self.layers = layers
         self.layer_groups = layer_groups
         # (module, site) -> group index per channel [C] int64 (-1: untouched), and the channel dim.
@@ -237,7 +240,15 @@ def _collect(gm: fx.GraphModule, tr: ChannelTracer) -> NeuronGroups:
                                       dtype=np.int64)
     if not groups:
         raise UserError("the model has no prunable neurons (no conv/linear/norm channel outside the input and logits)")
-    return NeuronGroups(groups, layers, layer_groups, point_dims)
+
+    def as_groups(space):
+        if space is None:
+            return None
+        return np.array([_new_index(groups, by_root, i, uf) for i in space.ids], dtype=np.int64)
+
+    module_channels = {name: (as_groups(tr.module_in.get(name)), as_groups(tr.module_out.get(name)))
+                       for name in set(tr.module_in) | set(tr.module_out)}
+    return NeuronGroups(groups, layers, layer_groups, point_dims, module_channels)
 
 
 def _new_index(groups, by_root, channel_id, uf) -> int:

@@ -1,0 +1,149 @@
+"""ONP repair end to end on tiny models: determinism, no peeking, bad inputs, atomic outputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from onp_fast import models
+from onp_fast.cli import main
+from onp_fast.errors import UserError
+from onp_fast.io import save_model
+from onp_fast.repair import RepairConfig, repair
+
+FAST = ["--defense-size", "60", "--iterations", "2", "--samples", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    m = models.build("preactresnet18", num_classes=10, in_channels=1, width=0.125, input_size=16)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_model(m, path)
+    return path
+
+
+def _tiny_cfg(**kw):
+    return RepairConfig(iterations=2, samples=4, reward_batch=32, perturbations=1, **kw)
+
+
+def test_same_seed_same_masks():
+    torch.manual_seed(0)
+    m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
+    x, y = torch.randn(24, 1, 8, 8), torch.arange(24) % 4
+    a = repair(m, x, y, 4, _tiny_cfg(seed=3), progress=False)
+    b = repair(m, x, y, 4, _tiny_cfg(seed=3), progress=False)
+    assert torch.equal(a.prune, b.prune)
+    assert a.report["reward_curve"] == b.report["reward_curve"]
+    assert a.report["stopping_rule"]["table"] == b.report["stopping_rule"]["table"]
+
+
+def test_repair_rejects_bad_defense_sets():
+    m = models.build("preactresnet18", num_classes=10, in_channels=1, width=0.125, input_size=8).eval()
+    with pytest.raises(UserError, match="fewer than the 10 classes"):
+        repair(m, torch.randn(5, 1, 8, 8), torch.arange(5), 10, _tiny_cfg(), progress=False)
+    with pytest.raises(UserError, match="empty"):
+        repair(m, torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long), 10, _tiny_cfg(), progress=False)
+    with pytest.raises(UserError, match="no prunable"):
+        repair(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), torch.randn(20, 1, 8, 8), torch.arange(20) % 10,
+               10, _tiny_cfg(), progress=False)
+
+
+def test_cli_repair_writes_outputs_and_never_reads_test_split_or_attack_spec(tiny_ckpt, tmp_path, monkeypatch):
+    import builtins
+
+    import onp_fast.data as data_mod
+    from onp_fast.data.splits import DataSplits
+
+    (tiny_ckpt.parent / "tiny.attack.json").write_text('{"attack": {"name": "badnets"}, "target": 0}')
+    real_load = data_mod.load_dataset
+
+    class NoTestSplits(DataSplits):
+        def __getattribute__(self, name):
+            if name in ("test_x", "test_y"):
+                raise AssertionError("repair read the test split")
+            return super().__getattribute__(name)
+
+    def guarded_load(spec, seed=0):
+        s = real_load(spec, seed=seed)
+        return NoTestSplits(s.name, s.train_x, s.train_y, s.test_x, s.test_y, s.num_classes, s.mean, s.std)
+
+    real_open = builtins.open
+
+    def guarded_open(file, *a, **k):
+        assert not str(file).endswith(".attack.json"), "repair opened an attack spec"
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(data_mod, "load_dataset", guarded_load)
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(AssertionError(str(self)))
+                        if str(self).endswith(".attack.json") else Path.read_bytes(self).decode())
+    out = tmp_path / "fixed.pt"
+    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out), *FAST])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "fixed.report.json").read_text())
+    assert report["defense"]["n"] == 60 and report["defense"]["n_val"] >= 10
+    assert set(report["times_s"]) >= {"groups", "unlearn", "features", "graphs", "policy", "select"}
+    masks = json.loads((tmp_path / "fixed.masks.json").read_text())
+    assert masks["num_pruned"] == report["pruned_groups"]
+    assert (tmp_path / "fixed.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "fixed.pt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "too_few_images", "wrong_channels", "no_prunable"])
+def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
+    model, extra = str(tiny_ckpt), []
+    out = tmp_path / "out.pt"
+    if case == "missing_folder":
+        out = tmp_path / "nope" / "out.pt"
+    if case == "too_few_images":
+        extra = ["--defense-size", "5"]
+    if case == "wrong_channels":
+        m = models.build("preactresnet18", num_classes=10, in_channels=3, width=0.125, input_size=16)
+        model = str(tmp_path / "rgb.pt")
+        save_model(m, model)
+    if case == "no_prunable":
+        model = str(tmp_path / "linear.pt")
+        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), model)
+        extra = ["--trust-pickle"]
+    args = ["repair", model, "--dataset", "digits", "--out", str(out), *FAST, *extra]
+    args = [a for i, a in enumerate(args) if not (a == "60" and extra[:1] == ["--defense-size"])]
+    if extra[:1] == ["--defense-size"]:
+        args.remove("--defense-size")
+        args += extra
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith("out")]
+
+
+def test_ctrl_c_leaves_no_output(tiny_ckpt, tmp_path):
+    out = tmp_path / "int.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onp_fast.cli", "repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+         "--defense-size", "60", "--iterations", "500", "--samples", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    seen = ""
+    while time.time() < deadline:  # wait until the RL phase runs
+        line = proc.stdout.readline()
+        seen += line
+        if "policy" in line or not line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, seen + rest
+    assert "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []
