@@ -45,10 +45,12 @@ class RepairConfig:
 
 @dataclass
 class RepairResult:
-    """model: the repaired copy (pruned weights zeroed); prune [G] bool; groups; report (JSON-able dict)."""
+    """model: the repaired copy (pruned weights zeroed); prune [G] bool; prune_prob [G] float (the trained
+    policy's); groups; report (JSON-able dict)."""
 
     model: nn.Module
     prune: torch.Tensor
+    prune_prob: torch.Tensor
     groups: NeuronGroups
     report: dict
 
@@ -149,7 +151,7 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
     }
     for p in repaired.parameters():
         p.requires_grad_(True)
-    return RepairResult(model=repaired, prune=choice["prune"], groups=groups, report=report)
+    return RepairResult(model=repaired, prune=choice["prune"], prune_prob=prob, groups=groups, report=report)
 
 
 class _Phase:

@@ -1,0 +1,150 @@
+"""Quality benchmark: repair backdoored models and report CA / ASR / RA / DER / time per attack, the ASR/CA
+frontier of ONP's ranking beside an RNP-style ranking, the re-activation check, and the reward ablation.
+
+    python benchmarks/quality.py --dataset digits --attacks badnets,blended,wanet,sig
+    python benchmarks/quality.py --dataset shapes --width 0.5 --attacks badnets,blended
+    python benchmarks/quality.py --ablation          # each reward term switched off in turn
+
+Backdoored models are trained once and cached in .onp_cache/quality/. Test-set numbers are measured here for
+reporting only; repair never sees them (its depth comes from the held-out defense images).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from onp_fast import attacks, models
+from onp_fast.data import defense_subset, load_dataset, normalize
+from onp_fast.defenses import rnp_scores
+from onp_fast.evaluate import evaluate
+from onp_fast.features import unlearn
+from onp_fast.metrics import defense_effectiveness_rating
+from onp_fast.poison import train_backdoored
+from onp_fast.repair import RepairConfig, RewardWeights, repair
+from onp_fast.repair.finetune import finetune_pruned
+
+CACHE = Path(".onp_cache/quality")
+
+
+def backdoored(dataset, splits, attack_name, arch, width, epochs, seed):
+    attack = attacks.build(attack_name, tuple(splits.train_x.shape[1:]), seed=seed)
+    c, h = splits.train_x.shape[1], splits.train_x.shape[2]
+    model = models.build(arch, num_classes=splits.num_classes, in_channels=c, width=width, input_size=h)
+    path = CACHE / f"{dataset.replace(':', '_')}-{attack_name}-{arch}-w{width}-e{epochs}-s{seed}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        t = time.perf_counter()
+        train_backdoored(model, attack, splits, epochs=epochs, seed=seed, progress=False)
+        print(f"  trained {attack_name} in {time.perf_counter() - t:.0f}s", flush=True)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model.eval(), attack
+
+
+def ev(model, splits, attack, target=0):
+    return evaluate(model, splits.test_x, splits.test_y, splits.mean, splits.std, attack=attack, target=target)
+
+
+def prune_eval(model, groups, prune, splits, attack):
+    m = groups.prune_(copy.deepcopy(model), ~prune)
+    return ev(m, splits, attack)
+
+
+def frontier(model, groups, order, splits, attack, depths):
+    rows = []
+    for d in depths:
+        prune = torch.zeros(groups.num_groups, dtype=torch.bool)
+        prune[order[:d]] = True
+        r = prune_eval(model, groups, prune, splits, attack)
+        rows.append((d, r["ca"], r["asr"]))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--attacks", default="badnets,blended,wanet,sig")
+    ap.add_argument("--arch", default="preactresnet18")
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--defense-size", type=int, default=200)
+    ap.add_argument("--iterations", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ablation", action="store_true", help="also repair with each reward term off")
+    ap.add_argument("--no-frontier", action="store_true")
+    ap.add_argument("--no-reactivation", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    splits = load_dataset(args.dataset, seed=args.seed)
+    results = []
+    for name in args.attacks.split(","):
+        print(f"== {name}", flush=True)
+        model, attack = backdoored(args.dataset, splits, name, args.arch, args.width, args.epochs, args.seed)
+        before = ev(model, splits, attack)
+        x, y = defense_subset(splits, args.defense_size, seed=args.seed)
+        xn = normalize(x, splits.mean, splits.std)
+        cfg = RepairConfig(seed=args.seed)
+        if args.iterations:
+            cfg.iterations = args.iterations
+        t = time.perf_counter()
+        res = repair(model, xn, y, splits.num_classes, cfg, progress=False)
+        secs = time.perf_counter() - t
+        after = ev(res.model, splits, attack)
+        row = {"attack": name, "before": before, "after": after, "seconds": secs,
+               "pruned": int(res.prune.sum()), "groups": res.groups.num_groups,
+               "der": defense_effectiveness_rating(before["asr"], after["asr"], before["ca"], after["ca"]),
+               "ca_val": [res.report["ca_val_before"], res.report["ca_val_after"]], "times": res.report["times_s"]}
+        print(f"  before CA {before['ca']:.4f} ASR {before['asr']:.4f} | after CA {after['ca']:.4f} "
+              f"ASR {after['asr']:.4f} RA {after['ra']:.4f} DER {row['der']:.4f} | pruned {row['pruned']}"
+              f"/{row['groups']} in {secs:.0f}s {res.report['times_s']}", flush=True)
+        if not args.no_reactivation:
+            ft = finetune_pruned(copy.deepcopy(res.model), res.groups, res.prune, xn, y, epochs=10, seed=args.seed)
+            row["reactivation"] = ev(ft, splits, attack)
+            print(f"  re-activation (10 clean epochs, pruned held at 0): CA {row['reactivation']['ca']:.4f} "
+                  f"ASR {row['reactivation']['asr']:.4f}", flush=True)
+        if not args.no_frontier:
+            groups = res.groups
+            onp_order = torch.argsort(res.prune_prob, descending=True, stable=True)
+            u, _ = unlearn(model, xn, y, seed=args.seed)
+            rnp_order = torch.argsort(rnp_scores(u, groups, xn, y, seed=args.seed), descending=True, stable=True)
+            depths = [0, 2, 5, 10, 15, 20, 30, 40, 60, 80, 100, 130, 160, 200]
+            fo = frontier(model, groups, onp_order, splits, attack, depths)
+            fr = frontier(model, groups, rnp_order, splits, attack, depths)
+            row["frontier"] = {"depths": depths, "onp": fo, "rnp": fr}
+            print("  depth | ONP CA  ASR    | RNP CA  ASR   (test set, diagnostic only)")
+            for (d, ca1, a1), (_, ca2, a2) in zip(fo, fr):
+                print(f"  {d:5d} | {ca1:.4f} {a1:.4f} | {ca2:.4f} {a2:.4f}")
+        if args.ablation:
+            row["ablation"] = {}
+            for term in ("ca_b", "ca_u", "ca_p", "sparsity"):
+                w = RewardWeights(**{**RewardWeights().to_dict(), term: 0.0})
+                c2 = copy.deepcopy(cfg)
+                c2.weights = w
+                r2 = repair(model, xn, y, splits.num_classes, c2, progress=False)
+                a2 = ev(r2.model, splits, attack)
+                row["ablation"][term] = {"ca": a2["ca"], "asr": a2["asr"], "pruned": int(r2.prune.sum()),
+                                         "der": defense_effectiveness_rating(before["asr"], a2["asr"], before["ca"], a2["ca"])}
+                print(f"  without {term:<8}: CA {a2['ca']:.4f} ASR {a2['asr']:.4f} pruned {int(r2.prune.sum())}",
+                      flush=True)
+        results.append(row)
+    print("\nattack    | CA before | ASR before | CA after | ASR after | RA after | DER    | seconds | re-act ASR")
+    for r in results:
+        re = r.get("reactivation", {}).get("asr", float("nan"))
+        print(f"{r['attack']:<9} | {100 * r['before']['ca']:9.2f} | {100 * r['before']['asr']:10.2f} | "
+              f"{100 * r['after']['ca']:8.2f} | {100 * r['after']['asr']:9.2f} | {100 * r['after']['ra']:8.2f} | "
+              f"{r['der']:.4f} | {r['seconds']:7.1f} | {100 * re:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
