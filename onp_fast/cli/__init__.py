@@ -15,6 +15,12 @@ from ..errors import UserError
 
 # Sub-command modules; each defines a click command named `command`.
 _COMMAND_MODULES = [
+    "info",
+    "attack",
+    "evaluate",
+    "bench",
+    "demo",
+    "repair",
 ]
 
 

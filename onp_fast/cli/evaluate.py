@@ -1,0 +1,56 @@
+"""`onp-fast evaluate`: CA of a model on a data set's clean test split; ASR and RA with an attack spec."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..errors import UserError
+
+
+@click.command("evaluate")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--dataset", required=True, help="Data set spec: digits, shapes, cifar10:PATH, ...")
+@click.option("--attack-spec", "spec_path", type=click.Path(dir_okay=False), default=None,
+              help="Attack spec JSON (MODEL.attack.json from `onp-fast attack`, or a bare attack spec).")
+@click.option("--target", type=int, default=None, help="Target class (overrides the spec's).")
+@click.option("--arch", default=None, help="Architecture, for checkpoints that do not record it.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled (non-weights-only) checkpoints.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated data sets.")
+@click.option("--batch-size", type=int, default=512, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def command(model_path, dataset, spec_path, target, arch, trust_pickle, seed, batch_size, as_json):
+    """Evaluate MODEL on DATASET's test split."""
+    from ..data import load_dataset
+    from ..evaluate import evaluate, load_attack_spec
+    from ..io import load_model
+    from ..poison import check_target
+
+    spec = load_attack_spec(spec_path) if spec_path else None
+    loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
+    splits = load_dataset(dataset, seed=seed)
+    if tuple(loaded.input_shape) != tuple(splits.input_shape):
+        raise UserError(f"the model takes images {list(loaded.input_shape)}, {dataset} has {list(splits.input_shape)}")
+    if loaded.num_classes != splits.num_classes:
+        raise UserError(f"the model has {loaded.num_classes} classes, {dataset} has {splits.num_classes}")
+    mean = splits.mean if loaded.mean is None else loaded.mean
+    std = splits.std if loaded.std is None else loaded.std
+    attack = None
+    if spec is not None:
+        target = spec.target if target is None else target
+        if target is None:
+            raise UserError("the attack spec has no target class; pass --target")
+        target = check_target(target, splits.num_classes)
+        attack = spec.attack
+    result = evaluate(loaded.model, splits.test_x, splits.test_y, mean, std, attack=attack, target=target,
+                      batch_size=batch_size)
+    result = {"model": str(model_path), "dataset": dataset,
+              **({"attack": attack.name, "target": target} if attack else {}), **result}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    line = f"CA {100 * result['ca']:.2f}% ({result['n_test']} test images)"
+    if attack is not None:
+        line += (f"  ASR {100 * result['asr']:.2f}%  RA {100 * result['ra']:.2f}% "
+                 f"({result['n_triggered']} triggered non-target images, {attack.name} -> class {target})")
+    click.echo(line)
