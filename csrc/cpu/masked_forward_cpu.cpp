@@ -1,0 +1,180 @@
+// CPU kernels of the masked-forward reward ops: fused eval-BN + mask + ReLU (gathering the surviving
+// channels, channels-last aware, optionally in place) and the logits -> (correct, CE sum, counts) epilogue.
+#include "cpu/masked_forward_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include "common/masked_forward.h"
+
+namespace onp_fast {
+
+BnMaskArgs bn_mask_prepare(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                           const std::optional<at::Tensor>& index, bool inplace) {
+  TORCH_CHECK(x.dim() >= 3, "bn_mask_relu: x must be [Kx, B, C, *spatial], got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "bn_mask_relu: x must be float32");
+  TORCH_CHECK(scale.dim() == 2 && shift.sizes() == scale.sizes(), "bn_mask_relu: scale/shift must be [K, C]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && shift.scalar_type() == at::kFloat,
+              "bn_mask_relu: scale/shift must be float32");
+  TORCH_CHECK(scale.device() == x.device() && shift.device() == x.device(), "bn_mask_relu: device mismatch");
+  BnMaskArgs a;
+  a.K = scale.size(0);
+  a.Kx = x.size(0);
+  a.B = x.size(1);
+  a.C = x.size(2);
+  TORCH_CHECK(scale.size(1) == a.C, "bn_mask_relu: scale has ", scale.size(1), " channels, x has ", a.C);
+  TORCH_CHECK(a.Kx == a.K || (a.Kx == 1 && !inplace), "bn_mask_relu: x's first dim must be K or 1 (", a.K, "), got ", a.Kx);
+  a.S = 1;
+  for (int64_t d = 3; d < x.dim(); ++d) a.S *= x.size(d);
+  // Channels-last per mask: the channel dim has stride 1 and the spatial dims are outer to it.
+  a.channels_last = x.dim() >= 4 && a.C > 1 && x.stride(2) == 1 && a.S > 1;
+  at::Tensor phys = a.channels_last ? x.movedim(2, -1) : x;
+  if (inplace) {
+    TORCH_CHECK(phys.is_contiguous(), "bn_mask_relu_: x must be dense per mask (contiguous or channels-last)");
+    a.x = phys;
+  } else {
+    a.x = phys.contiguous();
+  }
+  a.scale = scale.contiguous();
+  a.shift = shift.contiguous();
+  a.Cout = a.C;
+  if (index.has_value() && index->defined()) {
+    TORCH_CHECK(!inplace, "bn_mask_relu_: no index in place");
+    TORCH_CHECK(index->dim() == 2 && index->size(0) == a.K, "bn_mask_relu: index must be [K, C']");
+    TORCH_CHECK(index->scalar_type() == at::kLong, "bn_mask_relu: index must be int64");
+    TORCH_CHECK(index->device() == x.device(), "bn_mask_relu: index device mismatch");
+    a.index = index->contiguous();
+    a.Cout = index->size(1);
+    TORCH_CHECK(a.index.numel() == 0 || (a.index.max().item<int64_t>() < a.C && a.index.min().item<int64_t>() >= -1),
+                "bn_mask_relu: index out of range [-1, ", a.C, ")");
+  }
+  return a;
+}
+
+at::Tensor bn_mask_empty_out(const BnMaskArgs& a, const at::Tensor& x) {
+  std::vector<int64_t> shape = {a.K, a.B};
+  std::vector<int64_t> spatial(x.sizes().begin() + 3, x.sizes().end());
+  if (a.channels_last) {
+    shape.insert(shape.end(), spatial.begin(), spatial.end());
+    shape.push_back(a.Cout);
+    return at::empty(shape, x.options()).movedim(-1, 2);
+  }
+  shape.push_back(a.Cout);
+  shape.insert(shape.end(), spatial.begin(), spatial.end());
+  return at::empty(shape, x.options());
+}
+
+void reward_epilogue_check(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.dim() == 3, "reward_epilogue: logits must be [K, B, C]");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "reward_epilogue: logits must be floating point");
+  TORCH_CHECK(logits.size(2) > 0, "reward_epilogue: logits need at least one class");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(1), "reward_epilogue: labels must be [B]");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "reward_epilogue: labels must be int64");
+  TORCH_CHECK(labels.device() == logits.device(), "reward_epilogue: device mismatch");
+  TORCH_CHECK(labels.numel() == 0 || (labels.min().item<int64_t>() >= 0 && labels.max().item<int64_t>() < logits.size(2)),
+              "reward_epilogue: a label is out of range [0, ", logits.size(2), ")");
+}
+
+namespace {
+
+// out/x physical layouts as in BnMaskArgs; out may alias x (in place, no index).
+void bn_mask_relu_kernel(const BnMaskArgs& a, float* out, bool relu) {
+  const float* x = a.x.const_data_ptr<float>();
+  const float* scale = a.scale.const_data_ptr<float>();
+  const float* shift = a.shift.const_data_ptr<float>();
+  const int64_t* index = a.index.defined() ? a.index.const_data_ptr<int64_t>() : nullptr;
+  const int64_t K = a.K, Kx = a.Kx, B = a.B, C = a.C, Cout = a.Cout, S = a.S;
+  if (a.channels_last) {
+    // rows (k, b, s): C contiguous in, Cout contiguous out.
+    const int64_t rows = K * B * S;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(Cout, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t k = r / (B * S);
+        const int64_t bs = r - k * B * S;
+        const float* xr = x + ((Kx == 1 ? 0 : k) * B * S + bs) * C;
+        float* orow = out + r * Cout;
+        const float* sc = scale + k * C;
+        const float* sh = shift + k * C;
+        if (index) {
+          const int64_t* ix = index + k * Cout;
+          for (int64_t j = 0; j < Cout; ++j) {
+            const int64_t c = ix[j];
+            orow[j] = c < 0 ? 0.f : mf::bn_mask_act(xr[c], sc[c], sh[c], relu);
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) orow[c] = mf::bn_mask_act(xr[c], sc[c], sh[c], relu);
+        }
+      }
+    });
+  } else {
+    // planes (k, b, j): S contiguous.
+    const int64_t planes = K * B * Cout;
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t k = p / (B * Cout);
+        const int64_t b = (p / Cout) % B;
+        const int64_t j = p % Cout;
+        const int64_t c = index ? index[k * Cout + j] : j;
+        float* op = out + p * S;
+        if (c < 0) {
+          for (int64_t s = 0; s < S; ++s) op[s] = 0.f;
+          continue;
+        }
+        const float* xp = x + (((Kx == 1 ? 0 : k) * B + b) * C + c) * S;
+        const float sc = scale[k * C + c], sh = shift[k * C + c];
+        for (int64_t s = 0; s < S; ++s) op[s] = mf::bn_mask_act(xp[s], sc, sh, relu);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+at::Tensor bn_mask_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                            const std::optional<at::Tensor>& index, bool relu) {
+  BnMaskArgs a = bn_mask_prepare(x, scale, shift, index, false);
+  at::Tensor out = bn_mask_empty_out(a, x);
+  at::Tensor phys = a.channels_last ? out.movedim(2, -1) : out;
+  bn_mask_relu_kernel(a, phys.mutable_data_ptr<float>(), relu);
+  return out;
+}
+
+void bn_mask_relu_inplace_cpu(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+  BnMaskArgs a = bn_mask_prepare(x, scale, shift, std::nullopt, true);
+  bn_mask_relu_kernel(a, a.x.mutable_data_ptr<float>(), relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cpu(const at::Tensor& logits, const at::Tensor& labels) {
+  reward_epilogue_check(logits, labels);
+  const int64_t K = logits.size(0), B = logits.size(1), C = logits.size(2);
+  at::Tensor lab = labels.contiguous();
+  const int64_t* y = lab.const_data_ptr<int64_t>();
+  at::Tensor correct = at::zeros({K}, labels.options());
+  at::Tensor ce = at::zeros({K}, logits.options().dtype(at::kDouble));
+  at::Tensor counts = at::zeros({K, C}, labels.options());
+  at::Tensor lg = logits.contiguous();
+  int64_t* pc = correct.mutable_data_ptr<int64_t>();
+  double* pe = ce.mutable_data_ptr<double>();
+  int64_t* pn = counts.mutable_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lg.scalar_type(), "reward_epilogue_cpu", [&] {
+    const scalar_t* L = lg.const_data_ptr<scalar_t>();
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        int64_t hits = 0;
+        double sum = 0.0;
+        for (int64_t b = 0; b < B; ++b) {
+          int64_t arg;
+          double l;
+          mf::row_reward(L + (k * B + b) * C, C, y[b], &arg, &l);
+          hits += arg == y[b];
+          sum += l;
+          pn[k * C + arg] += 1;
+        }
+        pc[k] = hits;
+        pe[k] = sum;
+      }
+    });
+  });
+  return {correct, ce, counts};
+}
+
+}  // namespace onp_fast
