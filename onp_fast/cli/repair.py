@@ -68,10 +68,10 @@ def _compacted(loaded, result, x):
               help="Pruned groups as JSON (default OUT.masks.json).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG: reward curve and pruned fraction per layer (default OUT.png).")
-@click.option("--iterations", type=int, default=150, show_default=True, help="RL iterations.")
-@click.option("--samples", type=int, default=32, show_default=True, help="Masks scored per iteration (K).")
+@click.option("--iterations", type=int, default=60, show_default=True, help="RL iterations.")
+@click.option("--samples", type=int, default=16, show_default=True, help="Masks scored per iteration (K).")
 @click.option("--algorithm", type=click.Choice(["ppo", "reinforce"]), default="ppo", show_default=True)
-@click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_u=1,ca_p=1,sparsity=0.5")
+@click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_t=1,ca_u=0,ca_p=0,sparsity=0.1")
 @click.option("--tolerance", type=float, default=0.02, show_default=True,
               help="CA drop allowed on the held-out defense images when choosing the depth.")
 @click.option("--compact", "compact_model", is_flag=True,

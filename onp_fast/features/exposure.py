@@ -17,6 +17,7 @@ FEATURE_NAMES = [
     "unlearn_change",  # relative weight change between the model and its unlearned copy
     "noise_sensitivity",  # |d loss / d scale| under random multiplicative noise (ANP's observation)
     "unlearn_sensitivity",  # the same gradient on the unlearned model (RNP's recovery signal)
+    "trigger_shift",  # mean activation on trigger-proxy-stamped images minus on clean ones (0 without a proxy)
 ]
 
 
@@ -178,15 +179,22 @@ def noise_sensitivity(model: nn.Module, groups: NeuronGroups, x: torch.Tensor, y
 
 
 def exposure_features(model: nn.Module, unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor,
-                      y: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """[G, len(FEATURE_NAMES)] float32: every exposure feature of every group, from (x, y) = D_opt."""
+                      y: torch.Tensor, seed: int = 0, trigger=None) -> torch.Tensor:
+    """[G, len(FEATURE_NAMES)] float32: every exposure feature of every group, from (x, y) = D_opt
+    (and the trigger proxy, an onp_fast.repair.trigger.TriggerProxy, when given)."""
     model.eval()
+    act = activation_stats(model, groups, x)
+    if trigger is not None:
+        shift = activation_stats(model, groups, trigger.apply(x[y != trigger.target]))[:, :1] - act[:, :1]
+    else:
+        shift = torch.zeros(groups.num_groups, 1)
     cols = [
-        activation_stats(model, groups, x),
+        act,
         weight_stats(model, groups),
         unlearn_change(model, unlearned, groups).unsqueeze(1),
         noise_sensitivity(model, groups, x, y, seed=seed).unsqueeze(1),
         noise_sensitivity(unlearned, groups, x, y, seed=seed).unsqueeze(1),
+        shift,
     ]
     feats = torch.cat(cols, dim=1).float()
     return torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)

@@ -16,26 +16,27 @@ from ..groups import NeuronGroups, find_groups
 from ..policy import PPOConfig, PrunePolicy, train_policy
 from .perturb import adversarial_perturbations
 from .reward import MaskScorer, RewardWeights
+from .trigger import synthesize_trigger
 from .select import choose_depth
 
 
 @dataclass
 class RepairConfig:
-    iterations: int = 150
-    samples: int = 32
+    iterations: int = 60
+    samples: int = 16
     seed: int = 0
     algorithm: str = "ppo"
     conv: str = "sage"
     weights: RewardWeights = field(default_factory=RewardWeights)
     tolerance: float = 0.02  # CA_B drop allowed on D_val by the depth rule
     val_fraction: float = 0.2
-    reward_batch: int = 256  # images of D_opt scored per iteration (a fixed seeded subset)
+    reward_batch: int = 128  # images of D_opt scored per iteration (a fixed seeded subset)
     graph_eps: float = 0.9
     cross_layer_topk: int = 2
     perturbations: int = 2
     perturb_eps: float = 0.4
     unlearn_lr: float = 0.01
-    init_prune_prob: float = 0.05
+    init_prune_prob: float = 0.02
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,8 +99,10 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
         groups = find_groups(model, tuple(x.shape[1:]))
     with phase("unlearn"):
         unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, seed=cfg.seed)
+    with phase("trigger"):
+        trigger = synthesize_trigger(model, x_opt, y_opt, num_classes, seed=cfg.seed) if cfg.weights.ca_t else None
     with phase("features"):
-        feats = exposure_features(model, unlearned, groups, x_opt, y_opt, seed=cfg.seed)
+        feats = exposure_features(model, unlearned, groups, x_opt, y_opt, seed=cfg.seed, trigger=trigger)
     with phase("graphs"):
         graph = build_policy_graph(model, groups, feats, eps=cfg.graph_eps, cross_layer_topk=cfg.cross_layer_topk)
     with phase("perturbations"):
@@ -107,7 +110,7 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                                           eps=cfg.perturb_eps, seed=cfg.seed) if cfg.weights.ca_p else None
     gen = torch.Generator().manual_seed(cfg.seed)
     sub = torch.randperm(len(x_opt), generator=gen)[: cfg.reward_batch]
-    scorer = MaskScorer(groups, model, x_opt[sub], y_opt[sub], cfg.weights, unlearned, perts)
+    scorer = MaskScorer(groups, model, x_opt[sub], y_opt[sub], cfg.weights, unlearned, perts, trigger)
     torch.manual_seed(cfg.seed)
     policy = PrunePolicy(graph.x.shape[1], graph.group_features.shape[1], conv=cfg.conv,
                          init_prune_prob=cfg.init_prune_prob)
@@ -123,7 +126,7 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
         bar.close()
     with phase("select"), torch.no_grad():
         prob = torch.sigmoid(policy(graph))
-        val_scorer = MaskScorer(groups, model, x_val, y_val, cfg.weights, unlearned, perts)
+        val_scorer = MaskScorer(groups, model, x_val, y_val, cfg.weights, unlearned, perts, trigger)
         choice = choose_depth(prob, val_scorer, tolerance=cfg.tolerance)
     with phase("apply"):
         repaired = groups.prune_(copy.deepcopy(model), ~choice["prune"])
@@ -138,6 +141,9 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
         "groups": {"count": groups.num_groups, "layers": len(groups.layers),
                    "kinds": {k: sum(g.kind == k for g in groups.groups) for k in ("channel", "coupled", "head")}},
         "unlearn": unlearn_info,
+        "trigger_proxy": None if trigger is None else {
+            "target": trigger.target, "anomaly_index": round(trigger.anomaly_index, 3),
+            "mask_l1_per_class": [round(float(v), 3) for v in trigger.norms]},
         "features": FEATURE_NAMES,
         "graph": {"nodes": int(graph.x.shape[0]), "edges": int(graph.edge_index.shape[1])},
         "reward_curve": {"mean": hist["reward_mean"], "max": hist["reward_max"], "prune_frac": hist["prune_frac"]},

@@ -1,6 +1,9 @@
 """The reward of onp.md section 5, scored for K candidate masks at once.
 
-R(m) = w_B CA_B(m) + w_U CA_U(m) + w_P CA_P(m) - w_s sparsity(m), with
+R(m) = w_B CA_B(m) + w_T CA_T(m) + w_U CA_U(m) + w_P CA_P(m) - w_s sparsity(m), with
+CA_T: B with m on D_opt images stamped with a trigger proxy synthesised from clean data (trigger.py; images
+of the proxy's class left out), scored as the mean probability of the true label (continuous, so masks that
+only weaken the trigger already earn credit): pruning the neurons that carry a backdoor defeats it;
 CA_B: accuracy of the given model B with mask m; CA_U: accuracy of the unlearned model U with m (pruning
 backdoor neurons of U restores its clean accuracy: RNP); CA_P: accuracy of B with m under fixed adversarial
 neuron perturbations found on B (removing backdoor neurons makes B robust to them: ANP); sparsity: the
@@ -15,23 +18,24 @@ import torch.nn as nn
 
 from ..groups import NeuronGroups
 
-TERMS = ("ca_b", "ca_u", "ca_p", "sparsity")
+TERMS = ("ca_b", "ca_t", "ca_u", "ca_p", "sparsity")
 
 
 @dataclass
 class RewardWeights:
     ca_b: float = 1.0
-    ca_u: float = 1.0
-    ca_p: float = 1.0
-    sparsity: float = 0.5
+    ca_t: float = 1.0
+    ca_u: float = 0.0
+    ca_p: float = 0.0
+    sparsity: float = 0.1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """terms: name -> [K] -> rewards [K]."""
-        return (self.ca_b * terms["ca_b"] + self.ca_u * terms["ca_u"] + self.ca_p * terms["ca_p"]
-                - self.sparsity * terms["sparsity"])
+        return (self.ca_b * terms["ca_b"] + self.ca_t * terms["ca_t"] + self.ca_u * terms["ca_u"]
+                + self.ca_p * terms["ca_p"] - self.sparsity * terms["sparsity"])
 
 
 class MaskScorer:
@@ -43,10 +47,14 @@ class MaskScorer:
 
     def __init__(self, groups: NeuronGroups, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  weights: RewardWeights, unlearned: nn.Module | None = None,
-                 perturbations: torch.Tensor | None = None, batch_size: int = 512):
+                 perturbations: torch.Tensor | None = None, trigger=None, batch_size: int = 512):
         self.groups, self.model, self.unlearned = groups, model, unlearned
         self.x, self.y, self.weights = x, y, weights
         self.perturbations = perturbations
+        self.x_t = self.y_t = None
+        if trigger is not None:
+            other = y != trigger.target
+            self.x_t, self.y_t = trigger.apply(x[other]), y[other]
         self.batch_size = batch_size
         rows = torch.zeros(groups.num_groups)
         for g in groups.groups:
@@ -54,12 +62,19 @@ class MaskScorer:
         self.group_size = rows / rows.sum()
 
     @torch.no_grad()
-    def _accuracy(self, model: nn.Module, keep: torch.Tensor) -> float:
-        correct = 0
+    def _accuracy(self, model: nn.Module, keep: torch.Tensor, x=None, y=None, soft: bool = False) -> float:
+        """Top-1 accuracy (or, soft, the mean probability of the true label) of model with keep on x, y."""
+        x = self.x if x is None else x
+        y = self.y if y is None else y
+        total = 0.0
         with self.groups.masked(model, keep):
-            for i in range(0, len(self.x), self.batch_size):
-                correct += (model(self.x[i:i + self.batch_size]).argmax(1) == self.y[i:i + self.batch_size]).sum().item()
-        return correct / len(self.x)
+            for i in range(0, len(x), self.batch_size):
+                logits, yb = model(x[i:i + self.batch_size]), y[i:i + self.batch_size]
+                if soft:
+                    total += logits.softmax(1).gather(1, yb.unsqueeze(1)).sum().item()
+                else:
+                    total += (logits.argmax(1) == yb).sum().item()
+        return total / max(1, len(x))
 
     def terms(self, prune: torch.Tensor) -> dict[str, torch.Tensor]:
         """prune [K, G] bool -> {term: [K] float32}."""
@@ -71,6 +86,8 @@ class MaskScorer:
         for i in range(k):
             if w.ca_b:
                 out["ca_b"][i] = self._accuracy(self.model, keep[i])
+            if w.ca_t and self.x_t is not None:
+                out["ca_t"][i] = self._accuracy(self.model, keep[i], self.x_t, self.y_t, soft=True)
             if w.ca_u and self.unlearned is not None:
                 out["ca_u"][i] = self._accuracy(self.unlearned, keep[i])
             if w.ca_p and self.perturbations is not None:
