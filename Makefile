@@ -34,9 +34,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(VENV)/.torch
 	touch $@
 	touch $(BUILD_STAMP)
 
-# Incremental rebuild (ninja) when a C++/CUDA source changes. flock: one build at a time.
+# Incremental rebuild (ninja) when a C++/CUDA source changed since the install built it. flock: one build at a time.
 $(BUILD_STAMP): $(CSRC) setup.py | $(VENV)/.installed
-	flock .build.lock $(PY) setup.py -q build_ext --inplace
+	@if [ -z "$$(ls onp_fast/_C*.so 2>/dev/null)" ] || [ -n "$$(find $(CSRC) setup.py -newer $(VENV)/.installed)" ]; then \
+	  echo "building onp_fast._C"; flock .build.lock $(PY) setup.py -q build_ext --inplace; fi
 	touch $@
 
 build: $(BUILD_STAMP)

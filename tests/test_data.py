@@ -12,12 +12,7 @@ from onp_fast.data import defense_subset, load_dataset, normalize, stratified_in
 from onp_fast.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_fixed_stratified_split():

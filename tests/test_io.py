@@ -17,12 +17,7 @@ from onp_fast.io import LoadedModel, check_model_fits, load_model, numpy_safe_gl
 from onp_fast.seed import seed_everything
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Evil:

@@ -14,13 +14,7 @@ from onp_fast.models.vit import fit_patch_size
 SMALL = {"vit_small": dict(depth=2), "vit_b_16": dict(depth=2)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread (and the test machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # BackdoorBench's models/preact_resnet.py (reference copy for the equality test)

@@ -12,12 +12,7 @@ from onp_fast.seed import seed_everything
 from onp_fast.train import accuracy, predict, random_crop_flip, train_classifier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_clean_training_reaches_95_percent():

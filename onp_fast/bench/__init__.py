@@ -74,11 +74,11 @@ def run_cases(cases: list[Case], progress: Callable[[str], None] | None = None) 
 
 
 def format_table(entries: list[dict]) -> str:
-    """A plain-text table: name, impl, median_s, min_s, speedup vs the baseline impl."""
-    rows = [("name", "impl", "median_s", "min_s", "speedup")]
+    """A plain-text table: name, impl, median_s, min_s, speedup vs the baseline impl, note (e.g. GFLOP/s)."""
+    rows = [("name", "impl", "median_s", "min_s", "speedup", "note")]
     for e in entries:
         speed = f"{e['speedup']:.2f}x vs {e['baseline']}" if e.get("speedup") else "(baseline)"
-        rows.append((e["name"], e["impl"], f"{e['median_s']:.4f}", f"{e['min_s']:.4f}", speed))
+        rows.append((e["name"], e["impl"], f"{e['median_s']:.4f}", f"{e['min_s']:.4f}", speed, e.get("note", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -26,6 +27,8 @@ _COMMAND_MODULES = [
 
 class _Group(click.Group):
     def main(self, *args, **kwargs):
+        # Ctrl-C always interrupts, even when started from a shell that ignored SIGINT (a background job).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         kwargs.setdefault("standalone_mode", True)
         try:
             return super().main(*args, standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "standalone_mode"})
