@@ -1,6 +1,5 @@
 """ONP repair end to end on tiny models: determinism, no peeking, bad inputs, atomic outputs."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from onp_fast.errors import UserError
 from onp_fast.io import save_model
 from onp_fast.repair import RepairConfig, repair
 
-FAST = ["--defense-size", "60", "--iterations", "2", "--samples", "4", "--quiet"]
+FAST = ["--iterations", "2", "--samples", "4", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,8 @@ def test_cli_repair_writes_outputs_and_never_reads_test_split_or_attack_spec(tin
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(AssertionError(str(self)))
                         if str(self).endswith(".attack.json") else Path.read_bytes(self).decode())
     out = tmp_path / "fixed.pt"
-    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out), *FAST])
+    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                    "--defense-size", "60", *FAST])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "fixed.report.json").read_text())
     assert report["defense"]["n"] == 60 and report["defense"]["n_val"] >= 10
@@ -100,7 +100,7 @@ def test_cli_repair_writes_outputs_and_never_reads_test_split_or_attack_spec(tin
 
 @pytest.mark.parametrize("case", ["missing_folder", "too_few_images", "wrong_channels", "no_prunable"])
 def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
-    model, extra = str(tiny_ckpt), []
+    model, extra = str(tiny_ckpt), ["--defense-size", "60"]
     out = tmp_path / "out.pt"
     if case == "missing_folder":
         out = tmp_path / "nope" / "out.pt"
@@ -113,13 +113,8 @@ def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
     if case == "no_prunable":
         model = str(tmp_path / "linear.pt")
         torch.save(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), model)
-        extra = ["--trust-pickle"]
-    args = ["repair", model, "--dataset", "digits", "--out", str(out), *FAST, *extra]
-    args = [a for i, a in enumerate(args) if not (a == "60" and extra[:1] == ["--defense-size"])]
-    if extra[:1] == ["--defense-size"]:
-        args.remove("--defense-size")
-        args += extra
-    res = CliRunner().invoke(main, args)
+        extra += ["--trust-pickle"]
+    res = CliRunner().invoke(main, ["repair", model, "--dataset", "digits", "--out", str(out), *FAST, *extra])
     assert res.exit_code == 2, res.output
     lines = [l for l in res.output.strip().splitlines() if l]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.output

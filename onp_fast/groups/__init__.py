@@ -12,9 +12,7 @@ Zeroing every point of a group makes that channel exactly zero wherever it flows
         logits = model(x)
     groups.prune_(model, keep_bool)                              # the same, in the weights (hard masks)
 """
+from .compact import compact
 from .find import Group, MaskPoint, NeuronGroups, find_groups
 
-__all__ = ["Group", "MaskPoint", "NeuronGroups", "find_groups"]
-from .compact import compact  # noqa: E402
-
-__all__.append("compact")
+__all__ = ["Group", "MaskPoint", "NeuronGroups", "compact", "find_groups"]
