@@ -75,6 +75,18 @@ ONP_NG_HD void row_stats(const double* q, int64_t n, double& l1, double& mean, d
   sd = sqrt(v / static_cast<double>(n));
 }
 
+// Row features of one neuron from q [n]: writes its L1 to *l1 and feat[0..3] = L1, mean, max, std (feat[4],
+// the active flag, is written once the dormant threshold is known).
+ONP_NG_HD void row_features(const double* q, int64_t n, double* l1, float* feat) {
+  double s, mean, mx, sd;
+  row_stats(q, n, s, mean, mx, sd);
+  *l1 = s;
+  feat[0] = static_cast<float>(s);
+  feat[1] = static_cast<float>(mean);
+  feat[2] = static_cast<float>(mx);
+  feat[3] = static_cast<float>(sd);
+}
+
 // Cross-layer top-k order: a before b when it is heavier, ties broken by the smaller index.
 ONP_NG_HD bool ranks_before(double wa, int64_t ia, double wb, int64_t ib) {
   return wa > wb || (wa == wb && ia < ib);

@@ -155,14 +155,7 @@ NeuronGraphsOut neuron_graphs_cpu(const std::vector<at::Tensor>& weights, double
         const int64_t i = row - Ly.offset;
         double* q = qp[l] + i * Ly.cin;
         q_row(wp[l], Ly, i, q);
-        double s, mean, mx, sd;
-        ng::row_stats(q, Ly.cin, s, mean, mx, sd);
-        l1[row] = s;
-        float* f = feat + row * ng::kNumFeatures;
-        f[0] = static_cast<float>(s);
-        f[1] = static_cast<float>(mean);
-        f[2] = static_cast<float>(mx);
-        f[3] = static_cast<float>(sd);
+        ng::row_features(q, Ly.cin, l1.data() + row, feat + row * ng::kNumFeatures);
       }
     });
   });

@@ -35,15 +35,8 @@ __global__ void stats_kernel(const double* __restrict__ q, ng::NgLayer L, double
                              float* __restrict__ feat) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= L.cout) return;
-  double s, mean, mx, sd;
-  ng::row_stats(q + i * L.cin, L.cin, s, mean, mx, sd);
   const int64_t row = L.offset + i;
-  l1[row] = s;
-  float* f = feat + row * ng::kNumFeatures;
-  f[0] = static_cast<float>(s);
-  f[1] = static_cast<float>(mean);
-  f[2] = static_cast<float>(mx);
-  f[3] = static_cast<float>(sd);
+  ng::row_features(q + i * L.cin, L.cin, l1 + row, feat + row * ng::kNumFeatures);
 }
 
 // sorted[rank(i)] = l1[i], rank by (value, index): a permutation, so the result is the sorted array.
