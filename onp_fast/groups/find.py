@@ -213,10 +213,15 @@ def _collect(gm: fx.GraphModule, tr: ChannelTracer) -> NeuronGroups:
     for g_root, g in by_root.items():
         if len(producers.get(g_root, ())) > 1:
             g.kind = "coupled"
+    def as_groups(space):
+        """Space -> int64 [C]: the group of each channel, -1 where none (None for no space)."""
+        if space is None:
+            return None
+        return np.array([by_root[r].index if r in by_root else -1 for r in (uf.find(int(i)) for i in space.ids)],
+                        dtype=np.int64)
+
     for name in layers:
-        space = tr.module_out[name]
-        idx = np.array([by_root[r].index if r in by_root else -1 for r in (uf.find(int(i)) for i in space.ids)],
-                       dtype=np.int64)
+        idx = as_groups(tr.module_out[name])
         layer_groups[name] = idx
         for row, g in enumerate(idx.tolist()):
             if g >= 0:
@@ -232,25 +237,10 @@ def _collect(gm: fx.GraphModule, tr: ChannelTracer) -> NeuronGroups:
                 step = dim // heads
                 g.points = [MaskPoint(f"{name}.proj", "in", c, 2) for c in range(h * step, (h + 1) * step)]
                 groups.append(g)
-    groups = [g for g in groups if g.points]
-    for i, g in enumerate(groups):
-        g.index = i
-    for name in layers:  # re-index after dropping empty groups
-        layer_groups[name] = np.array([_new_index(groups, by_root, r, uf) for r in tr.module_out[name].ids],
-                                      dtype=np.int64)
     if not groups:
         raise UserError("the model has no prunable neurons (no conv/linear/norm channel outside the input and logits)")
-
-    def as_groups(space):
-        if space is None:
-            return None
-        return np.array([_new_index(groups, by_root, i, uf) for i in space.ids], dtype=np.int64)
 
     module_channels = {name: (as_groups(tr.module_in.get(name)), as_groups(tr.module_out.get(name)))
                        for name in set(tr.module_in) | set(tr.module_out)}
     return NeuronGroups(groups, layers, layer_groups, point_dims, module_channels)
 
-
-def _new_index(groups, by_root, channel_id, uf) -> int:
-    g = by_root.get(uf.find(int(channel_id)))
-    return g.index if g is not None and g.points else -1
