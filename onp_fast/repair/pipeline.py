@@ -71,52 +71,132 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch
     return torch.cat(opt).sort().values, torch.cat(val).sort().values
 
 
-def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
-           progress: bool = True) -> RepairResult:
-    """Repairs a copy of `model` with the clean defense set (x [N, C, H, W] normalised float32, y [N] int64).
+@dataclass
+class DefenseContext:
+    """What every pruning defense shares on one model and defense set (so ONP and the baselines see the same
+    data, split and depth rule): the split D_opt / D_val, the neuron groups, the unlearned copy, the trigger
+    proxy and the adversarial perturbations (None where their reward weight is 0), the D_opt reward subset."""
 
-    Never sees test data, triggers or attack specs: only (x, y)."""
-    cfg = cfg or RepairConfig()
+    model: nn.Module
+    num_classes: int
+    cfg: RepairConfig
+    x_opt: torch.Tensor
+    y_opt: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    groups: NeuronGroups
+    unlearned: nn.Module
+    unlearn_info: dict
+    trigger: object
+    perturbations: torch.Tensor | None
+    times: dict
+    progress: bool = True
+
+    def phase(self, name: str) -> "_Phase":
+        return _Phase(name, self.times, self.progress)
+
+    def scorer(self, on: str = "opt") -> MaskScorer:
+        """The reward of onp.md section 5 on the fixed D_opt subset (on="opt") or on all of D_val (on="val")."""
+        if on == "val":
+            x, y = self.x_val, self.y_val
+        else:
+            gen = torch.Generator().manual_seed(self.cfg.seed)
+            sub = torch.randperm(len(self.x_opt), generator=gen)[: self.cfg.reward_batch]
+            x, y = self.x_opt[sub], self.y_opt[sub]
+        return MaskScorer(self.groups, self.model, x, y, self.cfg.weights, self.unlearned, self.perturbations,
+                          self.trigger)
+
+
+def check_defense_set(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
     if len(x) == 0:
         raise UserError("the defense set is empty")
     if len(x) < num_classes:
         raise UserError(f"the defense set has {len(x)} images, fewer than the {num_classes} classes")
     if y.min() < 0 or y.max() >= num_classes:
         raise UserError(f"defense labels must lie in [0, {num_classes - 1}]")
+
+
+def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
+            progress: bool = True) -> DefenseContext:
+    """Split, groups, unlearning, trigger proxy and perturbations on a frozen copy of `model`, timed per phase.
+    x [N, C, H, W] normalised float32, y [N] int64: the clean defense set, the only data a defense sees."""
+    cfg = cfg or RepairConfig()
+    check_defense_set(x, y, num_classes)
     torch.manual_seed(cfg.seed)
     times: dict[str, float] = {}
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-
-    def phase(name):
-        return _Phase(name, times, progress)
-
-    with phase("split"):
+    with _Phase("split", times, progress):
         i_opt, i_val = stratified_split(y, cfg.val_fraction, cfg.seed)
         x_opt, y_opt, x_val, y_val = x[i_opt], y[i_opt], x[i_val], y[i_val]
-    with phase("groups"):
+    with _Phase("groups", times, progress):
         groups = find_groups(model, tuple(x.shape[1:]))
-    with phase("unlearn"):
+    with _Phase("unlearn", times, progress):
         unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, seed=cfg.seed)
-    with phase("trigger"):
+    with _Phase("trigger", times, progress):
         trigger = synthesize_trigger(model, x_opt, y_opt, num_classes, seed=cfg.seed) if cfg.weights.ca_t else None
-    with phase("features"):
-        feats = exposure_features(model, unlearned, groups, x_opt, y_opt, seed=cfg.seed, trigger=trigger)
-    with phase("graphs"):
-        graph = build_policy_graph(model, groups, feats, eps=cfg.graph_eps, cross_layer_topk=cfg.cross_layer_topk)
-    with phase("perturbations"):
+    with _Phase("perturbations", times, progress):
         perts = adversarial_perturbations(model, groups, x_opt, y_opt, count=cfg.perturbations,
                                           eps=cfg.perturb_eps, seed=cfg.seed) if cfg.weights.ca_p else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sub = torch.randperm(len(x_opt), generator=gen)[: cfg.reward_batch]
-    scorer = MaskScorer(groups, model, x_opt[sub], y_opt[sub], cfg.weights, unlearned, perts, trigger)
+    return DefenseContext(model, num_classes, cfg, x_opt, y_opt, x_val, y_val, groups, unlearned, unlearn_info,
+                          trigger, perts, times, progress)
+
+
+def finish(ctx: DefenseContext, scores: torch.Tensor, report: dict | None = None) -> RepairResult:
+    """The stopping rule (select.py) over the ranking `scores` [G] float (higher = prune first) on D_val, then the
+    pruned copy of the model and the report (common part + `report`)."""
+    with ctx.phase("select"), torch.no_grad():
+        choice = choose_depth(scores, ctx.scorer("val"), tolerance=ctx.cfg.tolerance)
+    with ctx.phase("apply"):
+        repaired = ctx.groups.prune_(copy.deepcopy(ctx.model), ~choice["prune"])
+        ca_val_after = accuracy_of(repaired, ctx.x_val, ctx.y_val)
+    groups = ctx.groups
+    pruned_per_layer = {}
+    for gi in torch.nonzero(choice["prune"]).flatten().tolist():
+        for name, _ in groups.groups[gi].rows:
+            pruned_per_layer[name] = pruned_per_layer.get(name, 0) + 1
+    trigger = ctx.trigger
+    out = {
+        "config": ctx.cfg.to_dict(),
+        "defense": {"n": len(ctx.x_opt) + len(ctx.x_val), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val)},
+        "groups": {"count": groups.num_groups, "layers": len(groups.layers),
+                   "kinds": {k: sum(g.kind == k for g in groups.groups) for k in ("channel", "coupled", "head")}},
+        "unlearn": ctx.unlearn_info,
+        "trigger_proxy": None if trigger is None else {
+            "target": trigger.target, "anomaly_index": round(trigger.anomaly_index, 3),
+            "mask_l1_per_class": [round(float(v), 3) for v in trigger.norms]},
+        **(report or {}),
+        "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "table": choice["table"]},
+        "ca_val_before": choice["ca_b_before"],
+        "ca_val_after": ca_val_after,
+        "pruned_groups": int(choice["prune"].sum()),
+        "pruned_per_layer": pruned_per_layer,
+        "layer_sizes": {n: int(len(groups.layer_groups[n])) for n in groups.layers},
+        "times_s": ctx.times,
+    }
+    for p in repaired.parameters():
+        p.requires_grad_(True)
+    return RepairResult(model=repaired, prune=choice["prune"], prune_prob=scores, groups=groups, report=out)
+
+
+def onp_scores(ctx: DefenseContext) -> tuple[torch.Tensor, dict]:
+    """ONP proper: exposure features -> per-layer graphs -> GNN policy trained by RL on the D_opt reward.
+    Returns the trained policy's prune probabilities [G] and the report part (features, graph, reward curve)."""
+    cfg = ctx.cfg
+    with ctx.phase("features"):
+        feats = exposure_features(ctx.model, ctx.unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, seed=cfg.seed,
+                                  trigger=ctx.trigger)
+    with ctx.phase("graphs"):
+        graph = build_policy_graph(ctx.model, ctx.groups, feats, eps=cfg.graph_eps,
+                                   cross_layer_topk=cfg.cross_layer_topk)
+    scorer = ctx.scorer("opt")
     torch.manual_seed(cfg.seed)
     policy = PrunePolicy(graph.x.shape[1], graph.group_features.shape[1], conv=cfg.conv,
                          init_prune_prob=cfg.init_prune_prob)
     ppo = PPOConfig(iterations=cfg.iterations, samples=cfg.samples, algorithm=cfg.algorithm, seed=cfg.seed)
-    with phase("policy"):
-        bar = tqdm(total=cfg.iterations, desc="policy (RL)", disable=not progress, leave=False)
+    with ctx.phase("policy"):
+        bar = tqdm(total=cfg.iterations, desc="policy (RL)", disable=not ctx.progress, leave=False)
 
         def tick(it, hist):
             bar.update(1)
@@ -124,40 +204,23 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
 
         hist = train_policy(policy, graph, scorer, ppo, progress=tick)
         bar.close()
-    with phase("select"), torch.no_grad():
+    with torch.no_grad():
         prob = torch.sigmoid(policy(graph))
-        val_scorer = MaskScorer(groups, model, x_val, y_val, cfg.weights, unlearned, perts, trigger)
-        choice = choose_depth(prob, val_scorer, tolerance=cfg.tolerance)
-    with phase("apply"):
-        repaired = groups.prune_(copy.deepcopy(model), ~choice["prune"])
-        ca_val_after = accuracy_of(repaired, x_val, y_val)
-    pruned_per_layer = {}
-    for gi in torch.nonzero(choice["prune"]).flatten().tolist():
-        for name, _ in groups.groups[gi].rows:
-            pruned_per_layer[name] = pruned_per_layer.get(name, 0) + 1
-    report = {
-        "config": cfg.to_dict(),
-        "defense": {"n": len(x), "n_opt": len(x_opt), "n_val": len(x_val)},
-        "groups": {"count": groups.num_groups, "layers": len(groups.layers),
-                   "kinds": {k: sum(g.kind == k for g in groups.groups) for k in ("channel", "coupled", "head")}},
-        "unlearn": unlearn_info,
-        "trigger_proxy": None if trigger is None else {
-            "target": trigger.target, "anomaly_index": round(trigger.anomaly_index, 3),
-            "mask_l1_per_class": [round(float(v), 3) for v in trigger.norms]},
+    return prob, {
         "features": FEATURE_NAMES,
         "graph": {"nodes": int(graph.x.shape[0]), "edges": int(graph.edge_index.shape[1])},
         "reward_curve": {"mean": hist["reward_mean"], "max": hist["reward_max"], "prune_frac": hist["prune_frac"]},
-        "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "table": choice["table"]},
-        "ca_val_before": choice["ca_b_before"],
-        "ca_val_after": ca_val_after,
-        "pruned_groups": int(choice["prune"].sum()),
-        "pruned_per_layer": pruned_per_layer,
-        "layer_sizes": {n: int(len(groups.layer_groups[n])) for n in groups.layers},
-        "times_s": times,
     }
-    for p in repaired.parameters():
-        p.requires_grad_(True)
-    return RepairResult(model=repaired, prune=choice["prune"], prune_prob=prob, groups=groups, report=report)
+
+
+def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
+           progress: bool = True) -> RepairResult:
+    """Repairs a copy of `model` with the clean defense set (x [N, C, H, W] normalised float32, y [N] int64).
+
+    Never sees test data, triggers or attack specs: only (x, y)."""
+    ctx = prepare(model, x, y, num_classes, cfg, progress)
+    prob, part = onp_scores(ctx)
+    return finish(ctx, prob, part)
 
 
 class _Phase:
