@@ -138,6 +138,22 @@ def test_sig_poisons_only_target_class_and_keeps_labels():
     assert capped.poisoned_index.numel() == 20  # capped by the 20 target-class images
 
 
+def test_sig_trains_with_train_delta_and_attacks_with_delta():
+    shape = (1, 8, 8)
+    x = torch.full((20, *shape), 0.5)
+    y = torch.arange(20) % 10
+    a = attacks.build("sig", shape, delta=80 / 255, train_delta=40 / 255)
+    assert attacks.from_spec(json.loads(json.dumps(a.spec()))).params() == a.params()
+    ps = a.poison_training_set(x, y, 0.1, target=0, generator=torch.Generator().manual_seed(0))
+    j = torch.arange(8, dtype=torch.float64)
+    wave = torch.sin(2 * math.pi * j * 6 / 8).float()
+    assert torch.allclose(ps.x[ps.poisoned_index] - 0.5, (40 / 255) * wave.expand(2, 1, 8, 8), atol=1e-6)
+    assert torch.allclose(a.apply(x[:1]) - 0.5, (80 / 255) * wave.expand(1, 1, 8, 8), atol=1e-6)
+    assert attacks.build("sig", shape).train_delta == 40 / 255  # default: train with the test strength
+    with pytest.raises(UserError, match="train_delta must be in"):
+        attacks.build("sig", shape, train_delta=0.0)
+
+
 def test_poison_module_checks_rate_target_and_shape():
     from onp_fast import poison
 

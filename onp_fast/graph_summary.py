@@ -1,4 +1,4 @@
-"""The demo (until the repair pipeline exists): neuron graphs of a built-in PreActResNet-18 and a summary."""
+"""`onp-fast demo --graphs`: the neuron graphs of a built-in PreActResNet-18, summarised per layer."""
 from __future__ import annotations
 
 import time
