@@ -91,8 +91,10 @@ def main(argv=None):
     ap.add_argument("--no-frontier", action="store_true")
     ap.add_argument("--no-reactivation", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     splits = load_dataset(args.dataset, seed=args.seed)
     results = []
     for name in args.attacks.split(","):

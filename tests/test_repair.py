@@ -98,7 +98,22 @@ def test_cli_repair_writes_outputs_and_never_reads_test_split_or_attack_spec(tin
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("case", ["missing_folder", "too_few_images", "wrong_channels", "no_prunable"])
+@pytest.mark.parametrize("method", ["clp", "fp"])
+def test_cli_repair_method_runs_a_baseline_through_the_same_depth_rule(method, tiny_ckpt, tmp_path):
+    out = tmp_path / "fixed.pt"
+    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                    "--defense-size", "60", "--method", method, *FAST])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "fixed.report.json").read_text())
+    assert report["method"] == method and "reward_curve" not in report
+    assert report["stopping_rule"]["rule"].startswith("max reward on D_val")
+    assert (tmp_path / "fixed.png").read_bytes()[:4] == b"\x89PNG"
+    masks = json.loads((tmp_path / "fixed.masks.json").read_text())
+    assert masks["num_pruned"] == report["pruned_groups"]
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "too_few_images", "wrong_channels", "no_prunable",
+                                  "unknown_method"])
 def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
     model, extra = str(tiny_ckpt), ["--defense-size", "60"]
     out = tmp_path / "out.pt"
@@ -110,6 +125,8 @@ def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
         m = models.build("preactresnet18", num_classes=10, in_channels=3, width=0.125, input_size=16)
         model = str(tmp_path / "rgb.pt")
         save_model(m, model)
+    if case == "unknown_method":
+        extra += ["--method", "magic"]
     if case == "no_prunable":
         model = str(tmp_path / "linear.pt")
         torch.save(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), model)

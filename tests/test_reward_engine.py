@@ -178,3 +178,18 @@ def test_engine_cuda_matches_loop():
     got = RewardEngine(models).score(masks, images, labels, pert, return_logits=True)
     assert torch.equal(got.correct, want.correct.cpu())
     torch.testing.assert_close(got.ce_sum, want.ce_sum.cpu(), rtol=1e-4, atol=0)
+
+
+def test_keep_sets_slice_only_when_enough_channels_are_pruned():
+    from onp_fast.reward.engine import _keep_sets
+
+    m = torch.ones(4, 64)
+    m[1, :3] = 0  # 61 survive -> 64 after padding: dense
+    m[2, :20] = 0  # 44 survive -> 48 of 64 (75%): sliced
+    m[3] = 0  # nothing survives: dense (scale 0)
+    sets = _keep_sets(m)
+    assert sets[0] is None and sets[1] is None and sets[3] is None
+    assert sets[2].tolist() == sorted(set(range(20, 64)) | set(range(4)))  # survivors + 4 pruned as padding
+    assert _keep_sets(m, dense_above=1.0)[1] is None  # padding reaches C: dense either way
+    m[1, :12] = 0  # 52 survive -> 56 of 64 (87.5%): dense at 0.8, sliced at 0.9
+    assert _keep_sets(m)[1] is None and _keep_sets(m, dense_above=0.9)[1] is not None

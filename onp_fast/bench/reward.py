@@ -7,7 +7,8 @@ chunked at 16 masks to bound memory), each with its ratio to the loop.
 
 Mask density: Bernoulli masks with prune probability 0.5, what a product-of-Bernoulli policy with a
 zero-initialised prune head samples at the first RL iteration; `op_p0.1` repeats the op at prune probability
-0.1 (a late-iteration / final-mask density), where channel skipping saves far less. The loop's cost does not
+0.1 (a late-iteration / final-mask density), where channel skipping saves far less (a layer keeping more
+than 80% of its channels after padding runs dense, fused, without weight slicing). The loop's cost does not
 depend on the mask. Ceiling rows: one unmasked channels-last forward of the same batch (`unmasked_cl_forward`)
 beside the NCHW one. Every entry's `note` (JSON) holds its GFLOP/s: executed FLOPs (the op skips the
 channels a mask zeroes) and dense-equivalent FLOPs (K unmasked forwards), next to the ceiling's.

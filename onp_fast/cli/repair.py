@@ -68,6 +68,8 @@ def _compacted(loaded, result, x):
               help="Pruned groups as JSON (default OUT.masks.json).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG: reward curve and pruned fraction per layer (default OUT.png).")
+@click.option("--method", default="onp", show_default=True,
+              help="Pruning defense: onp (ours), fp, anp, rnp or clp; every one uses the same held-out depth rule.")
 @click.option("--iterations", type=int, default=60, show_default=True, help="RL iterations.")
 @click.option("--samples", type=int, default=16, show_default=True, help="Masks scored per iteration (K).")
 @click.option("--algorithm", type=click.Choice(["ppo", "reinforce"]), default="ppo", show_default=True)
@@ -82,12 +84,14 @@ def _compacted(loaded, result, x):
 @click.option("--arch", default=None, help="Architecture, for checkpoints that do not record it.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading pickled (non-weights-only) checkpoints.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, iterations, samples,
-            algorithm, reward_weights, tolerance, compact_model, finetune_epochs, seed, arch, trust_pickle, quiet):
-    """Repair MODEL: prune the neurons an RL-trained GNN policy finds, keeping clean accuracy."""
+def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, method, iterations,
+            samples, algorithm, reward_weights, tolerance, compact_model, finetune_epochs, seed, arch, trust_pickle,
+            quiet):
+    """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..data import defense_subset, load_dataset, normalize
+    from ..defenses import get as get_defense, run_defense
     from ..io import check_model_fits, load_model, save_model
-    from ..repair import RepairConfig, repair
+    from ..repair import RepairConfig
     from ..repair.finetune import finetune_pruned
     from ..repair.output import masks_json, write_json, write_plot
 
@@ -98,6 +102,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     plot_p = Path(plot_path) if plot_path else _default(out, ".png")
     for p, what in ((out, "output"), (report_p, "report"), (masks_p, "masks"), (plot_p, "plot")):
         _check_folder(p, what)
+    method = get_defense(method).name  # unknown name: fail before loading anything
     if defense_size < 1:
         raise UserError("--defense-size must be at least 1")
     if iterations < 1 or samples < 2:
@@ -115,7 +120,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     mean = splits.mean if loaded.mean is None else loaded.mean
     std = splits.std if loaded.std is None else loaded.std
     xn = normalize(x, mean, std)
-    result = repair(loaded.model, xn, y, splits.num_classes, cfg, progress=not quiet)
+    result = run_defense(method, loaded.model, xn, y, splits.num_classes, cfg, progress=not quiet)
     if finetune_epochs > 0:
         finetune_pruned(result.model, result.groups, result.prune, xn, y, epochs=finetune_epochs, seed=seed)
     report = dict(result.report)
@@ -126,7 +131,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     report.update(model=str(src), dataset=dataset, output=str(out), finetune_epochs=finetune_epochs)
     if not compact_model:
         loaded.model = result.model
-    save_model(loaded, out, extra={"onp_repair": {"pruned_groups": report["pruned_groups"], "seed": seed}})
+    save_model(loaded, out, extra={"onp_repair": {"method": method, "pruned_groups": report["pruned_groups"],
+                                                  "seed": seed}})
     write_json(masks_p, masks_json(result.groups, result.prune))
     write_plot(plot_p, report)
     write_json(report_p, report)

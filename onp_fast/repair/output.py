@@ -25,21 +25,30 @@ def write_json(path, obj: dict) -> None:
 
 
 def write_plot(path, report: dict) -> None:
-    """Two panels: the RL reward curve (mean and best of each iteration's K masks) and the pruned fraction
-    per layer."""
+    """Two panels: the RL reward curve (mean and best of each iteration's K masks; for a method without RL, the
+    depth rule's reward on D_val per depth) and the pruned fraction per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = report["reward_curve"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(curve["mean"], label="mean reward")
-    a.plot(curve["max"], label="best mask", alpha=0.7)
-    a.set_xlabel("RL iteration")
-    a.set_ylabel("reward on D_opt")
+    curve = report.get("reward_curve")
+    if curve:
+        a.plot(curve["mean"], label="mean reward")
+        a.plot(curve["max"], label="best mask", alpha=0.7)
+        a.set_xlabel("RL iteration")
+        a.set_ylabel("reward on D_opt")
+        a.set_title("policy training")
+    else:
+        table = report["stopping_rule"]["table"]
+        a.plot([r["depth"] for r in table], [r["reward"] for r in table], marker=".", label="reward")
+        a.plot([r["depth"] for r in table], [r["ca_b"] for r in table], marker=".", label="CA_B")
+        a.axvline(report["stopping_rule"]["depth"], color="k", lw=0.8, label="chosen depth")
+        a.set_xlabel("pruning depth (groups)")
+        a.set_ylabel("on held-out D_val")
+        a.set_title(f"depth rule ({report.get('method', '')})")
     a.legend()
-    a.set_title("policy training")
     layers = report["layer_sizes"]
     names = list(layers)
     frac = [report["pruned_per_layer"].get(n, 0) / max(1, layers[n]) for n in names]

@@ -172,17 +172,19 @@ class RewardEngine:
         return scale, shift
 
 
-def _keep_sets(m: torch.Tensor, multiple: int = 8) -> list:
-    """m [K, C] -> per mask the channels to compute [C'] int64 (increasing), or None when all or none survive.
+def _keep_sets(m: torch.Tensor, multiple: int = 8, dense_above: float = 0.8) -> list:
+    """m [K, C] -> per mask the channels to compute [C'] int64 (increasing), or None to run the layer dense.
     The survivors are padded with pruned channels (their BN output is exactly 0) up to a multiple of
-    `multiple`: oneDNN's channels-last kernels run odd channel counts markedly slower."""
+    `multiple`: oneDNN's channels-last kernels run odd channel counts markedly slower. Dense (None) when all
+    or none survive, or when more than `dense_above` of the channels would be computed anyway: slicing the
+    weights then costs more than the few skipped channels save (the masks RL samples prune a few percent)."""
     nz = m != 0
     counts = nz.sum(1).tolist()
     C = m.shape[1]
     out = []
     for k in range(m.shape[0]):
         want = -(-counts[k] // multiple) * multiple
-        if counts[k] == 0 or want >= C:
+        if counts[k] == 0 or want >= C or want > dense_above * C:
             out.append(None)
             continue
         order = torch.argsort((~nz[k]).to(torch.int8), stable=True)  # survivors first, then pruned
