@@ -43,10 +43,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--attacks", default="badnets,blended,sig,wanet")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                    help="an attack parameter, e.g. sig.train_delta=0.098 (repeatable)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     splits = load_dataset(args.dataset, seed=args.seed)
+    params = attacks.params_by_attack(args.param)
     rows = []
 
     model = _model(args, splits)
@@ -59,14 +62,14 @@ def main(argv=None) -> int:
     print(f"clean: CA {100 * clean['ca']:.2f}%  {seconds:.1f}s ({cpu:.1f} CPU s)", flush=True)
 
     for name in args.attacks.split(","):
-        attack = attacks.build(name, splits.input_shape, seed=args.seed)
+        attack = attacks.build(name, splits.input_shape, seed=args.seed, **params.get(name, {}))
         model = _model(args, splits)
         t0, c0 = time.perf_counter(), time.process_time()
         train_backdoored(model, attack, splits, epochs=args.epochs, seed=args.seed)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         r = evaluate(model, splits.test_x, splits.test_y, splits.mean, splits.std, attack=attack, target=0)
         ok = r["asr"] >= ASR_BAR and clean["ca"] - r["ca"] <= CA_DROP_BAR and min(seconds, cpu) < SECONDS_BAR
-        rows.append({"attack": name, "ca": r["ca"], "asr": r["asr"], "ra": r["ra"], "seconds": seconds, "cpu_seconds": cpu,
+        rows.append({"attack": name, "params": attack.params(), "ca": r["ca"], "asr": r["asr"], "ra": r["ra"], "seconds": seconds, "cpu_seconds": cpu,
                      "ok": ok})
         print(f"{name}: CA {100 * r['ca']:.2f}%  ASR {100 * r['asr']:.2f}%  RA {100 * r['ra']:.2f}%  "
               f"{seconds:.1f}s ({cpu:.1f} CPU s)  {'ok' if ok else 'MISSED'}", flush=True)

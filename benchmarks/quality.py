@@ -28,15 +28,18 @@ from onp_fast.metrics import defense_effectiveness_rating
 from onp_fast.poison import train_backdoored
 from onp_fast.repair import RepairConfig, RewardWeights, repair
 from onp_fast.repair.finetune import finetune_pruned
+from onp_fast.seed import seed_everything
 
 CACHE = Path(".onp_cache/quality")
 
 
-def backdoored(dataset, splits, attack_name, arch, width, epochs, seed):
-    attack = attacks.build(attack_name, tuple(splits.train_x.shape[1:]), seed=seed)
+def backdoored(dataset, splits, attack_name, arch, width, epochs, seed, params=None):
+    attack = attacks.build(attack_name, tuple(splits.train_x.shape[1:]), seed=seed, **(params or {}))
     c, h = splits.train_x.shape[1], splits.train_x.shape[2]
+    seed_everything(seed)
     model = models.build(arch, num_classes=splits.num_classes, in_channels=c, width=width, input_size=h)
-    path = CACHE / f"{dataset.replace(':', '_')}-{attack_name}-{arch}-w{width}-e{epochs}-s{seed}.pt"
+    tag = "".join(f"-{k}{v:.4g}" for k, v in sorted((params or {}).items()))
+    path = CACHE / f"{dataset.replace(':', '_')}-{attack_name}{tag}-{arch}-w{width}-e{epochs}-s{seed}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
@@ -92,14 +95,18 @@ def main(argv=None):
     ap.add_argument("--no-reactivation", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                    help="an attack parameter, e.g. sig.train_delta=0.098 (repeatable)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     splits = load_dataset(args.dataset, seed=args.seed)
+    params = attacks.params_by_attack(args.param)
     results = []
     for name in args.attacks.split(","):
         print(f"== {name}", flush=True)
-        model, attack = backdoored(args.dataset, splits, name, args.arch, args.width, args.epochs, args.seed)
+        model, attack = backdoored(args.dataset, splits, name, args.arch, args.width, args.epochs, args.seed,
+                                   params.get(name))
         before = ev(model, splits, attack)
         x, y = defense_subset(splits, args.defense_size, seed=args.seed)
         xn = normalize(x, splits.mean, splits.std)

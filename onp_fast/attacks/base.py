@@ -15,6 +15,7 @@ Hooks for the attacks that follow the first four:
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable, ClassVar
 
 import torch
@@ -145,6 +146,32 @@ def build(name: str, image_shape, seed: int = 0, **params) -> Attack:
         return cls(image_shape, seed=seed, **params)
     except TypeError as exc:
         raise UserError(f"{name}: bad parameters {sorted(params)} ({exc})") from None
+
+
+def parse_params(items) -> dict:
+    """('s=1.0', 'size=3') -> {'s': 1.0, 'size': 3}: values are JSON, else kept as strings."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"attack parameter {item!r} must look like KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def params_by_attack(items) -> dict[str, dict]:
+    """('sig.train_delta=0.098', ...) -> {'sig': {'train_delta': 0.098}} (for scripts running several attacks)."""
+    out: dict[str, list] = {}
+    for item in items:
+        name, dot, rest = item.partition(".")
+        if not dot:
+            raise UserError(f"attack parameter {item!r} must look like ATTACK.KEY=VALUE")
+        get(name)
+        out.setdefault(name.strip().lower(), []).append(rest)
+    return {name: parse_params(rest) for name, rest in out.items()}
 
 
 def from_spec(spec: dict) -> Attack:

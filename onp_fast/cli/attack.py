@@ -7,21 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..attacks import parse_params
 from ..errors import UserError
-
-
-def parse_params(items: tuple[str, ...]) -> dict:
-    """('s=1.0', 'size=3') -> {'s': 1.0, 'size': 3}: values are JSON, else kept as strings."""
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise UserError(f"attack parameter {item!r} must look like KEY=VALUE")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 @click.command("attack")
