@@ -120,7 +120,8 @@ def main(argv=None):
         row = {"attack": name, "before": before, "after": after, "seconds": secs,
                "pruned": int(res.prune.sum()), "groups": res.groups.num_groups,
                "der": defense_effectiveness_rating(before["asr"], after["asr"], before["ca"], after["ca"]),
-               "ca_val": [res.report["ca_val_before"], res.report["ca_val_after"]], "times": res.report["times_s"]}
+               "ca_val": [res.report["ca_val_before"], res.report["ca_val_after"]], "times": res.report["times_s"],
+               "stopping_rule": res.report["stopping_rule"], "trigger_proxy": res.report["trigger_proxy"]}
         print(f"  before CA {before['ca']:.4f} ASR {before['asr']:.4f} | after CA {after['ca']:.4f} "
               f"ASR {after['asr']:.4f} RA {after['ra']:.4f} DER {row['der']:.4f} | pruned {row['pruned']}"
               f"/{row['groups']} in {secs:.0f}s {res.report['times_s']}", flush=True)

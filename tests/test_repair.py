@@ -106,7 +106,7 @@ def test_cli_repair_method_runs_a_baseline_through_the_same_depth_rule(method, t
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "fixed.report.json").read_text())
     assert report["method"] == method and "reward_curve" not in report
-    assert report["stopping_rule"]["rule"].startswith("max reward on D_val")
+    assert report["stopping_rule"]["rule"].startswith("shallowest depth")
     assert (tmp_path / "fixed.png").read_bytes()[:4] == b"\x89PNG"
     masks = json.loads((tmp_path / "fixed.masks.json").read_text())
     assert masks["num_pruned"] == report["pruned_groups"]
@@ -159,3 +159,23 @@ def test_ctrl_c_leaves_no_output(tiny_ckpt, tmp_path):
     assert proc.returncode == 130, seen + rest
     assert "Traceback" not in rest
     assert list(tmp_path.iterdir()) == []
+
+
+def test_depth_rule_takes_the_shallowest_depth_near_the_best_reward():
+    from onp_fast.repair import RewardWeights
+    from onp_fast.repair.select import choose_depth
+
+    class Scorer:  # reward rises fast to depth 3, then creeps; CA_B falls past depth 6
+        weights = RewardWeights(ca_b=1, ca_t=1, sparsity=0)
+
+        def terms(self, prune):
+            d = prune.sum(1).float()
+            ca_t = torch.clamp(d / 3, max=1.0) * 0.9 + 0.001 * d
+            ca_b = torch.where(d > 6, 1 - 0.05 * (d - 6), torch.ones_like(d))
+            z = torch.zeros_like(d)
+            return {"ca_b": ca_b, "ca_t": ca_t, "ca_u": z, "ca_p": z, "sparsity": z}
+
+    prob = torch.linspace(1, 0, 40)
+    assert choose_depth(prob, Scorer(), tolerance=0.02, slack=0.02, max_depth=12)["depth"] == 3
+    assert choose_depth(prob, Scorer(), tolerance=0.02, slack=0.0, max_depth=12)["depth"] == 6  # best, CA_B ok
+    assert choose_depth(prob, Scorer(), tolerance=0.2, slack=0.0, max_depth=12)["depth"] == 6  # CA_B cost wins

@@ -29,6 +29,7 @@ class RepairConfig:
     conv: str = "sage"
     weights: RewardWeights = field(default_factory=RewardWeights)
     tolerance: float = 0.02  # CA_B drop allowed on D_val by the depth rule
+    slack: float = 0.02  # the depth rule takes the shallowest depth with reward >= best - slack
     val_fraction: float = 0.2
     reward_batch: int = 128  # images of D_opt scored per iteration (a fixed seeded subset)
     graph_eps: float = 0.9
@@ -147,7 +148,7 @@ def finish(ctx: DefenseContext, scores: torch.Tensor, report: dict | None = None
     """The stopping rule (select.py) over the ranking `scores` [G] float (higher = prune first) on D_val, then the
     pruned copy of the model and the report (common part + `report`)."""
     with ctx.phase("select"), torch.no_grad():
-        choice = choose_depth(scores, ctx.scorer("val"), tolerance=ctx.cfg.tolerance)
+        choice = choose_depth(scores, ctx.scorer("val"), tolerance=ctx.cfg.tolerance, slack=ctx.cfg.slack)
     with ctx.phase("apply"):
         repaired = ctx.groups.prune_(copy.deepcopy(ctx.model), ~choice["prune"])
         ca_val_after = accuracy_of(repaired, ctx.x_val, ctx.y_val)

@@ -1,6 +1,9 @@
-"""The stopping rule (onp.md section 6): no oracle. Rank groups by the trained policy's prune probability and
-pick the depth that maximises the reward on D_val, subject to CA_B on D_val staying within `tolerance` of the
-unpruned model's."""
+"""The stopping rule (onp.md section 6): no oracle. Rank groups by the trained policy's prune probability; among
+the depths whose CA_B on D_val stays within `tolerance` of the unpruned model's, take the shallowest whose
+reward on D_val is within `slack` of the best. Parsimony matters: past the depth that disables the backdoor
+the proxy term CA_T keeps creeping up by thousandths while clean accuracy erodes on images that the small
+D_val does not resolve (on our Blended digits model: reward +0.0006 from depth 15 to 40, D_val CA_B flat at
+100%, test CA -3 points)."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +22,7 @@ def depth_grid(max_depth: int) -> list[int]:
     return out
 
 
-def choose_depth(prune_prob: torch.Tensor, scorer: MaskScorer, *, tolerance: float = 0.02,
+def choose_depth(prune_prob: torch.Tensor, scorer: MaskScorer, *, tolerance: float = 0.02, slack: float = 0.02,
                  max_depth: int | None = None, chunk: int = 16) -> dict:
     """prune_prob [G] float. Returns {"depth", "prune" [G] bool, "table": [{depth, reward, ca_b, ...}],
     "ca_b_before", "rule"}; the table is what the report prints."""
@@ -40,7 +43,9 @@ def choose_depth(prune_prob: torch.Tensor, scorer: MaskScorer, *, tolerance: flo
                          **{k: float(v[j]) for k, v in terms.items()}})
     base = rows[0]["ca_b"]
     allowed = [r for r in rows if r["ca_b"] >= base - tolerance - 1e-12]
-    best = max(allowed, key=lambda r: (r["reward"], -r["depth"]))
+    top = max(r["reward"] for r in allowed)
+    best = min((r for r in allowed if r["reward"] >= top - slack - 1e-12), key=lambda r: r["depth"])
     i = depths.index(best["depth"])
     return {"depth": best["depth"], "prune": masks[i], "table": rows, "ca_b_before": base,
-            "rule": f"max reward on D_val over depths {depths[0]}..{depths[-1]} with CA_B >= {base:.4f} - {tolerance}"}
+            "rule": f"shallowest depth in {depths[0]}..{depths[-1]} with reward on D_val >= max - {slack} among "
+                    f"those with CA_B >= {base:.4f} - {tolerance}"}
