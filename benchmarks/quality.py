@@ -124,7 +124,8 @@ def main(argv=None):
                "stopping_rule": res.report["stopping_rule"], "trigger_proxy": res.report["trigger_proxy"]}
         print(f"  before CA {before['ca']:.4f} ASR {before['asr']:.4f} | after CA {after['ca']:.4f} "
               f"ASR {after['asr']:.4f} RA {after['ra']:.4f} DER {row['der']:.4f} | pruned {row['pruned']}"
-              f"/{row['groups']} in {secs:.0f}s {res.report['times_s']}", flush=True)
+              f"/{row['groups']} in {secs:.0f}s {res.report['times_s']}\n  trigger proxy {res.report['trigger_proxy']}",
+              flush=True)
         if not args.no_reactivation:
             ft = finetune_pruned(copy.deepcopy(res.model), res.groups, res.prune, xn, y, epochs=10, seed=args.seed)
             row["reactivation"] = ev(ft, splits, attack)

@@ -179,3 +179,17 @@ def test_depth_rule_takes_the_shallowest_depth_near_the_best_reward():
     assert choose_depth(prob, Scorer(), tolerance=0.02, slack=0.02, max_depth=12)["depth"] == 3
     assert choose_depth(prob, Scorer(), tolerance=0.02, slack=0.0, max_depth=12)["depth"] == 6  # best, CA_B ok
     assert choose_depth(prob, Scorer(), tolerance=0.2, slack=0.0, max_depth=12)["depth"] == 6  # CA_B cost wins
+
+
+def test_an_unflagged_trigger_proxy_does_not_steer_the_reward():
+    from onp_fast.repair import prepare
+
+    torch.manual_seed(0)
+    m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
+    x, y = torch.randn(24, 1, 8, 8), torch.arange(24) % 4
+    flagged = prepare(m, x, y, 4, _tiny_cfg(anomaly_threshold=-float("inf")), progress=False)
+    assert flagged.trigger is flagged.proxy and flagged.proxy is not None
+    never = prepare(m, x, y, 4, _tiny_cfg(anomaly_threshold=float("inf")), progress=False)
+    assert never.trigger is None and never.proxy is not None
+    assert never.scorer("val").x_t is None  # CA_T stays 0 for every mask
+    assert torch.equal(never.proxy.mask, flagged.proxy.mask)  # same seed, same proxy

@@ -38,6 +38,7 @@ class RepairConfig:
     perturb_eps: float = 0.4
     unlearn_lr: float = 0.01
     init_prune_prob: float = 0.02
+    anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -92,6 +93,7 @@ class DefenseContext:
     perturbations: torch.Tensor | None
     times: dict
     progress: bool = True
+    proxy: object = None  # the synthesised trigger proxy, flagged or not (`trigger` is it when flagged, else None)
 
     def phase(self, name: str) -> "_Phase":
         return _Phase(name, self.times, self.progress)
@@ -136,12 +138,15 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     with _Phase("unlearn", times, progress):
         unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, seed=cfg.seed)
     with _Phase("trigger", times, progress):
-        trigger = synthesize_trigger(model, x_opt, y_opt, num_classes, seed=cfg.seed) if cfg.weights.ca_t else None
+        proxy = synthesize_trigger(model, x_opt, y_opt, num_classes, seed=cfg.seed) if cfg.weights.ca_t else None
+    # Neural Cleanse's rule: no class with a mask anomalously small (anomaly index < 2) -> no trigger flagged, and
+    # a proxy that is then only an adversarial patch of some class must not steer the pruning.
+    trigger = proxy if proxy is not None and proxy.anomaly_index >= cfg.anomaly_threshold else None
     with _Phase("perturbations", times, progress):
         perts = adversarial_perturbations(model, groups, x_opt, y_opt, count=cfg.perturbations,
                                           eps=cfg.perturb_eps, seed=cfg.seed) if cfg.weights.ca_p else None
     return DefenseContext(model, num_classes, cfg, x_opt, y_opt, x_val, y_val, groups, unlearned, unlearn_info,
-                          trigger, perts, times, progress)
+                          trigger, perts, times, progress, proxy)
 
 
 def finish(ctx: DefenseContext, scores: torch.Tensor, report: dict | None = None) -> RepairResult:
@@ -157,16 +162,16 @@ def finish(ctx: DefenseContext, scores: torch.Tensor, report: dict | None = None
     for gi in torch.nonzero(choice["prune"]).flatten().tolist():
         for name, _ in groups.groups[gi].rows:
             pruned_per_layer[name] = pruned_per_layer.get(name, 0) + 1
-    trigger = ctx.trigger
+    proxy = ctx.proxy
     out = {
         "config": ctx.cfg.to_dict(),
         "defense": {"n": len(ctx.x_opt) + len(ctx.x_val), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val)},
         "groups": {"count": groups.num_groups, "layers": len(groups.layers),
                    "kinds": {k: sum(g.kind == k for g in groups.groups) for k in ("channel", "coupled", "head")}},
         "unlearn": ctx.unlearn_info,
-        "trigger_proxy": None if trigger is None else {
-            "target": trigger.target, "anomaly_index": round(trigger.anomaly_index, 3),
-            "mask_l1_per_class": [round(float(v), 3) for v in trigger.norms]},
+        "trigger_proxy": None if proxy is None else {
+            "target": proxy.target, "anomaly_index": round(proxy.anomaly_index, 3),
+            "flagged": ctx.trigger is not None, "mask_l1_per_class": [round(float(v), 3) for v in proxy.norms]},
         **(report or {}),
         "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "table": choice["table"]},
         "ca_val_before": choice["ca_b_before"],

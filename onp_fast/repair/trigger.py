@@ -31,8 +31,10 @@ class TriggerProxy:
 
 
 def synthesize_trigger(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
-                       batch: int = 24, lam: float = 2.5, lr: float = 0.1, seed: int = 0) -> TriggerProxy:
-    """x [N, C, H, W] normalised clean images, y [N] int64. lam weighs the mean mask value."""
+                       batch: int = 24, lam: float = 10.0, lr: float = 0.1, seed: int = 0) -> TriggerProxy:
+    """x [N, C, H, W] normalised clean images, y [N] int64. lam weighs the mean mask value: at 2.5 the masks
+    of 100 steps were still ~25% of a digit image and the BadNets target hid among them (anomaly 2.3, wrong
+    class); at 10 it stood out (3.3), as did Blended (8.7) and WaNet (5.9)."""
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = x.shape
     lo = x.amin(dim=(0, 2, 3)).view(1, c, 1, 1)
