@@ -22,6 +22,7 @@ _COMMAND_MODULES = [
     "bench",
     "demo",
     "repair",
+    "compare",
 ]
 
 

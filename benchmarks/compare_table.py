@@ -1,0 +1,124 @@
+"""The defense comparison tables: `onp-fast compare` (ONP, FP, ANP, RNP, CLP on the same defense data and seed)
+on each backdoored model, then one summary table.
+
+    python benchmarks/compare_table.py --dataset digits --attacks badnets,blended,wanet,sig
+    python benchmarks/compare_table.py --dataset shapes --attacks badnets,blended
+
+Backdoored models come from benchmarks/quality.py's cache (.onp_cache/quality/, trained there when missing);
+each is written with its attack spec to --out and compared through the CLI, one JSON per attack.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import backdoored  # noqa: E402
+
+from onp_fast.atomic import write_text  # noqa: E402
+from onp_fast.data import load_dataset  # noqa: E402
+from onp_fast.evaluate import SPEC_FORMAT, attack_spec_path  # noqa: E402
+from onp_fast.io import save_model  # noqa: E402
+
+
+def attack_params(items: list[str]) -> dict[str, dict]:
+    """["sig.delta=0.1", ...] -> {"sig": {"delta": 0.1}} (values are JSON, else text)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        name, _, field = key.partition(".")
+        try:
+            out.setdefault(name, {})[field] = json.loads(value)
+        except json.JSONDecodeError:
+            out.setdefault(name, {})[field] = value
+    return out
+
+
+def checkpoint_path(dataset: str, attack_name: str, args, out: Path) -> Path:
+    params = attack_params(args.attack_param).get(attack_name)
+    tag = "".join(f"-{k}{v}" for k, v in sorted((params or {}).items()))
+    return out / f"{dataset.replace(':', '_')}-{attack_name}{tag}-{args.arch}-w{args.width}.pt"
+
+
+def export(dataset, splits, attack_name, args, out: Path) -> Path:
+    """The cached backdoored model as our checkpoint plus its attack spec (target 0) -> checkpoint path."""
+    params = attack_params(args.attack_param).get(attack_name)
+    model, attack = backdoored(dataset, splits, attack_name, args.arch, args.width, args.epochs, args.seed,
+                               **({"params": params} if params else {}))
+    path = checkpoint_path(dataset, attack_name, args, out)
+    meta = {"format": SPEC_FORMAT, "attack": attack.spec(), "target": 0, "poison_rate": 0.1, "seed": args.seed,
+            "dataset": dataset, "training": {"arch": args.arch, "width": args.width, "epochs": args.epochs,
+                                             "source": "benchmarks/quality.py cache"}}
+    save_model(model, path, mean=splits.mean, std=splits.std, attack=meta)
+    write_text(attack_spec_path(path), json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def print_summary(dataset: str, summary: list[tuple[str, dict]]) -> None:
+    """One table over attacks from compare's JSON results."""
+    print(f"\n{dataset}: CA / ASR / RA (%), DER, seconds (shared prepare apart), re-activation CA / ASR (%); "
+          f"depth from held-out defense images; oracle: test-set depth")
+    print(f"{'attack':<8} {'method':<6} {'CA':>6} {'ASR':>6} {'RA':>6} {'DER':>6} {'sec':>7} {'re-CA':>6} "
+          f"{'re-ASR':>6} | oracle depth CA ASR")
+    for name, res in summary:
+        b = res["before"]
+        print(f"{name:<8} {'none':<6} {100 * b['ca']:6.2f} {100 * b['asr']:6.2f} {100 * b['ra']:6.2f} "
+              f"{'':>6} {res['prepare_s']:7.1f} {'':>13} |  (shared prepare seconds)")
+        for r in res["rows"]:
+            o, re = r["oracle"], r.get("reactivation", {"ca": float("nan"), "asr": float("nan")})
+            orc = "-" if o.get("depth") is None else f"{o['depth']:5d} {100 * o['ca']:6.2f} {100 * o['asr']:6.2f}"
+            print(f"{'':<8} {r['method']:<6} {100 * r['ca']:6.2f} {100 * r['asr']:6.2f} {100 * r['ra']:6.2f} "
+                  f"{r['der']:6.3f} {r['seconds']:7.1f} {100 * re['ca']:6.2f} {100 * re['asr']:6.2f} | {orc}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--attacks", default="badnets,blended,wanet,sig")
+    ap.add_argument("--methods", default="onp,fp,anp,rnp,clp")
+    ap.add_argument("--arch", default="preactresnet18")
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--defense-size", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--param", action="append", default=[], help="passed on to compare (METHOD.FIELD=VALUE)")
+    ap.add_argument("--attack-param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                    help="attack parameter of the cached model (as benchmarks/quality.py's), e.g. sig.delta=0.1")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each compare run")
+    ap.add_argument("--out", default=".onp_cache/compare")
+    ap.add_argument("--from-json", action="store_true", help="only print the summary of the JSONs already in --out")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = load_dataset(args.dataset, seed=args.seed)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    summary = []
+    for name in args.attacks.split(","):
+        if args.from_json:
+            summary.append((name, json.loads(checkpoint_path(args.dataset, name, args, out)
+                                             .with_suffix(".compare.json").read_text())))
+            continue
+        ckpt = export(args.dataset, splits, name, args, out)
+        js = ckpt.with_suffix(".compare.json")
+        cmd = [sys.executable, "-m", "onp_fast.cli", "compare", str(ckpt), "--dataset", args.dataset,
+               "--attack-spec", str(attack_spec_path(ckpt)), "--methods", args.methods, "--json", str(js),
+               "--defense-size", str(args.defense_size), "--seed", str(args.seed)]
+        for p in args.param:
+            cmd += ["--param", p]
+        print(f"== {args.dataset} {name}: {' '.join(cmd[2:])}", flush=True)
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        print(f"   ({time.perf_counter() - t:.0f}s)", flush=True)
+        summary.append((name, json.loads(js.read_text())))
+    print_summary(args.dataset, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

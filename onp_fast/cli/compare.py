@@ -1,0 +1,91 @@
+"""`onp-fast compare`: ONP and the baseline defenses (FP, ANP, RNP, CLP) on one model, the same defense data and
+seed; one table of CA, ASR, RA, DER, seconds and re-activation ASR, and an "oracle" table apart."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+
+def parse_methods(text: str) -> list[str]:
+    """"onp,fp" -> ["onp", "fp"] (lower-cased, duplicates dropped); UserError for an empty or unknown name."""
+    from ..defenses import METHODS
+
+    names = []
+    for part in text.split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if name not in METHODS:
+            raise UserError(f"unknown method {part.strip()!r}: use one of {', '.join(METHODS)}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UserError(f"--methods is empty: use one or more of {', '.join(METHODS)}")
+    return names
+
+
+@click.command("compare")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--dataset", required=True, help="Data set spec: defense images from its train split, metrics on test.")
+@click.option("--attack-spec", "spec_path", required=True, type=click.Path(dir_okay=False),
+              help="Attack spec JSON (MODEL.attack.json from `onp-fast attack`), for ASR / RA only.")
+@click.option("--methods", default="onp,fp,anp,rnp,clp", show_default=True, help="Comma-separated defenses.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
+@click.option("--defense-size", type=int, default=500, show_default=True, help="Clean images the defenses share.")
+@click.option("--target", type=int, default=None, help="Target class (overrides the spec's).")
+@click.option("--reactivation-epochs", type=int, default=10, show_default=True,
+              help="Clean fine-tuning epochs (pruned channels held at zero) for the re-activation ASR; 0: skip.")
+@click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
+              help="Hyper-parameter override, repeatable: e.g. anp.iterations=500, clp.u=2.5, repair.iterations=30.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--arch", default=None, help="Architecture, for checkpoints that do not record it.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled (non-weights-only) checkpoints.")
+@click.option("--quiet", is_flag=True, help="Print the table only.")
+def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs, params,
+            seed, arch, trust_pickle, quiet):
+    """Compare defenses on MODEL: each method's depth is chosen on held-out defense images (no test data)."""
+    from ..data import defense_subset, load_dataset, normalize
+    from ..defenses import apply_params, compare, format_table
+    from ..evaluate import load_attack_spec
+    from ..io import check_model_fits, load_model
+    from ..poison import check_target
+    from ..repair import RepairConfig
+    from ..repair.output import write_json
+
+    names = parse_methods(methods)
+    cfg, configs = apply_params(params, names, RepairConfig(seed=seed))
+    if defense_size < 1:
+        raise UserError("--defense-size must be at least 1")
+    if reactivation_epochs < 0:
+        raise UserError("--reactivation-epochs must not be negative")
+    if json_path is not None and not Path(json_path).resolve().parent.is_dir():
+        raise UserError(f"--json folder does not exist: {Path(json_path).parent}")
+    spec = load_attack_spec(spec_path)
+    loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
+    splits = load_dataset(dataset, seed=seed)
+    check_model_fits(loaded, splits)
+    if loaded.num_classes and loaded.num_classes != splits.num_classes:
+        raise UserError(f"the model has {loaded.num_classes} classes, {dataset} has {splits.num_classes}")
+    target = spec.target if target is None else target
+    if target is None:
+        raise UserError("the attack spec has no target class; pass --target")
+    target = check_target(target, splits.num_classes)
+    if tuple(spec.attack.image_shape) != tuple(splits.input_shape):
+        raise UserError(f"the attack spec is for images {list(spec.attack.image_shape)}, "
+                        f"{dataset} has {list(splits.input_shape)}")
+    mean = splits.mean if loaded.mean is None else loaded.mean
+    std = splits.std if loaded.std is None else loaded.std
+    x, y = defense_subset(splits, defense_size, seed=seed)  # train split only
+    result = compare(loaded.model, normalize(x, mean, std), y, splits.num_classes, test_x=splits.test_x,
+                     test_y=splits.test_y, mean=mean, std=std, attack=spec.attack, target=target, methods=names,
+                     cfg=cfg, configs=configs, reactivation_epochs=reactivation_epochs, progress=False,
+                     log=None if quiet else lambda s: click.echo(s, err=True))
+    result.update(model=str(model_path), dataset=dataset, attack=spec.attack.name, target=target)
+    click.echo(format_table(result))
+    if json_path is not None:
+        write_json(json_path, result)
+        if not quiet:
+            click.echo(f"wrote {json_path}", err=True)

@@ -1,0 +1,140 @@
+"""compare(): every defense on the same model, defense data, split and seed; one table of CA, ASR, RA, DER,
+seconds and re-activation ASR, plus a separate "oracle" table (the depth a test-set choice would give).
+
+`prepare` runs once and its context is shared by every method (same D_opt / D_val, groups, unlearned copy,
+trigger proxy); its time is reported apart. A method's seconds are its own scoring, the shared depth rule and
+its last step (FP's fine-tune). The oracle never feeds back into the non-oracle numbers.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn as nn
+
+from ..evaluate import evaluate
+from ..metrics import defense_effectiveness_rating
+from ..repair.finetune import finetune_pruned
+from ..repair.pipeline import RepairConfig, RepairResult, prepare
+from .base import METHODS, apply_defense, get
+
+ORACLE_RULE = ("lowest test ASR with test CA >= CA before - {tol:g} (fraction), ties to the smaller depth, over "
+               "the depths the held-out rule scanned")
+
+
+def _eval(model, test, attack, target) -> dict:
+    test_x, test_y, mean, std = test
+    with torch.no_grad():
+        r = evaluate(model, test_x, test_y, mean, std, attack=attack, target=target)
+    return {k: r[k] for k in ("ca", "asr", "ra")}
+
+
+def _der(before: dict, after: dict) -> float:
+    return defense_effectiveness_rating(before["asr"], after["asr"], before["ca"], after["ca"])
+
+
+def oracle(defense, ctx, result: RepairResult, before: dict, test, attack, target, tolerance: float) -> dict:
+    """Scans the method's ranking on the test set at the depths the held-out rule scanned; picks by ORACLE_RULE,
+    then applies the method's last step (FP's fine-tune) at that depth. -> {"depth", "ca", "asr", "ra", "der"}."""
+    scores = result.prune_prob
+    n_cand = int((scores > -float("inf")).sum())
+    order = torch.argsort(scores, descending=True, stable=True)[:n_cand]
+    depths = sorted({r["depth"] for r in result.report["stopping_rule"]["table"] if r["depth"] <= n_cand})
+    best = None
+    for d in depths:
+        prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
+        prune[order[:d]] = True
+        r = _eval(ctx.groups.prune_(copy.deepcopy(ctx.model), ~prune), test, attack, target)
+        ok = r["ca"] >= before["ca"] - tolerance - 1e-12
+        if ok and (best is None or r["asr"] < best[1]["asr"]):
+            best = (d, r, prune)
+    if best is None:  # depth 0 always passes; kept for models whose CA is 0
+        return {"depth": None}
+    d, r, prune = best
+    shared = ctx.times
+    ctx.times = {}
+    try:
+        res = RepairResult(model=ctx.groups.prune_(copy.deepcopy(ctx.model), ~prune), prune=prune, prune_prob=scores,
+                           groups=ctx.groups, report={})
+        res = defense.after(ctx, res)
+    finally:
+        ctx.times = shared
+    r = _eval(res.model, test, attack, target)
+    return {"depth": d, **r, "der": _der(before, r)}
+
+
+def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, test_x: torch.Tensor,
+            test_y: torch.Tensor, mean, std, attack, target: int, methods=None, cfg: RepairConfig | None = None,
+            configs: dict | None = None, reactivation_epochs: int = 10, oracle_tolerance: float = 0.02,
+            progress: bool = False, log=None) -> dict:
+    """Runs `methods` (default: all of METHODS) on one prepared context.
+
+    x [N, C, H, W] normalised float32, y [N] int64: the clean defense set (the only data the defenses see).
+    test_x [M, C, H, W] pixels in [0, 1], test_y [M], mean, std, attack, target: evaluation only.
+    configs: {method: its Config} (missing: published defaults). log: optional callable(str) for progress.
+    Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "oracle_rule"} (fractions, seconds)."""
+    cfg = cfg or RepairConfig()
+    methods = list(methods or METHODS)
+    defenses = [get(m, (configs or {}).get(m)) for m in methods]
+    test = (test_x, test_y, mean, std)
+    say = log or (lambda s: None)
+    before = _eval(model, test, attack, target)
+    t0 = time.perf_counter()
+    ctx = prepare(model, x, y, num_classes, cfg, progress)
+    prepare_s = time.perf_counter() - t0
+    say(f"prepare (shared): {prepare_s:.1f}s")
+    rows = []
+    for defense in defenses:
+        t0 = time.perf_counter()
+        res = apply_defense(defense, ctx)
+        seconds = time.perf_counter() - t0
+        after = _eval(res.model, test, attack, target)
+        row = {"method": defense.name, "title": defense.title, **after, "der": _der(before, after),
+               "seconds": seconds, "pruned": int(res.prune.sum()), "candidates": res.report["candidates"],
+               "groups": ctx.groups.num_groups, "depth_rule": res.report["stopping_rule"]["rule"],
+               "ca_val": [res.report["ca_val_before"], res.report["ca_val_after"]],
+               "times_s": res.report["method_times_s"], "config": res.report["method_config"]}
+        own = res.report.get(defense.name, {})
+        if "own_rule" in own:
+            row["own_rule"] = {"rule": own["own_rule"], "groups": own["own_rule_groups"]}
+        if reactivation_epochs > 0:
+            ft = finetune_pruned(copy.deepcopy(res.model), res.groups, res.prune, x, y, epochs=reactivation_epochs,
+                                 seed=cfg.seed)
+            re = _eval(ft, test, attack, target)
+            row["reactivation"] = {"epochs": reactivation_epochs, "ca": re["ca"], "asr": re["asr"]}
+        row["oracle"] = oracle(defense, ctx, res, before, test, attack, target, oracle_tolerance)
+        rows.append(row)
+        say(f"{defense.name}: CA {100 * after['ca']:.2f} ASR {100 * after['asr']:.2f} in {seconds:.1f}s")
+    return {"before": before, "prepare_s": prepare_s, "prepare_times_s": dict(ctx.times), "rows": rows,
+            "defense": {"n": len(x), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val), "seed": cfg.seed},
+            "oracle_rule": ORACLE_RULE.format(tol=oracle_tolerance)}
+
+
+def format_table(result: dict) -> str:
+    """The compare result as text: the held-out table, then the oracle table (percentages, seconds). "own rule":
+    how many groups the method's own published threshold would prune (ANP, RNP: mask < 0.2; CLP: u = 3)."""
+    b = result["before"]
+    pt = ", ".join(f"{k} {v:.1f}" for k, v in result["prepare_times_s"].items())
+    lines = [f"before: CA {100 * b['ca']:.2f}  ASR {100 * b['asr']:.2f}  RA {100 * b['ra']:.2f}",
+             f"shared prepare: {result['prepare_s']:.1f}s ({pt})",
+             "depth: chosen on held-out defense images (no test data, no trigger)",
+             (f"{'method':<7}|{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7} |{'seconds':>8} |{'pruned':>12} |"
+              f"{'re-act CA / ASR':>16} |{'own rule':>9}")]
+    for r in result["rows"]:
+        re = r.get("reactivation")
+        re = "-" if re is None else f"{100 * re['ca']:.2f} / {100 * re['asr']:.2f}"
+        own = r.get("own_rule", {}).get("groups")
+        lines.append(f"{r['method']:<7}|{100 * r['ca']:7.2f} |{100 * r['asr']:7.2f} |{100 * r['ra']:7.2f} |"
+                     f"{r['der']:7.4f} |{r['seconds']:8.1f} |{r['pruned']:>5} / {r['candidates']:<4} |"
+                     f"{re:>16} |{'-' if own is None else own:>9}")
+    lines.append(f"oracle (test-set depth, for comparison with published numbers only: {result['oracle_rule']})")
+    lines.append(f"{'method':<7}|{'depth':>6} |{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7}")
+    for r in result["rows"]:
+        o = r["oracle"]
+        if o.get("depth") is None:
+            lines.append(f"{r['method']:<7}| no depth keeps CA within the tolerance")
+            continue
+        lines.append(f"{r['method']:<7}|{o['depth']:6d} |{100 * o['ca']:7.2f} |{100 * o['asr']:7.2f} |"
+                     f"{100 * o['ra']:7.2f} |{o['der']:7.4f}")
+    return "\n".join(lines)

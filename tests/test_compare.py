@@ -1,0 +1,212 @@
+"""`compare` and `onp-fast compare` on a tiny backdoored model: same seed same table, compare's numbers are
+run_defense's, the oracle is apart and never worse at its own rule, and one-line CLI errors (exit 2)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from onp_fast import attacks, models
+from onp_fast.cli import main
+from onp_fast.data import normalize
+from onp_fast.defenses import (
+    ANPConfig,
+    FPConfig,
+    RNPConfig,
+    compare,
+    format_table,
+    run_defense,
+)
+from onp_fast.evaluate import evaluate
+from onp_fast.io import save_model
+from onp_fast.repair import RepairConfig, RewardWeights
+
+NUM_CLASSES, MEAN, STD = 4, (0.4,), (0.25,)
+FAST_CONFIGS = {"fp": FPConfig(finetune_epochs=1), "anp": ANPConfig(iterations=5, batch_size=32),
+                "rnp": RNPConfig(recover_epochs=1)}
+FAST_PARAMS = ["--param", "repair.iterations=1", "--param", "repair.samples=2", "--param", "repair.reward_batch=16",
+               "--param", "fp.finetune_epochs=1", "--reactivation-epochs", "1", "--defense-size", "40", "--quiet"]
+
+
+def _pixels(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, 1, 8, 8] pixels in [0, 1]: class c is a bright 3x3 block at one of four places in the top-left 6x6."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % NUM_CLASSES
+    x = 0.3 + torch.randn(n, 1, 8, 8, generator=g) * 0.1
+    for c in range(NUM_CLASSES):
+        r, col = 3 * (c // 2), 3 * (c % 2)
+        x[y == c, :, r:r + 3, col:col + 3] += 0.5
+    return x.clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def backdoored(tmp_path_factory):
+    """A tiny PreActResNet-18 trained with 20% BadNets poison (2x2 trigger, target 0), saved with its spec and
+    its data as an npz data set."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    attack = attacks.build("badnets", (1, 8, 8), seed=0, size=2)
+    x, y = _pixels(240, seed=1)
+    poison = torch.arange(0, 240, 5)
+    x[poison], y[poison] = attack.apply(x[poison]), 0
+    m = models.build("preactresnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    m.train()
+    xn = normalize(x, MEAN, STD)
+    for _ in range(8):
+        for i in range(0, len(x), 32):
+            loss = F.cross_entropy(m(xn[i:i + 32]), y[i:i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    m.eval()
+    test_x, test_y = _pixels(80, seed=2)
+    r = evaluate(m, test_x, test_y, MEAN, STD, attack=attack, target=0)
+    assert r["ca"] > 0.9 and r["asr"] > 0.9, r
+    root = tmp_path_factory.mktemp("compare")
+    clean_x, clean_y = _pixels(120, seed=3)
+    np.savez(root / "data.npz", x=clean_x.numpy(), y=clean_y.numpy(), x_test=test_x.numpy(), y_test=test_y.numpy())
+    save_model(m, root / "m.pt", mean=MEAN, std=STD)
+    (root / "m.attack.json").write_text(json.dumps({"attack": attack.spec(), "target": 0}))
+    (root / "notarget.json").write_text(json.dumps({"attack": attack.spec()}))
+    yield {"model": m, "attack": attack, "clean": (clean_x, clean_y), "test": (test_x, test_y), "root": root}
+    torch.set_num_threads(before)
+
+
+def _cfg() -> RepairConfig:
+    return RepairConfig(iterations=2, samples=4, reward_batch=32, perturbations=1, seed=3)
+
+
+def _compare(b, **kw):
+    x, y = b["clean"]
+    return compare(b["model"], normalize(x[:48], MEAN, STD), y[:48], NUM_CLASSES, test_x=b["test"][0],
+                   test_y=b["test"][1], mean=MEAN, std=STD, attack=b["attack"], target=0, cfg=_cfg(),
+                   configs=FAST_CONFIGS, reactivation_epochs=1, **kw)
+
+
+def _without_times(result: dict) -> dict:
+    out = json.loads(json.dumps(result))
+    for key in ("prepare_s", "prepare_times_s"):
+        out.pop(key)
+    for row in out["rows"]:
+        row.pop("seconds")
+        row.pop("times_s")
+    return out
+
+
+def test_same_seed_same_table_and_its_numbers_are_run_defenses(backdoored):
+    a = _compare(backdoored)
+    b = _compare(backdoored)
+    assert [r["method"] for r in a["rows"]] == ["onp", "fp", "anp", "rnp", "clp"]
+    assert _without_times(a) == _without_times(b)
+    assert a["before"]["asr"] > 0.9
+    for r in a["rows"]:
+        assert 0 <= r["ca"] <= 1 and 0 <= r["asr"] <= 1 and 0 <= r["ra"] <= 1 and 0 <= r["der"] <= 1
+        assert r["seconds"] > 0 and r["reactivation"]["epochs"] == 1 and r["oracle"]["depth"] is not None
+    text = format_table(a)
+    assert "oracle (test-set depth" in text and "held-out" in text
+    assert all(f"\n{m:<7}|" in text for m in ("onp", "fp", "anp", "rnp", "clp"))
+    # A method's row is exactly what the single entry point gives on the same data and seed: the oracle and the
+    # methods run before it do not leak into it.
+    x, y = backdoored["clean"]
+    for name in ("anp", "clp"):
+        res = run_defense(name, backdoored["model"], normalize(x[:48], MEAN, STD), y[:48], NUM_CLASSES, _cfg(),
+                          progress=False, config=FAST_CONFIGS.get(name))
+        row = next(r for r in a["rows"] if r["method"] == name)
+        assert row["pruned"] == int(res.prune.sum())
+        ev = evaluate(res.model, *backdoored["test"], MEAN, STD, attack=backdoored["attack"], target=0)
+        assert (row["ca"], row["asr"], row["ra"]) == (ev["ca"], ev["asr"], ev["ra"])
+
+
+def test_the_oracle_is_never_worse_at_its_own_rule(backdoored):
+    res = _compare(backdoored, methods=["rnp", "clp"], oracle_tolerance=0.05)
+    before = res["before"]
+    assert "CA before - 0.05" in res["oracle_rule"]
+    for r in res["rows"]:
+        o = r["oracle"]
+        assert o["ca"] >= before["ca"] - 0.05 - 1e-9
+        if r["ca"] >= before["ca"] - 0.05:  # the held-out depth was one of the oracle's candidates
+            assert o["asr"] <= r["asr"]
+
+
+def _run(args):
+    return CliRunner().invoke(main, args)
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_compare_prints_the_table_and_writes_json(backdoored, tmp_path):
+    root = backdoored["root"]
+    out = tmp_path / "cmp.json"
+    res = _run(["compare", str(root / "m.pt"), "--dataset", f"npz:{root / 'data.npz'}", "--attack-spec",
+                str(root / "m.attack.json"), "--methods", "clp,FP,clp", "--json", str(out), *FAST_PARAMS])
+    assert res.exit_code == 0, res.output
+    assert "oracle" in res.output and "\nclp    |" in res.output and "\nfp     |" in res.output
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["rows"]] == ["clp", "fp"]
+    assert data["attack"] == "badnets" and data["target"] == 0 and data["defense"]["n"] == 40
+    assert data["rows"][1]["config"]["finetune_epochs"] == 1
+
+
+@pytest.mark.parametrize("case", ["unknown_method", "empty_methods", "missing_spec", "no_target", "bad_param",
+                                  "param_for_other_method", "json_folder", "defense_size", "missing_model"])
+def test_cli_compare_bad_inputs(case, backdoored, tmp_path):
+    root = backdoored["root"]
+    args = {"model": str(root / "m.pt"), "spec": str(root / "m.attack.json"), "methods": "onp,clp", "extra": []}
+    needles = {
+        "unknown_method": ("unknown method 'nap'", "onp, fp, anp, rnp, clp"),
+        "empty_methods": ("--methods is empty",),
+        "missing_spec": ("attack spec file not found",),
+        "no_target": ("no target class",),
+        "bad_param": ("anp.iterations", "METHOD.FIELD=VALUE"),
+        "param_for_other_method": ("anp is not among the methods",),
+        "json_folder": ("--json folder does not exist",),
+        "defense_size": ("--defense-size",),
+        "missing_model": ("not found",),
+    }[case]
+    if case == "unknown_method":
+        args["methods"] = "onp,nap"
+    elif case == "empty_methods":
+        args["methods"] = " , "
+    elif case == "missing_spec":
+        args["spec"] = str(tmp_path / "nope.attack.json")
+    elif case == "no_target":
+        args["spec"] = str(root / "notarget.json")
+    elif case == "bad_param":
+        args["extra"] = ["--param", "anp.iterations"]
+    elif case == "param_for_other_method":
+        args["extra"] = ["--param", "anp.iterations=3"]
+    elif case == "json_folder":
+        args["extra"] = ["--json", str(tmp_path / "no" / "dir" / "x.json")]
+    elif case == "defense_size":
+        args["extra"] = ["--defense-size", "0"]
+    elif case == "missing_model":
+        args["model"] = str(tmp_path / "absent.pt")
+    res = _run(["compare", args["model"], "--dataset", f"npz:{root / 'data.npz'}", "--attack-spec", args["spec"],
+                "--methods", args["methods"], "--quiet", *args["extra"]])
+    _one_line_error(res, *needles)
+    assert "Traceback" not in res.output
+
+
+def test_compare_shares_one_rule_and_can_skip_the_reactivation_check(backdoored):
+    """RepairConfig is the shared context's: its tolerance is every method's depth rule."""
+    x, y = backdoored["clean"]
+    cfg = RepairConfig(iterations=1, samples=2, reward_batch=16, seed=0, tolerance=0.0,
+                       weights=RewardWeights(ca_t=0.0))
+    res = compare(backdoored["model"], normalize(x[:40], MEAN, STD), y[:40], NUM_CLASSES,
+                  test_x=backdoored["test"][0], test_y=backdoored["test"][1], mean=MEAN, std=STD,
+                  attack=backdoored["attack"], target=0, cfg=cfg, methods=["clp", "fp"],
+                  configs={"fp": FPConfig(finetune_epochs=0)}, reactivation_epochs=0)
+    assert res["defense"] == {"n": 40, "n_opt": 32, "n_val": 8, "seed": 0}
+    for r in res["rows"]:
+        assert r["depth_rule"].endswith("- 0.0") and "reactivation" not in r
+        assert r["ca_val"][1] >= r["ca_val"][0]  # tolerance 0: no CA loss on D_val

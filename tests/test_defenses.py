@@ -1,0 +1,318 @@
+"""Baseline defenses behind the Defense interface (FP, ANP, RNP, CLP and ONP) on tiny models: mask shapes and
+ranges, CLP's bound against a direct SVD and its graph-based BN pairing, ANP's mask range, RNP's unlearning
+stop, the never-prune (-inf) candidates, and hyper-parameter overrides."""
+import contextlib
+import copy
+import importlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onp_fast import models
+from onp_fast.defenses import (
+    METHODS,
+    ANPConfig,
+    FPConfig,
+    RNPConfig,
+    apply_defense,
+    apply_params,
+    get,
+    run_defense,
+)
+from onp_fast.defenses.anp import anp_masks
+from onp_fast.defenses.base import Defense, restrict_groups
+from onp_fast.defenses.clp import bn_pairs, channel_lipschitz
+from onp_fast.defenses.fp import last_layer
+from onp_fast.errors import UserError
+from onp_fast.groups import find_groups
+from onp_fast.repair import RepairConfig, prepare
+from onp_fast.repair.reward import MaskScorer, RewardWeights
+
+NUM_CLASSES = 4
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable 4-class task on [n, 1, 8, 8]: class c is a bright 3x3 block in quadrant c, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % NUM_CLASSES
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
+    for c in range(NUM_CLASSES):
+        r, col = 4 * (c // 2), 4 * (c % 2)
+        x[y == c, :, r:r + 3, col:col + 3] += 1.0
+    return x, y
+
+
+def _randomise_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """BN statistics and affine parameters away from their init, so the |gamma / sigma| factor matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny PreActResNet-18 trained to high accuracy on the quadrant task, and its defense data."""
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    m = models.build("preactresnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
+    x, y = _data(160, seed=1)
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    m.train()
+    for _ in range(4):
+        for i in range(0, len(x), 32):
+            loss = F.cross_entropy(m(x[i:i + 32]), y[i:i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    m.eval()
+    xd, yd = _data(80, seed=2)
+    with torch.no_grad():
+        acc = (m(xd).argmax(1) == yd).float().mean().item()
+    assert acc > 0.9, acc  # the unlearning test needs a model far above its accuracy threshold
+    yield m, xd, yd
+    torch.set_num_threads(before)
+
+
+def _cfg(**kw) -> RepairConfig:
+    return RepairConfig(iterations=2, samples=4, reward_batch=32, perturbations=1, **kw)
+
+
+def _quick_cfg(**kw) -> RepairConfig:
+    """Without the trigger proxy (the slowest part of prepare), for tests that do not need it."""
+    return _cfg(weights=RewardWeights(ca_t=0.0), **kw)
+
+
+FAST = {"fp": FPConfig(finetune_epochs=1), "anp": ANPConfig(iterations=10, batch_size=32),
+        "rnp": RNPConfig(recover_epochs=2)}
+
+
+@pytest.fixture(scope="module")
+def results(trained):
+    """Every registered method on one prepared context."""
+    m, x, y = trained
+    ctx = prepare(m, x, y, NUM_CLASSES, _cfg(), progress=False)
+    return ctx, {name: apply_defense(get(name, FAST.get(name)), ctx) for name in METHODS}
+
+
+def test_registry_lists_the_five_methods():
+    assert list(METHODS) == ["onp", "fp", "anp", "rnp", "clp"]
+    with pytest.raises(UserError, match="unknown defense method 'nap': use one of onp, fp, anp, rnp, clp"):
+        get("nap")
+
+
+def test_every_method_masks_have_the_right_shape_and_range(results, trained):
+    ctx, res = results
+    g = ctx.groups.num_groups
+    for name, r in res.items():
+        assert r.prune.shape == (g,) and r.prune.dtype == torch.bool, name
+        assert r.prune_prob.shape == (g,) and not torch.isnan(r.prune_prob).any(), name
+        cand = r.prune_prob > -float("inf")
+        assert not (r.prune & ~cand).any(), f"{name} pruned a group it could not score"
+        assert r.report["pruned_groups"] == int(r.prune.sum())
+        assert r.report["method"] == name and r.report["candidates"] == int(cand.sum())
+        # The pruned groups are exactly zero in the repaired copy: masking them again changes nothing.
+        with torch.no_grad():
+            out = r.model(ctx.x_val)
+            with ctx.groups.masked(r.model, (~r.prune).float()):
+                assert torch.allclose(r.model(ctx.x_val), out, atol=1e-5), name
+    s = {k: v.prune_prob for k, v in res.items()}
+    assert ((s["onp"] > 0) & (s["onp"] < 1)).all()
+    for name in ("anp", "rnp"):  # 1 - mask, masks in [0, 1]
+        assert ((s[name] >= 0) & (s[name] <= 1)).all(), name
+    assert torch.isfinite(s["clp"]).all()  # every group of a CNN has a conv row
+    # The shared context is untouched: the original model still predicts as before.
+    m, x, _ = trained
+    with torch.no_grad():
+        assert torch.equal(ctx.model(x), m(x))
+
+
+def test_fp_prunes_only_the_last_conv_layer_and_keeps_it_zero_through_finetuning(results):
+    ctx, res = results
+    r = res["fp"]
+    layer, cand = last_layer(ctx)
+    assert layer == "layer4.1.conv2"
+    finite = torch.nonzero(torch.isfinite(r.prune_prob)).flatten()
+    assert finite.tolist() == sorted(cand.tolist())
+    assert set(torch.nonzero(r.prune).flatten().tolist()) <= set(cand.tolist())
+    vals = r.prune_prob[finite]
+    assert (vals > 0.5).all() and (vals <= 1).all() and len(set(vals.tolist())) == len(vals)  # a strict ranking
+    assert r.report["fp"]["finetune"]["epochs"] == 1 and "fp finetune" in r.report["method_times_s"]
+    # Fine-tuning changed the kept weights, yet every pruned group stays exactly zero.
+    assert not torch.equal(r.model.linear.weight, ctx.model.linear.weight)
+    w = dict(r.model.named_modules())
+    for gi in torch.nonzero(r.prune).flatten().tolist():
+        for name, row in ctx.groups.groups[gi].rows:
+            assert w[name].weight[row].abs().max() == 0
+
+
+def test_clp_pairs_bn_through_the_graph_on_pre_activation_nets():
+    m = models.build("preactresnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    # conv1 of a block feeds bn2 alone; conv2 and shortcuts feed a residual add; the stem feeds bn1 and the add.
+    assert bn_pairs(m) == {f"{b}.conv1": f"{b}.bn2" for b in blocks}
+    # Module order would pair layer2.0's shortcut conv with layer2.1.bn1 (CLP's own code does): the graph does not.
+    order = [n for n, mod in m.named_modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    assert order[order.index("layer2.1.bn1") - 1] == "layer2.0.shortcut.0"
+    r = models.build("resnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
+    pairs = bn_pairs(r)
+    convs = [n for n, mod in r.named_modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert len(pairs) == len(convs)
+    for conv, bn in pairs.items():
+        assert bn == (conv[:-1] + "1" if conv.endswith("downsample.0") else conv.replace("conv", "bn"))
+
+
+@pytest.mark.parametrize("arch", ["preactresnet18", "resnet18"])
+def test_clp_scores_equal_the_bound_computed_directly_by_svd(arch):
+    torch.manual_seed(0)
+    m = models.build(arch, num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8).eval()
+    _randomise_bn(m)
+    ctx = SimpleNamespace(model=m, groups=find_groups(m, (1, 8, 8)), phase=lambda name: contextlib.nullcontext())
+    mods = dict(m.named_modules())
+    pairs = bn_pairs(m)
+    bounds = channel_lipschitz(m, ctx.groups)
+    expected_scores = torch.full((ctx.groups.num_groups,), -float("inf"), dtype=torch.float64)
+    for name, got in bounds.items():
+        w = mods[name].weight.detach().double()
+        direct = torch.stack([torch.linalg.svd(w[k].reshape(w.shape[1], -1)).S.max() for k in range(w.shape[0])])
+        if name in pairs:
+            bn = mods[pairs[name]]
+            direct = direct * (bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()).abs()
+        assert torch.allclose(got.double(), direct, rtol=1e-4, atol=1e-6), name
+        z = (direct - direct.mean()) / direct.std()
+        for row, gi in enumerate(ctx.groups.layer_groups[name].tolist()):
+            if gi >= 0:
+                expected_scores[gi] = max(expected_scores[gi], z[row])
+    scores, part = get("clp").scores(ctx)
+    assert torch.allclose(scores.double(), expected_scores, rtol=1e-4, atol=1e-5)
+    assert part["clp"]["own_rule_groups"] == int((expected_scores > 3).sum())
+    assert part["clp"]["bn_paired_layers"] == sum(n in pairs for n in bounds) > 0
+
+
+def test_anp_masks_stay_in_the_unit_interval_and_leave_the_model_alone(trained):
+    m, x, y = trained
+    ref = m(x).detach()
+    flags = [p.requires_grad for p in m.parameters()]
+    # A large mask step drives masks against both bounds within a few iterations.
+    masks = anp_masks(m, x, y, ANPConfig(iterations=15, batch_size=32, mask_lr=1000.0), seed=0)
+    allm = torch.cat(list(masks.values()))
+    assert len(masks) == sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())
+    assert (allm >= 0).all() and (allm <= 1).all()
+    assert (allm == 0).any() and (allm == 1).any() and ((allm > 0) & (allm < 1)).any()
+    assert torch.equal(m(x).detach(), ref)  # hooks removed, weights untouched
+    assert [p.requires_grad for p in m.parameters()] == flags
+    again = anp_masks(m, x, y, ANPConfig(iterations=15, batch_size=32, mask_lr=1000.0), seed=0)
+    assert all(torch.equal(masks[k], again[k]) for k in masks)  # seeded
+
+
+def test_anp_without_norm_layers_is_a_user_error():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with pytest.raises(UserError, match="no affine norm layer"):
+        anp_masks(net, torch.randn(8, 1, 8, 8), torch.arange(8) % 4, ANPConfig(iterations=1))
+
+
+def test_rnp_unlearning_stops_at_the_accuracy_threshold(trained, monkeypatch):
+    unlearn_mod = importlib.import_module("onp_fast.features.unlearn")  # the package re-exports unlearn()
+    m, x, y = trained
+    ctx = prepare(m, x, y, NUM_CLASSES, _quick_cfg(), progress=False)
+    seen = []
+    real = unlearn_mod.accuracy_of
+
+    def recording(model, xx, yy, **kw):
+        acc = real(model, xx, yy, **kw)
+        seen.append(acc)
+        return acc
+
+    monkeypatch.setattr(unlearn_mod, "accuracy_of", recording)
+    # Other settings than prepare's: RNP unlearns on its own and must stop at the first step at or below the
+    # threshold (0.3 here: with 4 balanced classes a model that collapses to one class still scores 0.25).
+    res = apply_defense(get("rnp", RNPConfig(unlearn_lr=0.05, unlearn_target=0.3, recover_epochs=1)), ctx)
+    info = res.report["rnp"]["unlearn"]
+    assert not info["shared_with_prepare"]
+    assert len(seen) >= 3 and seen[0] > 0.9
+    assert all(a > 0.3 for a in seen[:-1]) and seen[-1] <= 0.3
+    assert info["accuracy"] == seen[-1] and info["steps"] == len(seen) - 1
+    # The published defaults are prepare's own unlearning: reused, not repeated.
+    seen.clear()
+    res = apply_defense(get("rnp", RNPConfig(recover_epochs=1)), ctx)
+    assert res.report["rnp"]["unlearn"]["shared_with_prepare"] and not seen
+    assert res.report["rnp"]["unlearn"]["steps"] == ctx.unlearn_info["steps"]
+
+
+class _HalfDefense(Defense):
+    """Scores the even groups only; the odd ones are -inf (never prune)."""
+
+    name = "half"
+
+    def scores(self, ctx):
+        s = torch.full((ctx.groups.num_groups,), -float("inf"))
+        s[::2] = torch.linspace(1, 0.6, len(s[::2]))
+        return s, {}
+
+
+def test_groups_scored_minus_inf_are_never_pruned(trained):
+    m, x, y = trained
+    # A rule that accepts any CA loss and charges nothing for sparsity would prune everything it may.
+    cfg = _cfg(tolerance=1.0, weights=RewardWeights(ca_b=0.0, ca_t=0.0, sparsity=-1.0))
+    ctx = prepare(m, x, y, NUM_CLASSES, cfg, progress=False)
+    res = apply_defense(_HalfDefense(), ctx)
+    g = ctx.groups.num_groups
+    assert res.prune.shape == (g,) and res.report["groups"]["count"] == g
+    assert res.prune[::2].all() and not res.prune[1::2].any()
+    assert res.report["pruned_groups"] == int(res.prune.sum())
+    assert "" not in res.report["pruned_per_layer"]
+    with torch.no_grad():  # the model has exactly the candidates pruned
+        ref = ctx.groups.prune_(copy.deepcopy(ctx.model), ~res.prune)
+        assert torch.equal(res.model(x), ref(x))
+    assert res.report["candidates"] == len(range(0, g, 2))
+    # The candidate sub-groups keep the reward's sparsity scale (pruned rows / all rows of the model).
+    idx = torch.arange(0, g, 2)
+    sub = restrict_groups(ctx.groups, idx)
+    w = RewardWeights()
+    full = MaskScorer(ctx.groups, ctx.model, x[:4], y[:4], w).terms(res.prune.unsqueeze(0))["sparsity"]
+    part = MaskScorer(sub, ctx.model, x[:4], y[:4], w).terms(
+        torch.cat([res.prune[idx], torch.tensor([False])]).unsqueeze(0))["sparsity"]
+    assert torch.allclose(full, part)
+
+
+def test_run_defense_is_prepare_scores_finish_and_seeded(trained):
+    m, x, y = trained
+    a = run_defense("clp", m, x, y, NUM_CLASSES, _quick_cfg(seed=1), progress=False)
+    b = run_defense("clp", m, x, y, NUM_CLASSES, _quick_cfg(seed=1), progress=False)
+    assert torch.equal(a.prune, b.prune) and a.report["stopping_rule"] == b.report["stopping_rule"]
+    assert {"split", "groups", "unlearn", "clp bounds", "select", "apply"} <= set(a.report["times_s"])
+    assert set(a.report["method_times_s"]) == {"clp bounds", "select", "apply"}
+    with pytest.raises(UserError, match="unknown defense method"):
+        run_defense("bogus", m, x, y, NUM_CLASSES, _cfg(), progress=False)
+    with pytest.raises(UserError, match="config must be a ANPConfig"):
+        get("anp", FPConfig())
+
+
+def test_apply_params_sets_fields_and_rejects_bad_items():
+    cfg, confs = apply_params(["anp.iterations=50", "clp.u=2.5", "repair.iterations=7"], ["anp", "clp"])
+    assert confs["anp"].iterations == 50 and confs["anp"].eps == 0.4 and confs["clp"].u == 2.5
+    assert cfg.iterations == 7 and cfg.seed == 0
+    bad = {"anp.iterations": "METHOD.FIELD=VALUE", "anp.nope=1": "has no field 'nope'",
+           "foo.x=1": "unknown method 'foo'", "fp.finetune_epochs=1": "not among the methods",
+           "anp.iterations=ten": "takes a int", "anp.batch_size=0": "at least 1", "onp.iterations=3": "repair.FIELD",
+           "clp.u=nan": "finite", "repair.val_fraction=1": "below 1"}
+    for item, msg in bad.items():
+        with pytest.raises(UserError, match=msg):
+            apply_params([item], ["anp", "clp", "onp"])
+
+
+def test_defenses_do_not_change_the_shared_context(trained):
+    m, x, y = trained
+    ctx = prepare(m, x, y, NUM_CLASSES, _quick_cfg(), progress=False)
+    state = copy.deepcopy(ctx.model.state_dict())
+    times = dict(ctx.times)
+    apply_defense(get("anp", ANPConfig(iterations=3, batch_size=16)), ctx)
+    apply_defense(get("fp", FPConfig(finetune_epochs=1)), ctx)
+    assert ctx.times == times
+    assert all(torch.equal(v, ctx.model.state_dict()[k]) for k, v in state.items())
