@@ -52,12 +52,11 @@ def mean_activation(ctx: DefenseContext, layer: str, candidates: np.ndarray, bat
     """-> (mean activation of each candidate group [K] float32 on D_opt, where it was measured)."""
     groups, model = ctx.groups, ctx.model
     modules = dict(model.named_modules())
-    site, index, dim = f"output of {layer}", groups.layer_groups[layer], 1
-    after = groups.layers[groups.layers.index(layer) + 1:]
-    for name in after:
+    where, index, dim, at_input = layer, groups.layer_groups[layer], 1, False
+    for name in groups.layers[groups.layers.index(layer) + 1:]:
         gin = groups.module_channels.get(name, (None, None))[0]
         if isinstance(modules[name], nn.Linear) and gin is not None and np.isin(candidates, gin).all():
-            site, index, dim = f"input of {name}", gin, -1
+            where, index, dim, at_input = name, gin, -1, True
             break
     total = torch.zeros(len(index), dtype=torch.float64)
     count = 0
@@ -68,8 +67,8 @@ def mean_activation(ctx: DefenseContext, layer: str, candidates: np.ndarray, bat
         total.add_(t.sum(0))
         count += t.shape[0]
 
-    mod = modules[site.split(" of ", 1)[1]]
-    if site.startswith("input"):
+    mod = modules[where]
+    if at_input:
         handle = mod.register_forward_pre_hook(lambda m, inp: record(inp[0]))
     else:
         handle = mod.register_forward_hook(lambda m, inp, out: record(out))
@@ -85,7 +84,7 @@ def mean_activation(ctx: DefenseContext, layer: str, candidates: np.ndarray, bat
     cnt = torch.zeros(groups.num_groups, dtype=torch.float64).index_add_(0, gi[sel], torch.ones(int(sel.sum()),
                                                                                               dtype=torch.float64))
     cand = torch.as_tensor(candidates)
-    return (sums[cand] / cnt[cand].clamp(min=1)).float(), site
+    return (sums[cand] / cnt[cand].clamp(min=1)).float(), f"{'input' if at_input else 'output'} of {where}"
 
 
 @register
