@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -26,7 +27,7 @@ from onp_fast.evaluate import evaluate
 from onp_fast.features import unlearn
 from onp_fast.metrics import defense_effectiveness_rating
 from onp_fast.poison import train_backdoored
-from onp_fast.repair import RepairConfig, RewardWeights, repair
+from onp_fast.repair import RepairConfig, RewardWeights, finish, onp_scores, prepare, repair
 from onp_fast.repair.finetune import finetune_pruned
 from onp_fast.seed import seed_everything
 
@@ -70,6 +71,33 @@ def ablation_weights(default: RewardWeights) -> list[tuple[str, RewardWeights]]:
     return out
 
 
+def ablation(model, xn, y, splits, attack, before, cfg) -> dict:
+    """Each `ablation_weights` setting on one shared preparation (split, groups, unlearned model, trigger proxy,
+    perturbations: computed once with every term on), then ONP's policy and the depth rule with that reward.
+    A term switched off also drops what only it feeds (no proxy for the features without CA_T)."""
+    all_on = copy.deepcopy(cfg)
+    all_on.weights = RewardWeights(**{k: (v or 1.0) for k, v in cfg.weights.to_dict().items()})
+    t = time.perf_counter()
+    ctx = prepare(model, xn, y, splits.num_classes, all_on, progress=False)
+    print(f"  ablation: shared preparation {time.perf_counter() - t:.0f}s", flush=True)
+    out = {}
+    for label, w in [("default", cfg.weights)] + ablation_weights(cfg.weights):
+        c2 = copy.deepcopy(cfg)
+        c2.weights = w
+        ctx2 = dataclasses.replace(ctx, cfg=c2, times={}, trigger=ctx.trigger if w.ca_t else None,
+                                   perturbations=ctx.perturbations if w.ca_p else None)
+        t2 = time.perf_counter()
+        prob, part = onp_scores(ctx2)
+        r2 = finish(ctx2, prob, part)
+        a2 = ev(r2.model, splits, attack)
+        out[label] = {"ca": a2["ca"], "asr": a2["asr"], "ra": a2["ra"], "pruned": int(r2.prune.sum()),
+                      "seconds": time.perf_counter() - t2,
+                      "der": defense_effectiveness_rating(before["asr"], a2["asr"], before["ca"], a2["ca"])}
+        print(f"  {label:<16}: CA {a2['ca']:.4f} ASR {a2['asr']:.4f} RA {a2['ra']:.4f} pruned "
+              f"{int(r2.prune.sum())} ({out[label]['seconds']:.0f}s)", flush=True)
+    return out
+
+
 def frontier(model, groups, order, splits, attack, depths):
     rows = []
     for d in depths:
@@ -91,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ablation", action="store_true", help="also repair with each reward term off")
+    ap.add_argument("--ablation-only", action="store_true", help="only the ablation (no repair table, frontier or "
+                    "re-activation)")
     ap.add_argument("--no-frontier", action="store_true")
     ap.add_argument("--no-reactivation", action="store_true")
     ap.add_argument("--json", default=None)
@@ -113,6 +143,10 @@ def main(argv=None):
         cfg = RepairConfig(seed=args.seed)
         if args.iterations:
             cfg.iterations = args.iterations
+        if args.ablation_only:
+            results.append({"attack": name, "before": before, "ablation": ablation(model, xn, y, splits, attack,
+                                                                                   before, cfg)})
+            continue
         t = time.perf_counter()
         res = repair(model, xn, y, splits.num_classes, cfg, progress=False)
         secs = time.perf_counter() - t
@@ -144,26 +178,23 @@ def main(argv=None):
             for (d, ca1, a1), (_, ca2, a2) in zip(fo, fr):
                 print(f"  {d:5d} | {ca1:.4f} {a1:.4f} | {ca2:.4f} {a2:.4f}")
         if args.ablation:
-            row["ablation"] = {}
-            for label, w in ablation_weights(cfg.weights):
-                c2 = copy.deepcopy(cfg)
-                c2.weights = w
-                t2 = time.perf_counter()
-                r2 = repair(model, xn, y, splits.num_classes, c2, progress=False)
-                a2 = ev(r2.model, splits, attack)
-                row["ablation"][label] = {"ca": a2["ca"], "asr": a2["asr"], "pruned": int(r2.prune.sum()),
-                                          "seconds": time.perf_counter() - t2,
-                                          "der": defense_effectiveness_rating(before["asr"], a2["asr"],
-                                                                              before["ca"], a2["ca"])}
-                print(f"  {label:<14}: CA {a2['ca']:.4f} ASR {a2['asr']:.4f} pruned {int(r2.prune.sum())}",
-                      flush=True)
+            row["ablation"] = ablation(model, xn, y, splits, attack, before, cfg)
         results.append(row)
     print("\nattack    | CA before | ASR before | CA after | ASR after | RA after | DER    | seconds | re-act ASR")
     for r in results:
+        if "after" not in r:
+            continue
         re = r.get("reactivation", {}).get("asr", float("nan"))
         print(f"{r['attack']:<9} | {100 * r['before']['ca']:9.2f} | {100 * r['before']['asr']:10.2f} | "
               f"{100 * r['after']['ca']:8.2f} | {100 * r['after']['asr']:9.2f} | {100 * r['after']['ra']:8.2f} | "
               f"{r['der']:.4f} | {r['seconds']:7.1f} | {100 * re:.2f}")
+    if any("ablation" in r for r in results):
+        print("\nreward ablation (one shared preparation per attack)")
+        print("attack    | reward           | CA after | ASR after | RA after | DER    | pruned")
+        for r in results:
+            for label, a in r.get("ablation", {}).items():
+                print(f"{r['attack']:<9} | {label:<16} | {100 * a['ca']:8.2f} | {100 * a['asr']:9.2f} | "
+                      f"{100 * a['ra']:8.2f} | {a['der']:.4f} | {a['pruned']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -175,10 +175,37 @@ def test_depth_rule_takes_the_shallowest_depth_near_the_best_reward():
             z = torch.zeros_like(d)
             return {"ca_b": ca_b, "ca_t": ca_t, "ca_u": z, "ca_p": z, "sparsity": z}
 
+        def standard_error(self, prune):
+            assert prune.sum() == 6  # asked at the best depth
+            return self.se
+
     prob = torch.linspace(1, 0, 40)
+    scorer = Scorer()
+    scorer.se = 0.02
+    assert choose_depth(prob, scorer, tolerance=0.02, max_depth=12)["depth"] == 3  # one SE (0.02) below the best
+    scorer.se = 0.002  # a precise estimate: depth 3 (reward 1.903) falls outside best (1.906) - 0.002
+    choice = choose_depth(prob, scorer, tolerance=0.02, max_depth=12)
+    assert choice["depth"] == 4 and choice["margin"] == 0.002 and "standard error" in choice["rule"]
     assert choose_depth(prob, Scorer(), tolerance=0.02, slack=0.02, max_depth=12)["depth"] == 3
     assert choose_depth(prob, Scorer(), tolerance=0.02, slack=0.0, max_depth=12)["depth"] == 6  # best, CA_B ok
     assert choose_depth(prob, Scorer(), tolerance=0.2, slack=0.0, max_depth=12)["depth"] == 6  # CA_B cost wins
+
+
+def test_standard_error_of_the_reward_is_the_binomial_one_for_accuracy():
+    from onp_fast.groups import find_groups
+    from onp_fast.repair import RewardWeights
+    from onp_fast.repair.reward import MaskScorer
+
+    torch.manual_seed(0)
+    m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 4
+    groups = find_groups(m, (1, 8, 8))
+    scorer = MaskScorer(groups, m, x, y, RewardWeights(ca_b=2.0, ca_t=0, sparsity=0.5), batch_size=16)
+    prune = torch.zeros(groups.num_groups, dtype=torch.bool)
+    prune[:3] = True
+    p = float(scorer.terms(prune.unsqueeze(0))["ca_b"][0])
+    assert 0 < p < 1
+    assert scorer.standard_error(prune) == pytest.approx(2.0 * (p * (1 - p) / (len(x) - 1)) ** 0.5, rel=1e-6)
 
 
 def test_an_unflagged_trigger_proxy_does_not_steer_the_reward():

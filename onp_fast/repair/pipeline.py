@@ -29,7 +29,7 @@ class RepairConfig:
     conv: str = "sage"
     weights: RewardWeights = field(default_factory=RewardWeights)
     tolerance: float = 0.02  # CA_B drop allowed on D_val by the depth rule
-    slack: float = 0.02  # the depth rule takes the shallowest depth with reward >= best - slack
+    slack: float | None = None  # depth rule margin below the best D_val reward; None: one standard error
     val_fraction: float = 0.2
     reward_batch: int = 128  # images of D_opt scored per iteration (a fixed seeded subset)
     graph_eps: float = 0.9
@@ -173,7 +173,8 @@ def finish(ctx: DefenseContext, scores: torch.Tensor, report: dict | None = None
             "target": proxy.target, "anomaly_index": round(proxy.anomaly_index, 3),
             "flagged": ctx.trigger is not None, "mask_l1_per_class": [round(float(v), 3) for v in proxy.norms]},
         **(report or {}),
-        "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "table": choice["table"]},
+        "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "margin": choice["margin"],
+                          "table": choice["table"]},
         "ca_val_before": choice["ca_b_before"],
         "ca_val_after": ca_val_after,
         "pruned_groups": int(choice["prune"].sum()),

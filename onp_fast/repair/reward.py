@@ -62,19 +62,47 @@ class MaskScorer:
         self.group_size = rows / rows.sum()
 
     @torch.no_grad()
-    def _accuracy(self, model: nn.Module, keep: torch.Tensor, x=None, y=None, soft: bool = False) -> float:
-        """Top-1 accuracy (or, soft, the mean probability of the true label) of model with keep on x, y."""
+    def _per_image(self, model: nn.Module, keep: torch.Tensor, x=None, y=None, soft: bool = False) -> torch.Tensor:
+        """[n] float64: 1/0 top-1 correctness (or, soft, the probability of the true label) of model with keep."""
         x = self.x if x is None else x
         y = self.y if y is None else y
-        total = 0.0
+        out = []
         with self.groups.masked(model, keep):
             for i in range(0, len(x), self.batch_size):
                 logits, yb = model(x[i:i + self.batch_size]), y[i:i + self.batch_size]
                 if soft:
-                    total += logits.softmax(1).gather(1, yb.unsqueeze(1)).sum().item()
+                    out.append(logits.softmax(1).gather(1, yb.unsqueeze(1)).flatten().double())
                 else:
-                    total += (logits.argmax(1) == yb).sum().item()
-        return total / max(1, len(x))
+                    out.append((logits.argmax(1) == yb).double())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def _accuracy(self, model: nn.Module, keep: torch.Tensor, x=None, y=None, soft: bool = False) -> float:
+        """Mean of `_per_image` (0 on no images)."""
+        v = self._per_image(model, keep, x, y, soft)
+        return float(v.mean()) if len(v) else 0.0
+
+    @torch.no_grad()
+    def _clean_and_triggered(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B with keep [G] in one pass over x and x_t -> (top-1 correctness on x [n], true-label probability on
+        x_t [n_t]), both float64."""
+        xs, n = torch.cat([self.x, self.x_t]), len(self.x)
+        logits = []
+        with self.groups.masked(self.model, keep):
+            for i in range(0, len(xs), self.batch_size):
+                logits.append(self.model(xs[i:i + self.batch_size]))
+        logits = torch.cat(logits)
+        correct = (logits[:n].argmax(1) == self.y).double()
+        prob = logits[n:].softmax(1).gather(1, self.y_t.unsqueeze(1)).flatten().double()
+        return correct, prob
+
+    def _b_t(self, keep: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-image CA_B and CA_T values of keep [G] (None for a term that is off)."""
+        w = self.weights
+        with_t = bool(w.ca_t) and self.x_t is not None and len(self.x_t) > 0
+        if w.ca_b and with_t:
+            return self._clean_and_triggered(keep)
+        return (self._per_image(self.model, keep) if w.ca_b else None,
+                self._per_image(self.model, keep, self.x_t, self.y_t, soft=True) if with_t else None)
 
     def terms(self, prune: torch.Tensor) -> dict[str, torch.Tensor]:
         """prune [K, G] bool -> {term: [K] float32}."""
@@ -84,16 +112,29 @@ class MaskScorer:
         out["sparsity"] = prune.float() @ self.group_size
         w = self.weights
         for i in range(k):
-            if w.ca_b:
-                out["ca_b"][i] = self._accuracy(self.model, keep[i])
-            if w.ca_t and self.x_t is not None:
-                out["ca_t"][i] = self._accuracy(self.model, keep[i], self.x_t, self.y_t, soft=True)
+            for name, v in zip(("ca_b", "ca_t"), self._b_t(keep[i])):
+                if v is not None:
+                    out[name][i] = float(v.mean())
             if w.ca_u and self.unlearned is not None:
                 out["ca_u"][i] = self._accuracy(self.unlearned, keep[i])
             if w.ca_p and self.perturbations is not None:
                 out["ca_p"][i] = sum(self._accuracy(self.model, keep[i] * p) for p in self.perturbations) / len(
                     self.perturbations)
         return out
+
+    def standard_error(self, prune: torch.Tensor) -> float:
+        """prune [G] bool -> the standard error of R(prune) as an estimate from this finite image set: the terms'
+        per-image values, var / n summed over terms with weight^2 (terms treated as independent)."""
+        keep = (~prune).float()
+        w = self.weights
+        parts = [(wt, v) for wt, v in zip((w.ca_b, w.ca_t), self._b_t(keep)) if v is not None]
+        if w.ca_u and self.unlearned is not None:
+            parts.append((w.ca_u, self._per_image(self.unlearned, keep)))
+        if w.ca_p and self.perturbations is not None:
+            per = torch.stack([self._per_image(self.model, keep * p) for p in self.perturbations]).mean(0)
+            parts.append((w.ca_p, per))
+        var = sum(wt * wt * float(v.var(unbiased=True)) / len(v) for wt, v in parts if len(v) > 1)
+        return var ** 0.5
 
     def __call__(self, prune: torch.Tensor) -> torch.Tensor:
         return self.weights.combine(self.terms(prune))
