@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from cli_helpers import one_line_error
 from click.testing import CliRunner
 
 from onp_fast.cli import main
@@ -13,15 +14,6 @@ N_TRAIN, N_TEST = 400, 120  # a digits subset keeps the end-to-end runs fast
 
 def _run(args):
     return CliRunner().invoke(main, args)
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,34 +83,34 @@ def test_evaluate_reproduces_the_training_metrics(trained):
 
 def test_unknown_attack_lists_valid_names(tmp_path):
     result = _run(["attack", *TINY, "--dataset", "digits", "--attack", "nope", "--out", str(tmp_path / "m.pt")])
-    _one_line_error(result, "nope", "badnets", "blended", "sig", "wanet")
+    one_line_error(result, "nope", "badnets", "blended", "sig", "wanet")
 
 
 def test_unknown_dataset_lists_valid_ones(tmp_path):
     result = _run(["attack", "--dataset", "mnist", "--arch", "preactresnet18", "--attack", "badnets",
                    "--out", str(tmp_path / "m.pt")])
-    _one_line_error(result, "mnist", "digits", "shapes")
+    one_line_error(result, "mnist", "digits", "shapes")
 
 
 @pytest.mark.parametrize("rate", ["0", "-0.1", "1.5"])
 def test_poison_rate_outside_unit_interval(tmp_path, rate):
     result = _run(["attack", *TINY, "--dataset", "digits", "--attack", "badnets", "--poison-rate", rate, "--out", str(tmp_path / "m.pt")])
-    _one_line_error(result, "poison rate", "(0, 1]")
+    one_line_error(result, "poison rate", "(0, 1]")
 
 
 @pytest.mark.parametrize("target", ["10", "-1"])
 def test_target_outside_classes(tmp_path, target):
     result = _run(["attack", *TINY, "--dataset", "digits", "--attack", "badnets", "--target", target, "--out", str(tmp_path / "m.pt")])
-    _one_line_error(result, "target class", "0..9")
+    one_line_error(result, "target class", "0..9")
 
 
 def test_spec_file_not_json(trained, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     result = _run(["evaluate", str(trained["a"]), "--dataset", "digits", "--attack-spec", str(bad)])
-    _one_line_error(result, "not valid JSON")
+    one_line_error(result, "not valid JSON")
     missing = _run(["evaluate", str(trained["a"]), "--dataset", "digits", "--attack-spec", str(tmp_path / "x.json")])
-    _one_line_error(missing, "not found")
+    one_line_error(missing, "not found")
 
 
 def test_errors_through_a_subprocess(tmp_path):

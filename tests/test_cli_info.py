@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_line_error
 from click.testing import CliRunner
 
 from onp_fast import models
@@ -25,15 +26,6 @@ class Evil:
 
 def _run(*args):
     return CliRunner().invoke(main, ["info", *map(str, args)])
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -69,22 +61,22 @@ def test_info_json_backdoorbench_and_state_dict(files):
 def test_info_fit_to_data(files):
     ok = _run(files["ours"], "--data", "shapes:20:10")
     assert ok.exit_code == 0 and "fits shapes:20:10:  yes" in ok.output
-    _one_line_error(_run(files["ours"], "--data", "digits"), "3-channel input but digits has 1 channels")
+    one_line_error(_run(files["ours"], "--data", "digits"), "3-channel input but digits has 1 channels")
 
 
 def test_info_errors(files):
     root = files["root"]
-    _one_line_error(_run(root / "missing.pt"), "not found")
+    one_line_error(_run(root / "missing.pt"), "not found")
     (root / "empty.pt").write_bytes(b"")
-    _one_line_error(_run(root / "empty.pt"), "empty")
+    one_line_error(_run(root / "empty.pt"), "empty")
     data = files["ours"].read_bytes()
     (root / "trunc.pt").write_bytes(data[: len(data) // 3])
-    _one_line_error(_run(root / "trunc.pt"), "truncated")
-    _one_line_error(_run(files["sd"]), "pass --arch")
-    _one_line_error(_run(files["sd"], "--arch", "resnet18"), "no key 'fc.weight'")
+    one_line_error(_run(root / "trunc.pt"), "truncated")
+    one_line_error(_run(files["sd"]), "pass --arch")
+    one_line_error(_run(files["sd"], "--arch", "resnet18"), "no key 'fc.weight'")
     torch.save(models.build("resnet18", width=0.125, num_classes=3).state_dict(), root / "r18.pt")
-    _one_line_error(_run(root / "r18.pt", "--arch", "resnet34"), "missing key 'layer1.2.conv1.weight'")
-    _one_line_error(_run(files["sd"], "--arch", "alexnet"), "unknown architecture")
+    one_line_error(_run(root / "r18.pt", "--arch", "resnet34"), "missing key 'layer1.2.conv1.weight'")
+    one_line_error(_run(files["sd"], "--arch", "alexnet"), "unknown architecture")
 
 
 def test_info_refuses_code_and_trusts_on_request(files):
@@ -93,7 +85,7 @@ def test_info_refuses_code_and_trusts_on_request(files):
     m = models.build("preactresnet18", width=0.125)
     m.payload = Evil(marker)
     torch.save(m, root / "evil.pt")
-    _one_line_error(_run(root / "evil.pt"), "refusing to unpickle", "--trust-pickle")
+    one_line_error(_run(root / "evil.pt"), "refusing to unpickle", "--trust-pickle")
     assert not marker.exists()
     result = _run(root / "evil.pt", "--trust-pickle")
     assert result.exit_code == 0 and "format:           pickle" in result.output

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import one_line_error
 from click.testing import CliRunner
 
 from onp_fast import attacks, models
@@ -136,14 +137,6 @@ def _run(args):
     return CliRunner().invoke(main, args)
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_cli_compare_prints_the_table_and_writes_json(backdoored, tmp_path):
     root = backdoored["root"]
     out = tmp_path / "cmp.json"
@@ -193,7 +186,7 @@ def test_cli_compare_bad_inputs(case, backdoored, tmp_path):
         args["model"] = str(tmp_path / "absent.pt")
     res = _run(["compare", args["model"], "--dataset", f"npz:{root / 'data.npz'}", "--attack-spec", args["spec"],
                 "--methods", args["methods"], "--quiet", *args["extra"]])
-    _one_line_error(res, *needles)
+    one_line_error(res, *needles)
     assert "Traceback" not in res.output
 
 

@@ -220,3 +220,25 @@ def test_an_unflagged_trigger_proxy_does_not_steer_the_reward():
     assert never.trigger is None and never.proxy is not None
     assert never.scorer("val").x_t is None  # CA_T stays 0 for every mask
     assert torch.equal(never.proxy.mask, flagged.proxy.mask)  # same seed, same proxy
+
+
+def test_finetune_holds_pruned_groups_at_zero_and_stays_finite():
+    from onp_fast.groups import find_groups
+    from onp_fast.repair.finetune import finetune_pruned
+
+    torch.manual_seed(0)
+    m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
+    x, y = torch.randn(65, 1, 8, 8), torch.arange(65) % 4  # 65: a last batch of one image is skipped
+    groups = find_groups(m, (1, 8, 8))
+    prune = torch.zeros(groups.num_groups, dtype=torch.bool)
+    prune[torch.randperm(groups.num_groups)[:10]] = True
+    before = {k: v.clone() for k, v in groups.prune_(m, ~prune).state_dict().items()}
+    ft = finetune_pruned(m, groups, prune, x, y, epochs=3, lr=0.01, batch_size=16)
+    assert not ft.training and all(torch.isfinite(p).all() for p in ft.parameters())
+    assert not torch.equal(before["conv1.weight"], ft.conv1.weight)  # it trained
+    assert not torch.equal(before["layer1.0.bn1.running_mean"], ft.layer1[0].bn1.running_mean)  # BN in train mode
+    with torch.no_grad():
+        plain = ft(x)
+        with groups.masked(ft, (~prune).float()):
+            masked = ft(x)
+    torch.testing.assert_close(plain, masked, rtol=0, atol=1e-5)  # the pruned groups carry nothing

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
+from .options import checkpoint_options
 
 
 def parse_methods(text: str) -> list[str]:
@@ -41,8 +42,7 @@ def parse_methods(text: str) -> list[str]:
 @click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
               help="Hyper-parameter override, repeatable: e.g. anp.iterations=500, clp.u=2.5, repair.iterations=30.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--arch", default=None, help="Architecture, for checkpoints that do not record it.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled (non-weights-only) checkpoints.")
+@checkpoint_options
 @click.option("--quiet", is_flag=True, help="Print the table only.")
 def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs, params,
             seed, arch, trust_pickle, quiet):

@@ -39,7 +39,8 @@ def command(ctx, cache_dir, attack_name, width, epochs, iterations, defense_size
     from ..data import load_dataset
     from ..evaluate import attack_spec_path, evaluate, load_attack_spec
     from ..io import load_model
-    from . import attack as attack_cli, repair as repair_cli
+    from . import attack as attack_cli
+    from . import repair as repair_cli
 
     cache = Path(cache_dir)
     try:

@@ -6,6 +6,7 @@ import json
 import click
 
 from ..errors import UserError
+from .options import checkpoint_options
 
 
 @click.command("evaluate")
@@ -14,8 +15,7 @@ from ..errors import UserError
 @click.option("--attack-spec", "spec_path", type=click.Path(dir_okay=False), default=None,
               help="Attack spec JSON (MODEL.attack.json from `onp-fast attack`, or a bare attack spec).")
 @click.option("--target", type=int, default=None, help="Target class (overrides the spec's).")
-@click.option("--arch", default=None, help="Architecture, for checkpoints that do not record it.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled (non-weights-only) checkpoints.")
+@checkpoint_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated data sets.")
 @click.option("--batch-size", type=int, default=512, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
+from .options import checkpoint_options
 
 
 def _default(out: Path, suffix: str) -> Path:
@@ -81,15 +82,15 @@ def _compacted(loaded, result, x):
 @click.option("--finetune-epochs", type=int, default=0, show_default=True,
               help="Clean fine-tuning on the defense set afterwards, pruned channels held at zero.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--arch", default=None, help="Architecture, for checkpoints that do not record it.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled (non-weights-only) checkpoints.")
+@checkpoint_options
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, method, iterations,
             samples, algorithm, reward_weights, tolerance, compact_model, finetune_epochs, seed, arch, trust_pickle,
             quiet):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..data import defense_subset, load_dataset, normalize
-    from ..defenses import get as get_defense, run_defense
+    from ..defenses import get as get_defense
+    from ..defenses import run_defense
     from ..io import check_model_fits, load_model, save_model
     from ..repair import RepairConfig
     from ..repair.finetune import finetune_pruned
