@@ -22,33 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import backdoored  # noqa: E402
 
 from onp_fast.atomic import write_text  # noqa: E402
+from onp_fast.attacks import params_by_attack  # noqa: E402
 from onp_fast.data import load_dataset  # noqa: E402
 from onp_fast.evaluate import SPEC_FORMAT, attack_spec_path  # noqa: E402
 from onp_fast.io import save_model  # noqa: E402
 
 
-def attack_params(items: list[str]) -> dict[str, dict]:
-    """["sig.delta=0.1", ...] -> {"sig": {"delta": 0.1}} (values are JSON, else text)."""
-    out: dict[str, dict] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        name, _, field = key.partition(".")
-        try:
-            out.setdefault(name, {})[field] = json.loads(value)
-        except json.JSONDecodeError:
-            out.setdefault(name, {})[field] = value
-    return out
-
-
 def checkpoint_path(dataset: str, attack_name: str, args, out: Path) -> Path:
-    params = attack_params(args.attack_param).get(attack_name)
+    params = params_by_attack(args.attack_param).get(attack_name)
     tag = "".join(f"-{k}{v}" for k, v in sorted((params or {}).items()))
     return out / f"{dataset.replace(':', '_')}-{attack_name}{tag}-{args.arch}-w{args.width}.pt"
 
 
 def export(dataset, splits, attack_name, args, out: Path) -> Path:
     """The cached backdoored model as our checkpoint plus its attack spec (target 0) -> checkpoint path."""
-    params = attack_params(args.attack_param).get(attack_name)
+    params = params_by_attack(args.attack_param).get(attack_name)
     model, attack = backdoored(dataset, splits, attack_name, args.arch, args.width, args.epochs, args.seed,
                                **({"params": params} if params else {}))
     path = checkpoint_path(dataset, attack_name, args, out)
