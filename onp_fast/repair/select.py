@@ -6,7 +6,8 @@ past the depth that disables the backdoor the proxy term CA_T keeps creeping up 
 accuracy erodes on images that the small D_val does not resolve (on our Blended digits model: reward +0.0006
 from depth 15 to 40, D_val CA_B flat at 100%, test CA -3 points). A fixed slack of 0.02 stopped too early
 where CA_T saturates close to 1 with little spread (WaNet digits: depth 5 at D_val reward 1.976 vs best 1.991,
-test ASR 5.6%; depth 6 gives 0%): the standard error scales the margin to how noisy the estimate is."""
+test ASR 5.6%): the standard error scales the margin to how noisy the estimate is (the same model then stops at
+9 groups, SE 0.0045, test ASR 0.6%)."""
 from __future__ import annotations
 
 import torch
