@@ -62,38 +62,37 @@ class MaskScorer:
         self.group_size = rows / rows.sum()
 
     @torch.no_grad()
+    def _logits(self, model: nn.Module, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """model with keep [G] on x [n, C, H, W] -> logits [n, classes], in batches of `batch_size`."""
+        with self.groups.masked(model, keep):
+            return torch.cat([model(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+
+    @staticmethod
+    def _score(logits: torch.Tensor, y: torch.Tensor, soft: bool) -> torch.Tensor:
+        """[n] float64: 1/0 top-1 correctness, or (soft) the probability of the true label."""
+        if soft:
+            return logits.softmax(1).gather(1, y.unsqueeze(1)).flatten().double()
+        return (logits.argmax(1) == y).double()
+
     def _per_image(self, model: nn.Module, keep: torch.Tensor, x=None, y=None, soft: bool = False) -> torch.Tensor:
-        """[n] float64: 1/0 top-1 correctness (or, soft, the probability of the true label) of model with keep."""
+        """[n] float64 `_score` of model with keep on x, y (default: the scorer's clean images)."""
         x = self.x if x is None else x
         y = self.y if y is None else y
-        out = []
-        with self.groups.masked(model, keep):
-            for i in range(0, len(x), self.batch_size):
-                logits, yb = model(x[i:i + self.batch_size]), y[i:i + self.batch_size]
-                if soft:
-                    out.append(logits.softmax(1).gather(1, yb.unsqueeze(1)).flatten().double())
-                else:
-                    out.append((logits.argmax(1) == yb).double())
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        if len(x) == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        return self._score(self._logits(model, keep, x), y, soft)
 
     def _accuracy(self, model: nn.Module, keep: torch.Tensor, x=None, y=None, soft: bool = False) -> float:
         """Mean of `_per_image` (0 on no images)."""
         v = self._per_image(model, keep, x, y, soft)
         return float(v.mean()) if len(v) else 0.0
 
-    @torch.no_grad()
     def _clean_and_triggered(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """B with keep [G] in one pass over x and x_t -> (top-1 correctness on x [n], true-label probability on
         x_t [n_t]), both float64."""
-        xs, n = torch.cat([self.x, self.x_t]), len(self.x)
-        logits = []
-        with self.groups.masked(self.model, keep):
-            for i in range(0, len(xs), self.batch_size):
-                logits.append(self.model(xs[i:i + self.batch_size]))
-        logits = torch.cat(logits)
-        correct = (logits[:n].argmax(1) == self.y).double()
-        prob = logits[n:].softmax(1).gather(1, self.y_t.unsqueeze(1)).flatten().double()
-        return correct, prob
+        n = len(self.x)
+        logits = self._logits(self.model, keep, torch.cat([self.x, self.x_t]))
+        return self._score(logits[:n], self.y, False), self._score(logits[n:], self.y_t, True)
 
     def _b_t(self, keep: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-image CA_B and CA_T values of keep [G] (None for a term that is off)."""
