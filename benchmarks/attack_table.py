@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from bench_args import add_run_options, apply_run_options
 
 from onp_fast import attacks, models
 from onp_fast.atomic import write_text
@@ -40,16 +41,12 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--attacks", default="badnets,blended,sig,wanet")
     ap.add_argument("--json", default=None, help="also write the rows here")
-    ap.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
-                    help="an attack parameter, e.g. sig.train_delta=0.098 (repeatable)")
+    add_run_options(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    params = apply_run_options(args)
     splits = load_dataset(args.dataset, seed=args.seed)
-    params = attacks.params_by_attack(args.param)
     rows = []
 
     model = _model(args, splits)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import add_run_options, apply_run_options
 
 from onp_fast import attacks, models
 from onp_fast.data import defense_subset, load_dataset, normalize
@@ -27,7 +28,14 @@ from onp_fast.evaluate import evaluate
 from onp_fast.features import unlearn
 from onp_fast.metrics import defense_effectiveness_rating
 from onp_fast.poison import train_backdoored
-from onp_fast.repair import RepairConfig, RewardWeights, finish, onp_scores, prepare, repair
+from onp_fast.repair import (
+    RepairConfig,
+    RewardWeights,
+    finish,
+    onp_scores,
+    prepare,
+    repair,
+)
 from onp_fast.repair.finetune import finetune_pruned
 from onp_fast.seed import seed_everything
 
@@ -124,14 +132,10 @@ def main(argv=None):
     ap.add_argument("--no-frontier", action="store_true")
     ap.add_argument("--no-reactivation", action="store_true")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
-                    help="an attack parameter, e.g. sig.train_delta=0.098 (repeatable)")
+    add_run_options(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    params = apply_run_options(args)
     splits = load_dataset(args.dataset, seed=args.seed)
-    params = attacks.params_by_attack(args.param)
     results = []
     for name in args.attacks.split(","):
         print(f"== {name}", flush=True)

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from cli_helpers import one_line_error
 from click.testing import CliRunner
+from train_helpers import fit
 
 from onp_fast import attacks, models
 from onp_fast.cli import main
@@ -54,16 +54,7 @@ def backdoored(tmp_path_factory):
     poison = torch.arange(0, 240, 5)
     x[poison], y[poison] = attack.apply(x[poison]), 0
     m = models.build("preactresnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
-    opt = torch.optim.Adam(m.parameters(), lr=0.01)
-    m.train()
-    xn = normalize(x, MEAN, STD)
-    for _ in range(8):
-        for i in range(0, len(x), 32):
-            loss = F.cross_entropy(m(xn[i:i + 32]), y[i:i + 32])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    m.eval()
+    fit(m, normalize(x, MEAN, STD), y, epochs=8)
     test_x, test_y = _pixels(80, seed=2)
     r = evaluate(m, test_x, test_y, MEAN, STD, attack=attack, target=0)
     assert r["ca"] > 0.9 and r["asr"] > 0.9, r

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
+from train_helpers import fit
 
 from onp_fast import models
 from onp_fast.defenses import (
@@ -63,15 +63,7 @@ def trained():
     torch.set_num_threads(1)
     m = models.build("preactresnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
     x, y = _data(160, seed=1)
-    opt = torch.optim.Adam(m.parameters(), lr=0.01)
-    m.train()
-    for _ in range(4):
-        for i in range(0, len(x), 32):
-            loss = F.cross_entropy(m(x[i:i + 32]), y[i:i + 32])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    m.eval()
+    fit(m, x, y, epochs=4)
     xd, yd = _data(80, seed=2)
     with torch.no_grad():
         acc = (m(xd).argmax(1) == yd).float().mean().item()

@@ -1,0 +1,22 @@
+"""Command-line options shared by the benchmark scripts that train or repair backdoored models."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from onp_fast import attacks
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """--threads (torch CPU threads) and --param ATTACK.KEY=VALUE (attack parameters, repeatable)."""
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                    help="an attack parameter, e.g. sig.train_delta=0.098 (repeatable)")
+
+
+def apply_run_options(args: argparse.Namespace) -> dict[str, dict]:
+    """Sets the thread count -> {attack name: its parameters}."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return attacks.params_by_attack(args.param)
