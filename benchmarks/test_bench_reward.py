@@ -19,7 +19,7 @@ import torch
 
 from onp_fast.bench.reward import PRUNE_P, bernoulli_masks
 from onp_fast.models import build
-from onp_fast.ops.reference_reward import loop_reference, naive_batch_reference
+from onp_fast.reward.reference import loop_reference, naive_batch_reference
 from onp_fast.reward import RewardEngine, bn_neurons
 
 _PEAK_SCRIPT = r"""

@@ -1,6 +1,8 @@
 """onp-fast: repair backdoored neural networks by optimized neuron pruning.
 
-Data path: models/ -> groups/ (neuron units, coupled groups) -> graph/ (per-layer neuron graphs)
--> policy/ (GNN + RL) -> masks -> repaired model. C++/CUDA ops live in onp_fast.ops.
+The folders are the pipeline: models/ data/ attacks/ (what a user brings) -> groups/ (neuron units, coupled
+groups) -> reward/ (the reward of masks, the batched engine) -> prepare/ (what every defense shares) ->
+defenses/ (ONP and the baselines rank the groups) -> repair/ (the one entry point: depth rule, apply, report)
+-> cli/. C++/CUDA ops live in onp_fast.ops. See docs/design.md.
 """
 __version__ = "0.1.0"

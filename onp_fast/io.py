@@ -417,9 +417,10 @@ def _ours(lm: LoadedModel, sd: dict, extra: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- checks
 
 def check_model_fits(loaded: LoadedModel, data) -> None:
-    """One forward pass on a few images of `data` (DataSplits, or pixels [N, C, H, W] float32); shape
-    problems (channels, size, too few classes) become a one-line UserError."""
-    x = data.test_x[:2] if hasattr(data, "test_x") else data[:2]
+    """One forward pass on a few images of `data` (DataSplits: its train split, so a repair never reads the
+    test split; or pixels [N, C, H, W] float32); shape problems (channels, size, too few classes) become a
+    one-line UserError."""
+    x = data.train_x[:2] if hasattr(data, "train_x") else data[:2]
     num_classes = getattr(data, "num_classes", None)
     name = getattr(data, "name", "the data")
     want_c = loaded.input_shape[0] if loaded.input_shape else None

@@ -63,5 +63,3 @@ def defense_effectiveness_rating(asr_before: float, asr_after: float, ca_before:
             raise UserError(f"DER takes fractions in [0, 1]; {name} = {v}")
     return (max(0.0, asr_before - asr_after) - max(0.0, ca_before - ca_after) + 1.0) / 2.0
 
-
-der = defense_effectiveness_rating

@@ -6,13 +6,10 @@ target-class images only and keep their labels; WaNet poisons per batch with its
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .attacks import Attack, PoisonedSet
 from .errors import UserError
-from .seed import seed_everything
 
 DEFAULT_RATE = 0.1
 DEFAULT_TARGET = 0
@@ -47,25 +44,15 @@ def poison_training_set(attack: Attack, x: torch.Tensor, y: torch.Tensor, *, num
 
 def train_backdoored(model: torch.nn.Module, attack: Attack, splits, *, epochs: int,
                      rate: float = DEFAULT_RATE, target: int = DEFAULT_TARGET, seed: int = 0,
-                     batch_size: int = 128, lr: float | None = None, progress: bool = True,
-                     clean_model: torch.nn.Module | None = None) -> PoisonedSet:
+                     batch_size: int = 128, lr: float | None = None, progress: bool = True) -> PoisonedSet:
     """Trains `model` in place on the poisoned training split of `splits` (a DataSplits); returns the set.
-
-    Attacks with `needs_model` are fitted first on `clean_model`, or on a clean copy of `model` trained
-    for the same epochs when none is given. Same seed: same poisoned set, same weights.
-    """
+    Same seed: same poisoned set, same weights."""
     from .train import train_classifier
 
     train_kwargs = dict(epochs=epochs, mean=splits.mean, std=splits.std, batch_size=batch_size, seed=seed,
                         progress=progress)
     if lr is not None:
         train_kwargs["lr"] = lr
-    if attack.needs_model:
-        if clean_model is None:
-            clean_model = copy.deepcopy(model)
-            train_classifier(clean_model, splits.train_x, splits.train_y, desc="clean", **train_kwargs)
-        attack.fit(clean_model, splits.train_x, splits.train_y, splits.mean, splits.std,
-                   seed_everything(seed))
     poisoned = poison_training_set(attack, splits.train_x, splits.train_y, num_classes=splits.num_classes,
                                    rate=rate, target=target, seed=seed)
     train_classifier(model, poisoned.x, poisoned.y, transform=poisoned.transform,

@@ -1,5 +1,5 @@
 """`compare` and `onp-fast compare` on a tiny backdoored model: same seed same table, compare's numbers are
-run_defense's, the oracle is apart and never worse at its own rule, and one-line CLI errors (exit 2)."""
+the entry point's, the oracle is apart and never worse at its own rule, and one-line CLI errors (exit 2)."""
 import json
 
 import numpy as np
@@ -11,23 +11,17 @@ from train_helpers import fit
 
 from onp_fast import attacks, models
 from onp_fast.cli import main
+from onp_fast.compare import compare, format_table
 from onp_fast.data import normalize
-from onp_fast.defenses import (
-    ANPConfig,
-    FPConfig,
-    RNPConfig,
-    compare,
-    format_table,
-    run_defense,
-)
+from onp_fast.defenses import ANPConfig, FPConfig, ONPConfig, RNPConfig
 from onp_fast.evaluate import evaluate
 from onp_fast.io import save_model
-from onp_fast.repair import RepairConfig, RewardWeights
+from onp_fast.repair import RepairConfig, RewardWeights, repair
 
 NUM_CLASSES, MEAN, STD = 4, (0.4,), (0.25,)
-FAST_CONFIGS = {"fp": FPConfig(finetune_epochs=1), "anp": ANPConfig(iterations=5, batch_size=32),
-                "rnp": RNPConfig(recover_epochs=1)}
-FAST_PARAMS = ["--param", "repair.iterations=1", "--param", "repair.samples=2", "--param", "repair.reward_batch=16",
+FAST_CONFIGS = {"onp": ONPConfig(iterations=2, samples=4), "fp": FPConfig(finetune_epochs=1),
+                "anp": ANPConfig(iterations=5, batch_size=32), "rnp": RNPConfig(recover_epochs=1)}
+FAST_PARAMS = ["--param", "repair.reward_batch=16",
                "--param", "fp.finetune_epochs=1", "--reactivation-epochs", "1", "--defense-size", "40", "--quiet"]
 
 
@@ -69,7 +63,7 @@ def backdoored(tmp_path_factory):
 
 
 def _cfg() -> RepairConfig:
-    return RepairConfig(iterations=2, samples=4, reward_batch=32, perturbations=1, seed=3)
+    return RepairConfig(reward_batch=32, perturbations=1, seed=3)
 
 
 def _compare(b, **kw):
@@ -89,7 +83,7 @@ def _without_times(result: dict) -> dict:
     return out
 
 
-def test_same_seed_same_table_and_its_numbers_are_run_defenses(backdoored):
+def test_same_seed_same_table_and_its_numbers_are_the_entry_points(backdoored):
     a = _compare(backdoored)
     b = _compare(backdoored)
     assert [r["method"] for r in a["rows"]] == ["onp", "fp", "anp", "rnp", "clp"]
@@ -104,9 +98,9 @@ def test_same_seed_same_table_and_its_numbers_are_run_defenses(backdoored):
     # A method's row is exactly what the single entry point gives on the same data and seed: the oracle and the
     # methods run before it do not leak into it.
     x, y = backdoored["clean"]
-    for name in ("anp", "clp"):
-        res = run_defense(name, backdoored["model"], normalize(x[:48], MEAN, STD), y[:48], NUM_CLASSES, _cfg(),
-                          progress=False, config=FAST_CONFIGS.get(name))
+    for name in ("onp", "anp", "clp"):
+        res = repair(backdoored["model"], normalize(x[:48], MEAN, STD), y[:48], NUM_CLASSES, name, _cfg(),
+                     FAST_CONFIGS.get(name), progress=False)
         row = next(r for r in a["rows"] if r["method"] == name)
         assert row["pruned"] == int(res.prune.sum())
         ev = evaluate(res.model, *backdoored["test"], MEAN, STD, attack=backdoored["attack"], target=0)
@@ -184,7 +178,7 @@ def test_cli_compare_bad_inputs(case, backdoored, tmp_path):
 def test_compare_shares_one_rule_and_can_skip_the_reactivation_check(backdoored):
     """RepairConfig is the shared context's: its tolerance is every method's depth rule."""
     x, y = backdoored["clean"]
-    cfg = RepairConfig(iterations=1, samples=2, reward_batch=16, seed=0, tolerance=0.0,
+    cfg = RepairConfig(reward_batch=16, seed=0, tolerance=0.0,
                        weights=RewardWeights(ca_t=0.0))
     res = compare(backdoored["model"], normalize(x[:40], MEAN, STD), y[:40], NUM_CLASSES,
                   test_x=backdoored["test"][0], test_y=backdoored["test"][1], mean=MEAN, std=STD,

@@ -11,24 +11,17 @@ import torch
 from train_helpers import fit
 
 from onp_fast import models
-from onp_fast.defenses import (
-    METHODS,
-    ANPConfig,
-    FPConfig,
-    RNPConfig,
-    apply_defense,
-    apply_params,
-    get,
-    run_defense,
-)
+from onp_fast.defenses import METHODS, ANPConfig, FPConfig, ONPConfig, RNPConfig, apply_params, get
 from onp_fast.defenses.anp import anp_masks
-from onp_fast.defenses.base import Defense, restrict_groups
-from onp_fast.defenses.clp import bn_pairs, channel_lipschitz
+from onp_fast.defenses.base import Defense
+from onp_fast.defenses.clp import channel_lipschitz
 from onp_fast.defenses.fp import last_layer
+from onp_fast.defenses.onp.features import weight_stats
 from onp_fast.errors import UserError
-from onp_fast.groups import find_groups
-from onp_fast.repair import RepairConfig, prepare
-from onp_fast.repair.reward import MaskScorer, RewardWeights
+from onp_fast.groups import find_groups, norm_after
+from onp_fast.prepare import RepairConfig, prepare
+from onp_fast.repair import repair, run
+from onp_fast.reward import RewardWeights
 
 NUM_CLASSES = 4
 
@@ -73,7 +66,7 @@ def trained():
 
 
 def _cfg(**kw) -> RepairConfig:
-    return RepairConfig(iterations=2, samples=4, reward_batch=32, perturbations=1, **kw)
+    return RepairConfig(reward_batch=32, perturbations=1, **kw)
 
 
 def _quick_cfg(**kw) -> RepairConfig:
@@ -81,8 +74,8 @@ def _quick_cfg(**kw) -> RepairConfig:
     return _cfg(weights=RewardWeights(ca_t=0.0), **kw)
 
 
-FAST = {"fp": FPConfig(finetune_epochs=1), "anp": ANPConfig(iterations=10, batch_size=32),
-        "rnp": RNPConfig(recover_epochs=2)}
+FAST = {"onp": ONPConfig(iterations=2, samples=4), "fp": FPConfig(finetune_epochs=1),
+        "anp": ANPConfig(iterations=10, batch_size=32), "rnp": RNPConfig(recover_epochs=2)}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +83,7 @@ def results(trained):
     """Every registered method on one prepared context."""
     m, x, y = trained
     ctx = prepare(m, x, y, NUM_CLASSES, _cfg(), progress=False)
-    return ctx, {name: apply_defense(get(name, FAST.get(name)), ctx) for name in METHODS}
+    return ctx, {name: run(ctx, name, FAST.get(name)) for name in METHODS}
 
 
 def test_registry_lists_the_five_methods():
@@ -104,17 +97,18 @@ def test_every_method_masks_have_the_right_shape_and_range(results, trained):
     g = ctx.groups.num_groups
     for name, r in res.items():
         assert r.prune.shape == (g,) and r.prune.dtype == torch.bool, name
-        assert r.prune_prob.shape == (g,) and not torch.isnan(r.prune_prob).any(), name
-        cand = r.prune_prob > -float("inf")
+        assert r.scores.shape == (g,) and not torch.isnan(r.scores).any(), name
+        cand = r.scores > -float("inf")
         assert not (r.prune & ~cand).any(), f"{name} pruned a group it could not score"
         assert r.report["pruned_groups"] == int(r.prune.sum())
         assert r.report["method"] == name and r.report["candidates"] == int(cand.sum())
+        assert r.report.keys() == res["onp"].report.keys(), name  # one report, whatever the method
         # The pruned groups are exactly zero in the repaired copy: masking them again changes nothing.
         with torch.no_grad():
             out = r.model(ctx.x_val)
             with ctx.groups.masked(r.model, (~r.prune).float()):
                 assert torch.allclose(r.model(ctx.x_val), out, atol=1e-5), name
-    s = {k: v.prune_prob for k, v in res.items()}
+    s = {k: v.scores for k, v in res.items()}
     assert ((s["onp"] > 0) & (s["onp"] < 1)).all()
     for name in ("anp", "rnp"):  # 1 - mask, masks in [0, 1]
         assert ((s[name] >= 0) & (s[name] <= 1)).all(), name
@@ -130,12 +124,12 @@ def test_fp_prunes_only_the_last_conv_layer_and_keeps_it_zero_through_finetuning
     r = res["fp"]
     layer, cand = last_layer(ctx)
     assert layer == "layer4.1.conv2"
-    finite = torch.nonzero(torch.isfinite(r.prune_prob)).flatten()
+    finite = torch.nonzero(torch.isfinite(r.scores)).flatten()
     assert finite.tolist() == sorted(cand.tolist())
     assert set(torch.nonzero(r.prune).flatten().tolist()) <= set(cand.tolist())
-    vals = r.prune_prob[finite]
+    vals = r.scores[finite]
     assert (vals > 0.5).all() and (vals <= 1).all() and len(set(vals.tolist())) == len(vals)  # a strict ranking
-    assert r.report["fp"]["finetune"]["epochs"] == 1 and "fp finetune" in r.report["method_times_s"]
+    assert r.report["details"]["finetune"]["epochs"] == 1 and "fp finetune" in r.report["method_times_s"]
     # Fine-tuning changed the kept weights, yet every pruned group stays exactly zero.
     assert not torch.equal(r.model.linear.weight, ctx.model.linear.weight)
     w = dict(r.model.named_modules())
@@ -144,20 +138,44 @@ def test_fp_prunes_only_the_last_conv_layer_and_keeps_it_zero_through_finetuning
             assert w[name].weight[row].abs().max() == 0
 
 
-def test_clp_pairs_bn_through_the_graph_on_pre_activation_nets():
+def test_norm_pairing_follows_the_graph_on_preactresnet_resnet_and_vgg():
     m = models.build("preactresnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
     blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
     # conv1 of a block feeds bn2 alone; conv2 and shortcuts feed a residual add; the stem feeds bn1 and the add.
-    assert bn_pairs(m) == {f"{b}.conv1": f"{b}.bn2" for b in blocks}
+    assert norm_after(m) == {f"{b}.conv1": f"{b}.bn2" for b in blocks}
     # Module order would pair layer2.0's shortcut conv with layer2.1.bn1 (CLP's own code does): the graph does not.
     order = [n for n, mod in m.named_modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
     assert order[order.index("layer2.1.bn1") - 1] == "layer2.0.shortcut.0"
     r = models.build("resnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
-    pairs = bn_pairs(r)
+    pairs = norm_after(r)
     convs = [n for n, mod in r.named_modules() if isinstance(mod, torch.nn.Conv2d)]
     assert len(pairs) == len(convs)
     for conv, bn in pairs.items():
         assert bn == (conv[:-1] + "1" if conv.endswith("downsample.0") else conv.replace("conv", "bn"))
+    v = models.build("vgg16_bn", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
+    mods = dict(v.named_modules())
+    convs = [n for n, mod in mods.items() if isinstance(mod, torch.nn.Conv2d)]
+    assert norm_after(v) == {c: f"features.{int(c.split('.')[1]) + 1}" for c in convs}
+    assert all(isinstance(mods[b], torch.nn.BatchNorm2d) for b in norm_after(v).values())
+
+
+@pytest.mark.parametrize("arch", ["preactresnet18", "resnet18", "vgg16_bn"])
+def test_onp_clp_feature_is_clps_bound_on_the_graph_paired_norm(arch):
+    """ONP's `clp` exposure feature is, per group, the max over its rows of the same bound the CLP defense uses
+    (BN found by the graph, not by renaming conv1 -> bn1, which is bn2's input on pre-activation nets)."""
+    torch.manual_seed(0)
+    m = models.build(arch, num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8).eval()
+    _randomise_bn(m)
+    groups = find_groups(m, (1, 8, 8))
+    bounds = channel_lipschitz(m, groups)
+    expected = torch.full((groups.num_groups,), -float("inf"))
+    for name, b in bounds.items():
+        for row, gi in enumerate(groups.layer_groups[name].tolist()):
+            if gi >= 0:
+                expected[gi] = max(expected[gi], b[row])
+    got = weight_stats(m, groups)[:, 3]
+    has_rows = torch.isfinite(expected)
+    assert torch.allclose(got[has_rows], expected[has_rows], rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["preactresnet18", "resnet18"])
@@ -167,7 +185,7 @@ def test_clp_scores_equal_the_bound_computed_directly_by_svd(arch):
     _randomise_bn(m)
     ctx = SimpleNamespace(model=m, groups=find_groups(m, (1, 8, 8)), phase=lambda name: contextlib.nullcontext())
     mods = dict(m.named_modules())
-    pairs = bn_pairs(m)
+    pairs = norm_after(m)
     bounds = channel_lipschitz(m, ctx.groups)
     expected_scores = torch.full((ctx.groups.num_groups,), -float("inf"), dtype=torch.float64)
     for name, got in bounds.items():
@@ -183,8 +201,8 @@ def test_clp_scores_equal_the_bound_computed_directly_by_svd(arch):
                 expected_scores[gi] = max(expected_scores[gi], z[row])
     scores, part = get("clp").scores(ctx)
     assert torch.allclose(scores.double(), expected_scores, rtol=1e-4, atol=1e-5)
-    assert part["clp"]["own_rule_groups"] == int((expected_scores > 3).sum())
-    assert part["clp"]["bn_paired_layers"] == sum(n in pairs for n in bounds) > 0
+    assert part["own_rule_groups"] == int((expected_scores > 3).sum())
+    assert part["bn_paired_layers"] == sum(n in pairs for n in bounds) > 0
 
 
 def test_anp_masks_stay_in_the_unit_interval_and_leave_the_model_alone(trained):
@@ -210,7 +228,7 @@ def test_anp_without_norm_layers_is_a_user_error():
 
 
 def test_rnp_unlearning_stops_at_the_accuracy_threshold(trained, monkeypatch):
-    unlearn_mod = importlib.import_module("onp_fast.features.unlearn")  # the package re-exports unlearn()
+    unlearn_mod = importlib.import_module("onp_fast.prepare.unlearn")  # the package re-exports unlearn()
     m, x, y = trained
     ctx = prepare(m, x, y, NUM_CLASSES, _quick_cfg(), progress=False)
     seen = []
@@ -224,17 +242,17 @@ def test_rnp_unlearning_stops_at_the_accuracy_threshold(trained, monkeypatch):
     monkeypatch.setattr(unlearn_mod, "accuracy_of", recording)
     # Other settings than prepare's: RNP unlearns on its own and must stop at the first step at or below the
     # threshold (0.3 here: with 4 balanced classes a model that collapses to one class still scores 0.25).
-    res = apply_defense(get("rnp", RNPConfig(unlearn_lr=0.05, unlearn_target=0.3, recover_epochs=1)), ctx)
-    info = res.report["rnp"]["unlearn"]
+    res = run(ctx, "rnp", RNPConfig(unlearn_lr=0.05, unlearn_target=0.3, recover_epochs=1))
+    info = res.report["details"]["unlearn"]
     assert not info["shared_with_prepare"]
     assert len(seen) >= 3 and seen[0] > 0.9
     assert all(a > 0.3 for a in seen[:-1]) and seen[-1] <= 0.3
     assert info["accuracy"] == seen[-1] and info["steps"] == len(seen) - 1
     # The published defaults are prepare's own unlearning: reused, not repeated.
     seen.clear()
-    res = apply_defense(get("rnp", RNPConfig(recover_epochs=1)), ctx)
-    assert res.report["rnp"]["unlearn"]["shared_with_prepare"] and not seen
-    assert res.report["rnp"]["unlearn"]["steps"] == ctx.unlearn_info["steps"]
+    res = run(ctx, "rnp", RNPConfig(recover_epochs=1))
+    assert res.report["details"]["unlearn"]["shared_with_prepare"] and not seen
+    assert res.report["details"]["unlearn"]["steps"] == ctx.unlearn_info["steps"]
 
 
 class _HalfDefense(Defense):
@@ -253,7 +271,7 @@ def test_groups_scored_minus_inf_are_never_pruned(trained):
     # A rule that accepts any CA loss and charges nothing for sparsity would prune everything it may.
     cfg = _cfg(tolerance=1.0, weights=RewardWeights(ca_b=0.0, ca_t=0.0, sparsity=-1.0))
     ctx = prepare(m, x, y, NUM_CLASSES, cfg, progress=False)
-    res = apply_defense(_HalfDefense(), ctx)
+    res = run(ctx, _HalfDefense())
     g = ctx.groups.num_groups
     assert res.prune.shape == (g,) and res.report["groups"]["count"] == g
     assert res.prune[::2].all() and not res.prune[1::2].any()
@@ -263,36 +281,32 @@ def test_groups_scored_minus_inf_are_never_pruned(trained):
         ref = ctx.groups.prune_(copy.deepcopy(ctx.model), ~res.prune)
         assert torch.equal(res.model(x), ref(x))
     assert res.report["candidates"] == len(range(0, g, 2))
-    # The candidate sub-groups keep the reward's sparsity scale (pruned rows / all rows of the model).
-    idx = torch.arange(0, g, 2)
-    sub = restrict_groups(ctx.groups, idx)
-    w = RewardWeights()
-    full = MaskScorer(ctx.groups, ctx.model, x[:4], y[:4], w).terms(res.prune.unsqueeze(0))["sparsity"]
-    part = MaskScorer(sub, ctx.model, x[:4], y[:4], w).terms(
-        torch.cat([res.prune[idx], torch.tensor([False])]).unsqueeze(0))["sparsity"]
-    assert torch.allclose(full, part)
+    assert max(r["depth"] for r in res.report["stopping_rule"]["table"]) == len(range(0, g, 2))
 
 
-def test_run_defense_is_prepare_scores_finish_and_seeded(trained):
+def test_repair_is_prepare_scores_finish_and_seeded(trained):
     m, x, y = trained
-    a = run_defense("clp", m, x, y, NUM_CLASSES, _quick_cfg(seed=1), progress=False)
-    b = run_defense("clp", m, x, y, NUM_CLASSES, _quick_cfg(seed=1), progress=False)
+    a = repair(m, x, y, NUM_CLASSES, "clp", _quick_cfg(seed=1), progress=False)
+    b = repair(m, x, y, NUM_CLASSES, "clp", _quick_cfg(seed=1), progress=False)
     assert torch.equal(a.prune, b.prune) and a.report["stopping_rule"] == b.report["stopping_rule"]
     assert {"split", "groups", "unlearn", "clp bounds", "select", "apply"} <= set(a.report["times_s"])
     assert set(a.report["method_times_s"]) == {"clp bounds", "select", "apply"}
     with pytest.raises(UserError, match="unknown defense method"):
-        run_defense("bogus", m, x, y, NUM_CLASSES, _cfg(), progress=False)
+        repair(m, x, y, NUM_CLASSES, "bogus", _cfg(), progress=False)
     with pytest.raises(UserError, match="config must be a ANPConfig"):
         get("anp", FPConfig())
 
 
 def test_apply_params_sets_fields_and_rejects_bad_items():
-    cfg, confs = apply_params(["anp.iterations=50", "clp.u=2.5", "repair.iterations=7"], ["anp", "clp"])
+    cfg, confs = apply_params(["anp.iterations=50", "clp.u=2.5", "onp.iterations=7", "repair.tolerance=0.05"],
+                              ["anp", "clp", "onp"])
     assert confs["anp"].iterations == 50 and confs["anp"].eps == 0.4 and confs["clp"].u == 2.5
-    assert cfg.iterations == 7 and cfg.seed == 0
+    assert confs["onp"].iterations == 7 and confs["onp"].samples == 16
+    assert cfg.tolerance == 0.05 and cfg.seed == 0
     bad = {"anp.iterations": "METHOD.FIELD=VALUE", "anp.nope=1": "has no field 'nope'",
            "foo.x=1": "unknown method 'foo'", "fp.finetune_epochs=1": "not among the methods",
-           "anp.iterations=ten": "takes a int", "anp.batch_size=0": "at least 1", "onp.iterations=3": "repair.FIELD",
+           "anp.iterations=ten": "takes a int", "anp.batch_size=0": "at least 1", "repair.iterations=3": "no field 'iterations'",
+           "onp.samples=1": "at least 2",
            "clp.u=nan": "finite", "repair.val_fraction=1": "below 1"}
     for item, msg in bad.items():
         with pytest.raises(UserError, match=msg):
@@ -304,7 +318,7 @@ def test_defenses_do_not_change_the_shared_context(trained):
     ctx = prepare(m, x, y, NUM_CLASSES, _quick_cfg(), progress=False)
     state = copy.deepcopy(ctx.model.state_dict())
     times = dict(ctx.times)
-    apply_defense(get("anp", ANPConfig(iterations=3, batch_size=16)), ctx)
-    apply_defense(get("fp", FPConfig(finetune_epochs=1)), ctx)
+    run(ctx, "anp", ANPConfig(iterations=3, batch_size=16))
+    run(ctx, "fp", FPConfig(finetune_epochs=1))
     assert ctx.times == times
     assert all(torch.equal(v, ctx.model.state_dict()[k]) for k, v in state.items())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from onp_fast.ops.masked_forward import bn_mask_relu, bn_mask_relu_, reward_epilogue
-from onp_fast.ops.reference_reward import bn_mask_relu_reference, reward_epilogue_reference
+from onp_fast.ops.reference import bn_mask_relu_reference, reward_epilogue_reference
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

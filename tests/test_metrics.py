@@ -38,9 +38,9 @@ def test_asr_of_only_target_images_is_an_error():
 ])
 def test_der_hand_computed_including_clipped_cases(asr_b, asr_a, ca_b, ca_a, expected):
     assert metrics.defense_effectiveness_rating(asr_b, asr_a, ca_b, ca_a) == pytest.approx(expected, abs=1e-12)
-    assert metrics.der(asr_b, asr_a, ca_b, ca_a) == pytest.approx(expected, abs=1e-12)
+    assert metrics.defense_effectiveness_rating(asr_b, asr_a, ca_b, ca_a) == pytest.approx(expected, abs=1e-12)
 
 
 def test_der_rejects_percentages():
     with pytest.raises(UserError, match="fractions"):
-        metrics.der(95.0, 1.0, 0.9, 0.9)
+        metrics.defense_effectiveness_rating(95.0, 1.0, 0.9, 0.9)

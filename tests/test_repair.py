@@ -15,6 +15,7 @@ from onp_fast import models
 from onp_fast.cli import main
 from onp_fast.errors import UserError
 from onp_fast.io import save_model
+from onp_fast.defenses import ONPConfig
 from onp_fast.repair import RepairConfig, repair
 
 FAST = ["--iterations", "2", "--samples", "4", "--quiet"]
@@ -29,30 +30,34 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
+TINY_ONP = ONPConfig(iterations=2, samples=4)
+
+
 def _tiny_cfg(**kw):
-    return RepairConfig(iterations=2, samples=4, reward_batch=32, perturbations=1, **kw)
+    return RepairConfig(reward_batch=32, perturbations=1, **kw)
 
 
 def test_same_seed_same_masks():
     torch.manual_seed(0)
     m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
     x, y = torch.randn(24, 1, 8, 8), torch.arange(24) % 4
-    a = repair(m, x, y, 4, _tiny_cfg(seed=3), progress=False)
-    b = repair(m, x, y, 4, _tiny_cfg(seed=3), progress=False)
+    a = repair(m, x, y, 4, "onp", _tiny_cfg(seed=3), TINY_ONP, progress=False)
+    b = repair(m, x, y, 4, "onp", _tiny_cfg(seed=3), TINY_ONP, progress=False)
     assert torch.equal(a.prune, b.prune)
-    assert a.report["reward_curve"] == b.report["reward_curve"]
+    assert a.report["details"]["reward_curve"] == b.report["details"]["reward_curve"]
     assert a.report["stopping_rule"]["table"] == b.report["stopping_rule"]["table"]
 
 
 def test_repair_rejects_bad_defense_sets():
     m = models.build("preactresnet18", num_classes=10, in_channels=1, width=0.125, input_size=8).eval()
     with pytest.raises(UserError, match="fewer than the 10 classes"):
-        repair(m, torch.randn(5, 1, 8, 8), torch.arange(5), 10, _tiny_cfg(), progress=False)
+        repair(m, torch.randn(5, 1, 8, 8), torch.arange(5), 10, "onp", _tiny_cfg(), TINY_ONP, progress=False)
     with pytest.raises(UserError, match="empty"):
-        repair(m, torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long), 10, _tiny_cfg(), progress=False)
+        repair(m, torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long), 10, "onp", _tiny_cfg(), TINY_ONP,
+               progress=False)
     with pytest.raises(UserError, match="no prunable"):
         repair(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), torch.randn(20, 1, 8, 8), torch.arange(20) % 10,
-               10, _tiny_cfg(), progress=False)
+               10, "onp", _tiny_cfg(), TINY_ONP, progress=False)
 
 
 def test_cli_repair_writes_outputs_and_never_reads_test_split_or_attack_spec(tiny_ckpt, tmp_path, monkeypatch):
@@ -102,10 +107,10 @@ def test_cli_repair_writes_outputs_and_never_reads_test_split_or_attack_spec(tin
 def test_cli_repair_method_runs_a_baseline_through_the_same_depth_rule(method, tiny_ckpt, tmp_path):
     out = tmp_path / "fixed.pt"
     res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
-                                    "--defense-size", "60", "--method", method, *FAST])
+                                    "--defense-size", "60", "--method", method, "--quiet"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "fixed.report.json").read_text())
-    assert report["method"] == method and "reward_curve" not in report
+    assert report["method"] == method and "reward_curve" not in report["details"]
     assert report["stopping_rule"]["rule"].startswith("shallowest depth")
     assert (tmp_path / "fixed.png").read_bytes()[:4] == b"\x89PNG"
     masks = json.loads((tmp_path / "fixed.masks.json").read_text())
@@ -113,7 +118,7 @@ def test_cli_repair_method_runs_a_baseline_through_the_same_depth_rule(method, t
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "too_few_images", "wrong_channels", "no_prunable",
-                                  "unknown_method"])
+                                  "unknown_method", "onp_option_for_a_baseline"])
 def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
     model, extra = str(tiny_ckpt), ["--defense-size", "60"]
     out = tmp_path / "out.pt"
@@ -127,6 +132,8 @@ def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
         save_model(m, model)
     if case == "unknown_method":
         extra += ["--method", "magic"]
+    if case == "onp_option_for_a_baseline":
+        extra += ["--method", "clp"]  # FAST sets --iterations and --samples, which only ONP has
     if case == "no_prunable":
         model = str(tmp_path / "linear.pt")
         torch.save(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), model)
@@ -162,8 +169,7 @@ def test_ctrl_c_leaves_no_output(tiny_ckpt, tmp_path):
 
 
 def test_depth_rule_takes_the_shallowest_depth_near_the_best_reward():
-    from onp_fast.repair import RewardWeights
-    from onp_fast.repair.select import choose_depth
+    from onp_fast.repair import RewardWeights, choose_depth
 
     class Scorer:  # reward rises fast to depth 3, then creeps; CA_B falls past depth 6
         weights = RewardWeights(ca_b=1, ca_t=1, sparsity=0)
@@ -193,8 +199,7 @@ def test_depth_rule_takes_the_shallowest_depth_near_the_best_reward():
 
 def test_standard_error_of_the_reward_is_the_binomial_one_for_accuracy():
     from onp_fast.groups import find_groups
-    from onp_fast.repair import RewardWeights
-    from onp_fast.repair.reward import MaskScorer
+    from onp_fast.reward import MaskScorer, RewardWeights
 
     torch.manual_seed(0)
     m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
@@ -209,7 +214,7 @@ def test_standard_error_of_the_reward_is_the_binomial_one_for_accuracy():
 
 
 def test_an_unflagged_trigger_proxy_does_not_steer_the_reward():
-    from onp_fast.repair import prepare
+    from onp_fast.prepare import prepare
 
     torch.manual_seed(0)
     m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
@@ -224,7 +229,7 @@ def test_an_unflagged_trigger_proxy_does_not_steer_the_reward():
 
 def test_finetune_holds_pruned_groups_at_zero_and_stays_finite():
     from onp_fast.groups import find_groups
-    from onp_fast.repair.finetune import finetune_pruned
+    from onp_fast.prepare import finetune_pruned
 
     torch.manual_seed(0)
     m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()

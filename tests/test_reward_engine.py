@@ -7,7 +7,7 @@ import torch
 
 from onp_fast.errors import UserError
 from onp_fast.models import build
-from onp_fast.ops.reference_reward import loop_reference, naive_batch_reference
+from onp_fast.reward.reference import loop_reference, naive_batch_reference
 from onp_fast.reward import (NeuronSet, NeuronUnit, Perturbations, RewardEngine, bn_neurons, expand_groups,
                              parse_memory)
 

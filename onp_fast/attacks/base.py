@@ -4,10 +4,6 @@ An attack owns a trigger for one image shape (C, H, W). Triggers act on [0, 1] p
 normalisation. Every attack is seeded: the same (image_shape, seed, params) rebuilds the same trigger, so a
 JSON spec (`spec()` / `from_spec`) is all evaluation needs.
 
-Hooks for the attacks that follow the first four:
-- `fit(model, x, y, mean, std, generator)`: optimise the trigger against a model before poisoning
-  (LC and LF on a clean model, TrojanNN on the model being attacked); the learned part goes in `state()`
-  and comes back through `load_state()` so it lands in the JSON spec.
 - `poison_training_set(...)`: which images are poisoned and how (clean-label attacks poison only
   target-class images and keep their labels); returns a `PoisonedSet` that may carry a per-batch
   `transform` for attacks poisoned during training (WaNet's noise mode; InputAware's generator).
@@ -46,7 +42,6 @@ class Attack:
 
     name: ClassVar[str] = ""
     clean_label: ClassVar[bool] = False  # poison target-class images only, keep their labels
-    needs_model: ClassVar[bool] = False  # `fit` must run before `apply`
 
     def __init__(self, image_shape, seed: int = 0):
         shape = tuple(int(s) for s in image_shape)
@@ -64,25 +59,11 @@ class Attack:
         """The attack's own parameters (JSON types), enough with image_shape and seed to rebuild it."""
         return {}
 
-    def state(self) -> dict | None:
-        """Learned trigger state (JSON types) for attacks with `fit`; None when the seed determines all."""
-        return None
-
-    def load_state(self, state: dict) -> None:
-        raise UserError(f"{self.name}: this attack has no learned state to load")
-
-    def fit(self, model, x, y, mean, std, generator: torch.Generator) -> None:
-        """Optimises the trigger against `model` (x: [N, C, H, W] float32 pixels, y: [N] int64). No-op here."""
-
     # -- spec ------------------------------------------------------------------------------------------
     def spec(self) -> dict:
         """JSON-serialisable description that `from_spec` turns back into the same attack."""
-        out = {"name": self.name, "image_shape": list(self.image_shape), "seed": self.seed,
-               "params": self.params()}
-        state = self.state()
-        if state is not None:
-            out["state"] = state
-        return out
+        return {"name": self.name, "image_shape": list(self.image_shape), "seed": self.seed,
+                "params": self.params()}
 
     # -- poisoning ---------------------------------------------------------------------------------
     def poison_index(self, y: torch.Tensor, rate: float, target: int, generator: torch.Generator) -> torch.Tensor:
@@ -182,6 +163,6 @@ def from_spec(spec: dict) -> Attack:
     if not isinstance(params, dict):
         raise UserError("attack spec: 'params' must be a JSON object")
     attack = build(spec["name"], spec["image_shape"], seed=int(spec.get("seed", 0)), **params)
-    if spec.get("state") is not None:
-        attack.load_state(spec["state"])
+    if spec.get("state") is not None:  # learned triggers (LC, LF, TrojanNN) are not implemented
+        raise UserError(f"{attack.name}: this attack has no learned state to load")
     return attack

@@ -1,4 +1,4 @@
-"""Bench cases of the masked-forward reward engine (issue 5's grid).
+"""Bench cases of the masked-forward reward engine.
 
 Grid: preactresnet18, 32x32, B = 64, K in {4, 16, 64}, width in {0.25, 1.0} (--quick: width 0.25,
 K = 4). Per point: `loop` (the per-mask loop with BN forward hooks, the model as given: the baseline),
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..models import build
-from ..ops.reference_reward import loop_reference, naive_batch_reference
+from ..reward.reference import loop_reference, naive_batch_reference
 from ..reward import RewardEngine, bn_neurons
 from . import Case
 

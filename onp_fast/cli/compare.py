@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .options import checkpoint_options
+from .options import checkpoint_options, load_model_and_data
 
 
 def parse_methods(text: str) -> list[str]:
@@ -47,10 +47,10 @@ def parse_methods(text: str) -> list[str]:
 def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs, params,
             seed, arch, trust_pickle, quiet):
     """Compare defenses on MODEL: each method's depth is chosen on held-out defense images (no test data)."""
-    from ..data import defense_subset, load_dataset, normalize
-    from ..defenses import apply_params, compare, format_table
+    from ..compare import compare, format_table
+    from ..data import defense_subset, normalize
+    from ..defenses import apply_params
     from ..evaluate import load_attack_spec
-    from ..io import check_model_fits, load_model
     from ..poison import check_target
     from ..repair import RepairConfig
     from ..repair.output import write_json
@@ -64,11 +64,8 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise UserError(f"--json folder does not exist: {Path(json_path).parent}")
     spec = load_attack_spec(spec_path)
-    loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
-    splits = load_dataset(dataset, seed=seed)
-    check_model_fits(loaded, splits)
-    if loaded.num_classes and loaded.num_classes != splits.num_classes:
-        raise UserError(f"the model has {loaded.num_classes} classes, {dataset} has {splits.num_classes}")
+    loaded, splits, mean, std = load_model_and_data(model_path, dataset, arch=arch, trust_pickle=trust_pickle,
+                                                    seed=seed)
     target = spec.target if target is None else target
     if target is None:
         raise UserError("the attack spec has no target class; pass --target")
@@ -76,8 +73,6 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     if tuple(spec.attack.image_shape) != tuple(splits.input_shape):
         raise UserError(f"the attack spec is for images {list(spec.attack.image_shape)}, "
                         f"{dataset} has {list(splits.input_shape)}")
-    mean = splits.mean if loaded.mean is None else loaded.mean
-    std = splits.std if loaded.std is None else loaded.std
     x, y = defense_subset(splits, defense_size, seed=seed)  # train split only
     result = compare(loaded.model, normalize(x, mean, std), y, splits.num_classes, test_x=splits.test_x,
                      test_y=splits.test_y, mean=mean, std=std, attack=spec.attack, target=target, methods=names,

@@ -32,7 +32,7 @@ def _table(rows: list[tuple[str, dict]]) -> list[str]:
 def command(ctx, cache_dir, attack_name, width, epochs, iterations, defense_size, seed, graphs, quiet):
     """Backdoor a digits PreActResNet-18 (cached), repair it with ONP, print CA / ASR / RA before and after."""
     if graphs:
-        from ..graph_summary import run
+        from ..bench.summary import run
 
         run(seed=seed, echo=click.echo)
         return

@@ -6,7 +6,7 @@ import json
 import click
 
 from ..errors import UserError
-from .options import checkpoint_options
+from .options import checkpoint_options, load_model_and_data
 
 
 @click.command("evaluate")
@@ -21,20 +21,12 @@ from .options import checkpoint_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def command(model_path, dataset, spec_path, target, arch, trust_pickle, seed, batch_size, as_json):
     """Evaluate MODEL on DATASET's test split."""
-    from ..data import load_dataset
     from ..evaluate import evaluate, load_attack_spec
-    from ..io import load_model
     from ..poison import check_target
 
     spec = load_attack_spec(spec_path) if spec_path else None
-    loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
-    splits = load_dataset(dataset, seed=seed)
-    if tuple(loaded.input_shape) != tuple(splits.input_shape):
-        raise UserError(f"the model takes images {list(loaded.input_shape)}, {dataset} has {list(splits.input_shape)}")
-    if loaded.num_classes != splits.num_classes:
-        raise UserError(f"the model has {loaded.num_classes} classes, {dataset} has {splits.num_classes}")
-    mean = splits.mean if loaded.mean is None else loaded.mean
-    std = splits.std if loaded.std is None else loaded.std
+    loaded, splits, mean, std = load_model_and_data(model_path, dataset, arch=arch, trust_pickle=trust_pickle,
+                                                    seed=seed)
     attack = None
     if spec is not None:
         target = spec.target if target is None else target

@@ -7,6 +7,7 @@ import click
 
 from .. import models
 from ..io import load_model, parameter_count
+from .options import load_model_and_data
 
 
 @click.command("info")
@@ -18,17 +19,13 @@ from ..io import load_model, parameter_count
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def command(model_path: str, arch: str | None, trust_pickle: bool, data_spec: str | None, as_json: bool) -> None:
     """Print a model file's architecture, parameter count, prunable-neuron count, input shape and format."""
-    lm = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
     accuracy = None
-    if data_spec is not None:
-        from ..data import load_dataset
-        from ..io import check_model_fits
+    if data_spec is None:
+        lm = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
+    else:
         from ..train import accuracy as top1
 
-        splits = load_dataset(data_spec)
-        check_model_fits(lm, splits)
-        mean = lm.mean if lm.mean is not None else splits.mean
-        std = lm.std if lm.std is not None else splits.std
+        lm, splits, mean, std = load_model_and_data(model_path, data_spec, arch=arch, trust_pickle=trust_pickle)
         accuracy = top1(lm.model, splits.test_x, splits.test_y, mean, std)
     info = {
         "arch": lm.arch,

@@ -1,12 +1,13 @@
 """`onp-fast repair`: ONP on a model that may be backdoored, with a few hundred clean images."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
 from ..errors import UserError
-from .options import checkpoint_options
+from .options import checkpoint_options, load_model_and_data
 
 
 def _default(out: Path, suffix: str) -> Path:
@@ -19,7 +20,7 @@ def _check_folder(path: Path | None, what: str) -> None:
 
 
 def _weights(text: str | None):
-    from ..repair import RewardWeights
+    from ..reward import RewardWeights
 
     w = RewardWeights()
     if not text:
@@ -33,28 +34,6 @@ def _weights(text: str | None):
         except ValueError:
             raise UserError(f"reward weight {item!r} is not KEY=NUMBER") from None
     return w
-
-
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _compacted(loaded, result, x):
-    """The repaired model with pruned channels removed, checked against the masked model on x."""
-    import dataclasses
-
-    import torch
-
-    from ..groups import compact
-
-    small = compact(result.model, result.groups, result.prune).eval()
-    with torch.no_grad():
-        ref, out = result.model(x[:64]), small(x[:64])
-    diff = float((out - ref).abs().max())
-    if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
-        raise UserError(f"--compact: the compact model differs from the masked model by {diff:.2e}")
-    return dataclasses.replace(loaded, model=small, format="torchscript", source=None,
-                               extra={**loaded.extra, "_compact_diff": diff})
 
 
 @click.command("repair")
@@ -71,9 +50,9 @@ def _compacted(loaded, result, x):
               help="PNG: reward curve and pruned fraction per layer (default OUT.png).")
 @click.option("--method", default="onp", show_default=True,
               help="Pruning defense: onp (ours), fp, anp, rnp or clp; every one uses the same held-out depth rule.")
-@click.option("--iterations", type=int, default=60, show_default=True, help="RL iterations.")
-@click.option("--samples", type=int, default=16, show_default=True, help="Masks scored per iteration (K).")
-@click.option("--algorithm", type=click.Choice(["ppo", "reinforce"]), default="ppo", show_default=True)
+@click.option("--iterations", type=int, default=None, help="ONP: RL iterations [default: 60].")
+@click.option("--samples", type=int, default=None, help="ONP: masks scored per iteration (K) [default: 16].")
+@click.option("--algorithm", type=click.Choice(["ppo", "reinforce"]), default=None, help="ONP: [default: ppo].")
 @click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_t=1,ca_u=0,ca_p=0,sparsity=0.1")
 @click.option("--tolerance", type=float, default=0.02, show_default=True,
               help="CA drop allowed on the held-out defense images when choosing the depth.")
@@ -88,12 +67,11 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
             samples, algorithm, reward_weights, tolerance, compact_model, finetune_epochs, seed, arch, trust_pickle,
             quiet):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
-    from ..data import defense_subset, load_dataset, normalize
+    from ..data import defense_subset, normalize
+    from ..defenses import ONPConfig
     from ..defenses import get as get_defense
-    from ..defenses import run_defense
-    from ..io import check_model_fits, load_model, save_model
-    from ..repair import RepairConfig
-    from ..repair.finetune import finetune_pruned
+    from ..io import save_model
+    from ..repair import RepairConfig, repair
     from ..repair.output import masks_json, write_json, write_plot
 
     src = Path(model_path)
@@ -104,34 +82,30 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     for p, what in ((out, "output"), (report_p, "report"), (masks_p, "masks"), (plot_p, "plot")):
         _check_folder(p, what)
     method = get_defense(method).name  # unknown name: fail before loading anything
+    onp_options = {"iterations": iterations, "samples": samples, "algorithm": algorithm}
+    given = [f"--{k}" for k, v in onp_options.items() if v is not None]
+    if given and method != "onp":
+        raise UserError(f"{', '.join(given)} set ONP's policy training; --method {method} has none")
+    onp = ONPConfig(**{k: v for k, v in onp_options.items() if v is not None})
     if defense_size < 1:
         raise UserError("--defense-size must be at least 1")
-    if iterations < 1 or samples < 2:
+    if onp.iterations < 1 or onp.samples < 2:
         raise UserError("--iterations must be >= 1 and --samples >= 2")
-    cfg = RepairConfig(iterations=iterations, samples=samples, seed=seed, algorithm=algorithm,
-                       weights=_weights(reward_weights), tolerance=tolerance)
+    cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance=tolerance,
+                       finetune_epochs=finetune_epochs, compact=compact_model)
 
-    loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
-    splits = load_dataset(dataset, seed=seed)
+    loaded, splits, mean, std = load_model_and_data(model_path, dataset, arch=arch, trust_pickle=trust_pickle,
+                                                    seed=seed)
     # Only the train split is read (defense images); the test split stays untouched.
     x, y = defense_subset(splits, defense_size, seed=seed)
-    check_model_fits(loaded, x)
-    if loaded.num_classes and loaded.num_classes != splits.num_classes:
-        raise UserError(f"the model has {loaded.num_classes} classes, {dataset} has {splits.num_classes}")
-    mean = splits.mean if loaded.mean is None else loaded.mean
-    std = splits.std if loaded.std is None else loaded.std
-    xn = normalize(x, mean, std)
-    result = run_defense(method, loaded.model, xn, y, splits.num_classes, cfg, progress=not quiet)
-    if finetune_epochs > 0:
-        finetune_pruned(result.model, result.groups, result.prune, xn, y, epochs=finetune_epochs, seed=seed)
+    result = repair(loaded.model, normalize(x, mean, std), y, splits.num_classes, method,
+                    cfg, onp if method == "onp" else None, progress=not quiet)
     report = dict(result.report)
-    if compact_model:
-        loaded = _compacted(loaded, result, xn)
-        report["compact"] = {"parameters_before": _params(result.model), "parameters_after": _params(loaded.model),
-                             "max_abs_diff": loaded.extra.pop("_compact_diff")}
-    report.update(model=str(src), dataset=dataset, output=str(out), finetune_epochs=finetune_epochs)
-    if not compact_model:
+    if compact_model:  # its shapes no longer match the architecture: written as TorchScript
+        loaded = dataclasses.replace(loaded, model=result.compact, format="torchscript", source=None)
+    else:
         loaded.model = result.model
+    report.update(model=str(src), dataset=dataset, output=str(out))
     save_model(loaded, out, extra={"onp_repair": {"method": method, "pruned_groups": report["pruned_groups"],
                                                   "seed": seed}})
     write_json(masks_p, masks_json(result.groups, result.prune))

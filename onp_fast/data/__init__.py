@@ -9,7 +9,7 @@ import dataclasses
 
 from ..errors import UserError
 from .splits import DataSplits, channel_stats, make_splits, normalize
-from .subset import defense_subset, stratified_indices
+from .subset import defense_subset, shuffled_by_class, stratified_indices, stratified_split
 
 SPECS = ["digits", "shapes[:NTRAIN[:NTEST]]", "cifar10:PATH", "cifar100:PATH", "folder:PATH", "npz:PATH"]
 
@@ -60,4 +60,4 @@ def load_dataset(spec: str, seed: int = 0) -> DataSplits:
 
 
 __all__ = ["DataSplits", "load_dataset", "defense_subset", "normalize", "make_splits", "channel_stats",
-           "stratified_indices", "SPECS"]
+           "shuffled_by_class", "stratified_indices", "stratified_split", "SPECS"]

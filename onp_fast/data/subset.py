@@ -7,6 +7,27 @@ from ..errors import UserError
 from .splits import DataSplits
 
 
+def shuffled_by_class(y: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """y [N] int64 -> for each class present (ascending), its indices into y in a seeded random order; the one
+    generator is drawn from class by class. Every stratified sample takes a prefix of each."""
+    g = torch.Generator().manual_seed(int(seed))
+    return [idx[torch.randperm(idx.numel(), generator=g)]
+            for idx in (torch.nonzero(y == c).flatten() for c in torch.unique(y).tolist())]
+
+
+def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """y [N] -> (idx_a, idx_b) int64 sorted: round(fraction x count) of every class to b (at least one where a
+    class has 2+ images), the rest to a."""
+    a, b = [], []
+    for idx in shuffled_by_class(y, seed):
+        n_b = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_b = max(1, n_b)
+        b.append(idx[:n_b])
+        a.append(idx[n_b:])
+    return torch.cat(a).sort().values, torch.cat(b).sort().values
+
+
 def stratified_indices(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """n indices into y ([N] int64), seeded, with each class's count proportional to its frequency
     (largest remainders; every present class gets at least one when n allows) -> [n] int64, sorted."""
@@ -14,7 +35,6 @@ def stratified_indices(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         raise UserError(f"subset size must be positive, got {n}")
     if n > y.numel():
         raise UserError(f"subset size {n} is larger than the {y.numel()} available images")
-    g = torch.Generator().manual_seed(int(seed))
     classes, counts = torch.unique(y, return_counts=True)
     exact = counts.double() * n / y.numel()
     take = exact.floor().long()
@@ -28,11 +48,7 @@ def stratified_indices(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         i = int(torch.argmax(remainder * room + room * 1e-9))
         take[i] += 1
         remainder[i] = -1.0
-    picks = []
-    for c, k in zip(classes.tolist(), take.tolist()):
-        pool = (y == c).nonzero().squeeze(1)
-        picks.append(pool[torch.randperm(pool.numel(), generator=g)[:k]])
-    return torch.cat(picks).sort().values
+    return torch.cat([pool[:k] for pool, k in zip(shuffled_by_class(y, seed), take.tolist())]).sort().values
 
 
 def defense_subset(splits: DataSplits, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,17 +1,17 @@
-"""Pruning defenses behind one interface (prepare -> scores over neuron groups -> the shared depth rule):
-ONP (ours), FP, ANP, RNP and CLP, registered in METHODS; run_defense() runs one, compare() runs them all on
-the same data and seed.
+"""Defenses behind one interface (base.py): each ranks the neuron groups of a prepared context; ONP (ours,
+onp/), FP, ANP, RNP and CLP, each with its own Config, registered in METHODS.
 
-    result = run_defense("anp", model, x, y, num_classes)           # a RepairResult
-    table = compare(model, x, y, num_classes, test_x=..., test_y=..., mean=..., std=..., attack=..., target=0)
+    defense = get("anp")                       # or get("onp", ONPConfig(iterations=30)), ANP(ANPConfig(...))
+    scores, part = defense.scores(ctx)         # ctx = onp_fast.prepare.prepare(...); scores [G]
+The depth rule and the repaired model: onp_fast.repair.repair(..., method=defense).
 """
 from . import anp, clp, fp, onp, rnp  # noqa: F401  (register the methods)
 from .anp import ANPConfig
-from .base import METHODS, Defense, apply_defense, apply_params, get, run_defense
+from .base import METHODS, Defense, apply_params, get, register
 from .clp import CLPConfig
-from .compare import compare, format_table
 from .fp import FPConfig
+from .onp import ONPConfig
 from .rnp import RNPConfig, rnp_scores
 
-__all__ = ["METHODS", "ANPConfig", "CLPConfig", "Defense", "FPConfig", "RNPConfig", "apply_defense", "apply_params",
-           "compare", "format_table", "get", "rnp_scores", "run_defense"]
+__all__ = ["METHODS", "ANPConfig", "CLPConfig", "Defense", "FPConfig", "ONPConfig", "RNPConfig", "apply_params",
+           "get", "register", "rnp_scores"]

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..groups import NeuronGroups
-from ..repair.pipeline import DefenseContext
-from .base import Defense, per_group_max, register
+from ..prepare import DefenseContext
+from ..torchutil import frozen
+from .base import Defense, register
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -68,46 +69,42 @@ def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig
         shift = beta * (1 + noise_b[name].view(shape)) if state["perturbed"] else beta
         return (out - beta) * scale.view(shape) + shift
 
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
     handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: hook(mod, i, o, n, d)) for n, m, d in layers]
     opt = torch.optim.SGD(list(masks.values()), lr=cfg.mask_lr, momentum=0.9)
     was_training = model.training
     model.eval()
     try:
-        for _ in range(cfg.iterations):
-            idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
-            xb, yb = x[idx], y[idx]
-            loss_rob = torch.zeros(())
-            if cfg.eps > 0:
-                for n in names:
-                    noise[n] = (torch.rand(len(noise[n]), generator=g) * 2 - 1) * cfg.eps
-                    noise_b[n] = (torch.rand(len(noise[n]), generator=g) * 2 - 1) * cfg.eps
-                state["perturbed"] = True
-                for _ in range(cfg.noise_steps):
-                    noisy = [noise[n].requires_grad_(True) for n in names] + [noise_b[n].requires_grad_(True)
-                                                                              for n in names]
-                    grads = torch.autograd.grad(-F.cross_entropy(model(xb), yb), noisy)
-                    step = cfg.eps / cfg.noise_steps
-                    for i, n in enumerate(names):  # SGD on -CE: ascent on the clean loss
-                        noise[n] = (noise[n].detach() - step * grads[i]).clamp(-cfg.eps, cfg.eps)
-                        noise_b[n] = (noise_b[n].detach() - step * grads[len(names) + i]).clamp(-cfg.eps, cfg.eps)
-                loss_rob = F.cross_entropy(model(xb), yb)
-            state["perturbed"] = False
-            loss = cfg.alpha * F.cross_entropy(model(xb), yb) + (1 - cfg.alpha) * loss_rob
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for m in masks.values():
-                    m.clamp_(0, 1)
+        with frozen(model):
+            for _ in range(cfg.iterations):
+                idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
+                xb, yb = x[idx], y[idx]
+                loss_rob = torch.zeros(())
+                if cfg.eps > 0:
+                    for n in names:
+                        noise[n] = (torch.rand(len(noise[n]), generator=g) * 2 - 1) * cfg.eps
+                        noise_b[n] = (torch.rand(len(noise[n]), generator=g) * 2 - 1) * cfg.eps
+                    state["perturbed"] = True
+                    for _ in range(cfg.noise_steps):
+                        noisy = [noise[n].requires_grad_(True) for n in names] + [noise_b[n].requires_grad_(True)
+                                                                                  for n in names]
+                        grads = torch.autograd.grad(-F.cross_entropy(model(xb), yb), noisy)
+                        step = cfg.eps / cfg.noise_steps
+                        for i, n in enumerate(names):  # SGD on -CE: ascent on the clean loss
+                            noise[n] = (noise[n].detach() - step * grads[i]).clamp(-cfg.eps, cfg.eps)
+                            noise_b[n] = (noise_b[n].detach() - step * grads[len(names) + i]).clamp(-cfg.eps,
+                                                                                                    cfg.eps)
+                    loss_rob = F.cross_entropy(model(xb), yb)
+                state["perturbed"] = False
+                loss = cfg.alpha * F.cross_entropy(model(xb), yb) + (1 - cfg.alpha) * loss_rob
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for m in masks.values():
+                        m.clamp_(0, 1)
     finally:
         for h in handles:
             h.remove()
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
         model.train(was_training)
     return {n: m.detach().clone() for n, m in masks.items()}
 
@@ -115,8 +112,8 @@ def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig
 def group_scores(groups: NeuronGroups, masks: dict[str, torch.Tensor]) -> torch.Tensor:
     """-> [G]: max over each group's norm channels of 1 - mask; -inf for a group with none."""
     keys = set(groups.point_keys)
-    return per_group_max(groups, [(groups.point_index((n, "out")), 1 - m) for n, m in masks.items()
-                                  if (n, "out") in keys])
+    return groups.reduce([(groups.point_index((n, "out")), 1 - m) for n, m in masks.items() if (n, "out") in keys],
+                         "max")
 
 
 @register
@@ -132,7 +129,7 @@ class ANP(Defense):
             masks = anp_masks(ctx.model, ctx.x_opt, ctx.y_opt, c, seed=ctx.cfg.seed)
         scores = group_scores(ctx.groups, masks)
         all_m = torch.cat(list(masks.values())) if masks else torch.zeros(0)
-        return scores, {"anp": {"norm_layers": len(masks), "channels": int(all_m.numel()),
-                                "mask_min": float(all_m.min()) if all_m.numel() else None,
-                                "own_rule": f"mask < {c.threshold:g}",
-                                "own_rule_groups": int((scores > 1 - c.threshold).sum())}}
+        return scores, {"norm_layers": len(masks), "channels": int(all_m.numel()),
+                        "mask_min": float(all_m.min()) if all_m.numel() else None,
+                        "own_rule": f"mask < {c.threshold:g}",
+                        "own_rule_groups": int((scores > 1 - c.threshold).sum())}

@@ -2,9 +2,10 @@
 activates least, then fine-tune on the clean data.
 
 The channels are the groups of the last conv layer's output rows (execution order, so a residual stream's
-coupled channels count once; in a transformer, the last linear layer's). Their activation is measured where the classifier reads them: at the input of
-the first linear layer that reads every one of them (after pooling; ResNet-style heads), else at the conv's
-output; mean over D_opt and positions. Every other group scores -inf: FP never prunes it.
+coupled channels count once; in a transformer, the last linear layer's). Their activation is measured where
+the classifier reads them: at the input of the first linear layer that reads every one of them (after pooling;
+ResNet-style heads), else at the conv's output; mean over D_opt and positions. Every other group scores -inf:
+FP never prunes it.
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..repair.finetune import finetune_pruned
-from ..repair.pipeline import DefenseContext, RepairResult
+from ..prepare import DefenseContext, finetune_pruned
 from .base import Defense, register
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -75,14 +75,8 @@ def mean_activation(ctx: DefenseContext, layer: str, candidates: np.ndarray, bat
             model(ctx.x_opt[i:i + batch_size])
     finally:
         handle.remove()
-    per_channel = total / max(1, count)
-    gi = torch.as_tensor(index)
-    sel = gi >= 0
-    sums = torch.zeros(groups.num_groups, dtype=torch.float64).index_add_(0, gi[sel], per_channel[sel])
-    cnt = torch.zeros(groups.num_groups, dtype=torch.float64).index_add_(0, gi[sel], torch.ones(int(sel.sum()),
-                                                                                              dtype=torch.float64))
-    cand = torch.as_tensor(candidates)
-    return (sums[cand] / cnt[cand].clamp(min=1)).float(), f"{'input' if at_input else 'output'} of {where}"
+    per_group = groups.reduce([(index, total / max(1, count))], "mean")
+    return per_group[torch.as_tensor(candidates)], f"{'input' if at_input else 'output'} of {where}"
 
 
 @register
@@ -102,18 +96,16 @@ class FP(Defense):
         rank[order] = torch.arange(len(cand), dtype=torch.float32)
         scores = torch.full((ctx.groups.num_groups,), -float("inf"))
         scores[torch.as_tensor(cand)] = 1 - 0.49 * rank / max(1, len(cand) - 1)
-        return scores, {"fp": {"layer": layer, "channels": len(cand), "measured_at": site,
-                               "activation_min": float(act.min()), "activation_max": float(act.max())}}
+        return scores, {"layer": layer, "channels": len(cand), "measured_at": site,
+                               "activation_min": float(act.min()), "activation_max": float(act.max())}
 
-    def after(self, ctx: DefenseContext, result: RepairResult) -> RepairResult:
+    def after(self, ctx: DefenseContext, model: nn.Module, prune: torch.Tensor) -> dict:
         """Fine-tunes the pruned model in place on all the defense data (D_opt and D_val)."""
         c = self.config
         x = torch.cat([ctx.x_opt, ctx.x_val])
         y = torch.cat([ctx.y_opt, ctx.y_val])
         if c.finetune_epochs > 0:
             with ctx.phase("fp finetune"):
-                finetune_pruned(result.model, result.groups, result.prune, x, y, epochs=c.finetune_epochs,
-                                lr=c.finetune_lr, batch_size=c.batch_size, seed=ctx.cfg.seed)
-        result.report.setdefault("fp", {})["finetune"] = {"epochs": c.finetune_epochs, "lr": c.finetune_lr,
-                                                          "images": len(x)}
-        return result
+                finetune_pruned(model, ctx.groups, prune, x, y, epochs=c.finetune_epochs, lr=c.finetune_lr,
+                                batch_size=c.batch_size, seed=ctx.cfg.seed)
+        return {"finetune": {"epochs": c.finetune_epochs, "lr": c.finetune_lr, "images": len(x)}}

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..features.unlearn import unlearn
 from ..groups import NeuronGroups
-from ..repair.pipeline import DefenseContext
+from ..prepare import DefenseContext, unlearn
+from ..torchutil import frozen
 from .base import Defense, register
 
 
@@ -22,13 +22,9 @@ def rnp_scores(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: t
     clipped to [0, 1]) to minimise alpha * CE of U with m on (x [N, C, H, W] normalised, y [N]).
     Returns prune scores [G] float32 = 1 - m: higher = prune first."""
     g = torch.Generator().manual_seed(seed)
-    params = list(unlearned.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
     m = torch.ones(groups.num_groups, requires_grad=True)
     opt = torch.optim.SGD([m], lr=lr, momentum=0.9)
-    try:
+    with frozen(unlearned):
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), batch_size):
@@ -40,9 +36,6 @@ def rnp_scores(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: t
                 opt.step()
                 with torch.no_grad():
                     m.clamp_(0, 1)
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
     return (1 - m.detach()).float()
 
 
@@ -87,6 +80,6 @@ class RNP(Defense):
         with ctx.phase("rnp recover"):
             scores = rnp_scores(unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, lr=c.recover_lr,
                                 epochs=c.recover_epochs, alpha=c.alpha, batch_size=c.batch_size, seed=ctx.cfg.seed)
-        return scores, {"rnp": {"unlearn": {**info, "shared_with_prepare": shared},
-                                "own_rule": f"mask < {c.threshold:g}",
-                                "own_rule_groups": int((scores > 1 - c.threshold).sum())}}
+        return scores, {"unlearn": {**info, "shared_with_prepare": shared},
+                        "own_rule": f"mask < {c.threshold:g}",
+                        "own_rule_groups": int((scores > 1 - c.threshold).sum())}

@@ -14,5 +14,7 @@ Zeroing every point of a group makes that channel exactly zero wherever it flows
 """
 from .compact import compact
 from .find import Group, MaskPoint, NeuronGroups, find_groups
+from .pairs import norm_after
+from .trace import Tracer, trace
 
-__all__ = ["Group", "MaskPoint", "NeuronGroups", "compact", "find_groups"]
+__all__ = ["Group", "MaskPoint", "NeuronGroups", "Tracer", "compact", "find_groups", "norm_after", "trace"]

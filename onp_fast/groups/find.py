@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UserError
 from .channels import ChannelTracer
+from .trace import trace
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -36,13 +38,6 @@ class Group:
     kind: str
     points: list[MaskPoint] = field(default_factory=list)
     rows: list[tuple[str, int]] = field(default_factory=list)
-
-
-class _Tracer(fx.Tracer):
-    """torch.nn modules and attention blocks (anything with `num_heads`) stay leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return hasattr(m, "num_heads") or super().is_leaf_module(m, qualname)
 
 
 class NeuronGroups:
@@ -120,6 +115,35 @@ class NeuronGroups:
             for h in handles:
                 h.remove()
 
+    def reduce(self, parts, how: str = "mean") -> torch.Tensor:
+        """Per-group reduction of per-channel values. parts: iterable of (group of each channel [C] int64, -1 =
+        none; values [C] or [C, F]) pairs, e.g. one per layer or mask point. how "mean": the mean over all of
+        a group's channels in all parts (0 for a group with none); "max": the max (-inf for a group with
+        none). -> [G] or [G, F] float32."""
+        index, values = [], []
+        for gidx, v in parts:
+            gi = torch.as_tensor(gidx)
+            sel = gi >= 0
+            index.append(gi[sel])
+            values.append(v.detach()[sel])
+        if not values:
+            return torch.full((self.num_groups,), 0.0 if how == "mean" else -float("inf"))
+        index, v = torch.cat(index), torch.cat(values)
+        shape = (self.num_groups,) + tuple(v.shape[1:])
+        idx = index.view(-1, *([1] * (v.dim() - 1))).expand_as(v)
+        if how == "max":
+            return torch.full(shape, -float("inf")).scatter_reduce_(0, idx, v.float(), "amax", include_self=True)
+        if how != "mean":
+            raise ValueError(f"how must be 'mean' or 'max', got {how!r}")
+        total = torch.zeros(shape, dtype=torch.float64).index_add_(0, index, v.double())
+        count = torch.zeros(self.num_groups, dtype=torch.float64).index_add_(
+            0, index, torch.ones(len(index), dtype=torch.float64))
+        return (total / count.clamp(min=1).view(-1, *([1] * (v.dim() - 1)))).float()
+
+    def pruned_copy(self, model: nn.Module, prune: torch.Tensor) -> nn.Module:
+        """A deep copy of `model` with the groups prune [G] bool zeroed in its weights (`prune_`)."""
+        return self.prune_(copy.deepcopy(model), ~prune.bool())
+
     @torch.no_grad()
     def prune_(self, model: nn.Module, keep: torch.Tensor) -> nn.Module:
         """Zeroes, in place, the weights that carry every group with keep [G] == False (hard mask)."""
@@ -149,11 +173,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> NeuronGroups:
     was_training = model.training
     model.eval()
     try:
-        try:
-            graph = _Tracer().trace(model)
-        except Exception as exc:  # noqa: BLE001 - fx raises many types
-            raise UserError(f"cannot trace the model with torch.fx: {str(exc).splitlines()[0]}") from None
-        gm = fx.GraphModule(model, graph)
+        gm = trace(model)
         param = next(model.parameters(), None)
         x = torch.zeros(2, *input_shape, dtype=param.dtype if param is not None else torch.float32)
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of the neuron_graphs op (csrc/cpu/neuron_graphs_cpu.cpp), and its benchmark baseline.
+"""Pure-PyTorch references of the ops, beside them for the tests (equality) and the benchmarks (the baseline):
+neuron_graphs (csrc/cpu/neuron_graphs_cpu.cpp), bn_mask_relu and reward_epilogue (csrc/cpu/masked_forward_cpu.cpp).
 
 Vectorised: no Python loop over neurons; layers of equal shape are batched (one bmm for their Gram matrices).
 Takes the same decisions as csrc/common/neuron_graphs.h on the same doubles, so edge sets and order match the op.
@@ -6,6 +7,7 @@ Takes the same decisions as csrc/common/neuron_graphs.h on the same doubles, so 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _COS_SLACK = 1e-9  # csrc/common/neuron_graphs.h: kCosSlack
 
@@ -124,3 +126,29 @@ def neuron_graphs_reference(weights, eps: float = 0.5, dormant_quantile: float =
         at += m
     node_layer = torch.repeat_interleave(torch.arange(L), torch.tensor(couts)).to(device)
     return edge_index, edge_weight, node_layer, offsets.to(device), torch.cat(feats)
+
+
+def bn_mask_relu_reference(x, scale, shift, index=None, relu=True):
+    """Same contract as ops.masked_forward.bn_mask_relu: x [Kx, B, C, *S], scale/shift [K, C],
+    index [K, C'] or None -> [K, B, C', *S]."""
+    K, C = scale.shape
+    extra = [1] * (x.dim() - 3)
+    y = x * scale.view(K, 1, C, *extra) + shift.view(K, 1, C, *extra)
+    if relu:
+        y = torch.relu(y)
+    if index is None:
+        return y
+    y = torch.cat([y, torch.zeros_like(y[:, :, :1])], dim=2)  # channel C: the zero channel for index -1
+    idx = torch.where(index < 0, torch.full_like(index, C), index)
+    gather = idx.view(K, 1, -1, *extra).expand(K, y.shape[1], -1, *y.shape[3:])
+    return torch.gather(y, 2, gather)
+
+
+def reward_epilogue_reference(logits, labels):
+    """logits [K, B, C], labels [B] -> (correct [K] int64, ce_sum [K] float64, counts [K, C] int64)."""
+    K, B, C = logits.shape
+    pred = logits.argmax(-1)
+    correct = (pred == labels).sum(1)
+    ce = F.cross_entropy(logits.double().reshape(K * B, C), labels.repeat(K), reduction="none").view(K, B).sum(1)
+    counts = torch.zeros(K, C, dtype=torch.int64, device=pred.device).scatter_add_(1, pred, torch.ones_like(pred))
+    return correct, ce, counts

@@ -33,7 +33,7 @@ def write_plot(path, report: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    curve = report.get("reward_curve")
+    curve = report["details"].get("reward_curve")
     if curve:
         a.plot(curve["mean"], label="mean reward")
         a.plot(curve["max"], label="best mask", alpha=0.7)

@@ -1,18 +1,12 @@
-"""The stopping rule (onp.md section 6): no oracle. Rank groups by the trained policy's prune probability; among
-the depths whose CA_B on D_val stays within `tolerance` of the unpruned model's, take the shallowest whose
-reward on D_val is within one standard error of the best (Breiman's one-SE rule: the most parsimonious choice
-the finite D_val cannot tell from the best), or within a fixed `slack` where one is given. Parsimony matters:
-past the depth that disables the backdoor the proxy term CA_T keeps creeping up by thousandths while clean
-accuracy erodes on images that the small D_val does not resolve (on our Blended digits model: reward +0.0006
-from depth 15 to 40, D_val CA_B flat at 100%, test CA -3 points). A fixed slack of 0.02 stopped too early
-where CA_T saturates close to 1 with little spread (WaNet digits: depth 5 at D_val reward 1.976 vs best 1.991,
-test ASR 5.6%): the standard error scales the margin to how noisy the estimate is (the same model then stops at
-9 groups, SE 0.0045, test ASR 0.6%)."""
+"""The depth rule (onp.md section 6): no oracle. Rank groups by the method's score; among the depths whose CA_B
+on D_val stays within `tolerance` of the unpruned model's, take the shallowest whose reward on D_val is within
+one standard error of the best (Breiman's one-SE rule), or within a fixed `slack` where one is given. Why this
+rule and not a fixed slack: docs/design.md."""
 from __future__ import annotations
 
 import torch
 
-from .reward import MaskScorer
+from ..reward import MaskScorer
 
 
 def depth_grid(max_depth: int) -> list[int]:
@@ -26,15 +20,18 @@ def depth_grid(max_depth: int) -> list[int]:
     return out
 
 
-def choose_depth(prune_prob: torch.Tensor, scorer: MaskScorer, *, tolerance: float = 0.02,
+def choose_depth(scores: torch.Tensor, scorer: MaskScorer, *, tolerance: float = 0.02,
                  slack: float | None = None, max_depth: int | None = None, chunk: int = 16) -> dict:
-    """prune_prob [G] float. slack None: one standard error of the best depth's reward
+    """scores [G] float, higher = prune first; -inf marks a group never to prune (only the n finite ones are
+    candidates). Depths are scanned on `depth_grid(max_depth)`, by default up to min(n, max(32, twice the
+    candidates above 0.5, n // 10)). slack None: one standard error of the best depth's reward
     (`scorer.standard_error(prune [G] bool) -> float`). Returns {"depth", "prune" [G] bool, "table":
     [{depth, reward, ca_b, ...}], "ca_b_before", "rule", "margin"}; the table is what the report prints."""
-    order = torch.argsort(prune_prob, descending=True, stable=True)
-    g = len(prune_prob)
+    order = torch.argsort(scores, descending=True, stable=True)
+    g = len(scores)
+    n = int(torch.isfinite(scores).sum())
     if max_depth is None:
-        max_depth = min(g, max(32, 2 * int((prune_prob > 0.5).sum()), g // 10))
+        max_depth = min(n, max(32, 2 * int((scores > 0.5).sum()), n // 10))
     depths = depth_grid(max_depth)
     masks = torch.zeros(len(depths), g, dtype=torch.bool)
     for i, d in enumerate(depths):

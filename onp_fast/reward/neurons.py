@@ -1,7 +1,7 @@
 """Maskable neurons as an explicit list: which module's channels each flat neuron index n in [0, N) is.
 
-Now: every BatchNorm channel, in module order (masking a BN channel multiplies its output by m). The repair
-issue passes its own groups: a group mask [K, G] expands to neuron masks [K, N] with `expand_groups`.
+`bn_neurons`: every BatchNorm channel, in module order (masking a BN channel multiplies its output by m).
+A group mask [K, G] expands to neuron masks [K, N] with `expand_groups`.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..groups.trace import trace
 from ..ops.masked_forward import bn_mask_relu, bn_mask_relu_
 from .neurons import NeuronSet
 
@@ -118,10 +119,7 @@ class ModelPlan:
         self.neurons = neurons
         self.flops: int | None = None  # set to 0 to count the conv FLOPs the sliced path executes
         self.bns = neurons.validate(model)
-        try:
-            gm = fx.symbolic_trace(model)
-        except Exception as exc:  # noqa: BLE001 - any tracing failure is a model the engine cannot handle
-            raise UserError(f"cannot trace the model with torch.fx ({type(exc).__name__}: {exc})") from None
+        gm = trace(model)
         self.gm = gm
         self.modules = dict(gm.named_modules())
         nodes = list(gm.graph.nodes)

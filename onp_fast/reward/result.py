@@ -21,10 +21,6 @@ class RewardResult:
     class_counts: torch.Tensor
     logits: torch.Tensor | None = None
 
-    def accuracy(self) -> torch.Tensor:
-        """[M, S, K] float64 fraction correct."""
-        return self.correct.double() / self.class_counts.sum(-1).clamp_min(1).double()
-
 
 @dataclass
 class Perturbations:

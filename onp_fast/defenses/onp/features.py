@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..groups import NeuronGroups
+from ...groups import NeuronGroups, norm_after
+from ...prepare import TriggerProxy
+from ...torchutil import frozen
 
 FEATURE_NAMES = [
     "act_mean", "act_std", "act_max", "act_frac",  # activation statistics at the group's mask points
@@ -19,13 +21,6 @@ FEATURE_NAMES = [
     "unlearn_sensitivity",  # the same gradient on the unlearned model (RNP's recovery signal)
     "trigger_shift",  # mean activation on trigger-proxy-stamped images minus on clean ones (0 without a proxy)
 ]
-
-
-def _scatter_mean(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """values [P, F], index [P] int64 -> [size, F] means (0 where nothing)."""
-    out = torch.zeros(size, values.shape[1], dtype=values.dtype).index_add_(0, index, values)
-    cnt = torch.zeros(size, dtype=values.dtype).index_add_(0, index, torch.ones(len(index), dtype=values.dtype))
-    return out / cnt.clamp(min=1).unsqueeze(1)
 
 
 @torch.no_grad()
@@ -61,95 +56,59 @@ def activation_stats(model: nn.Module, groups: NeuronGroups, x: torch.Tensor, ba
     finally:
         for h in handles:
             h.remove()
-    rows, index = [], []
+    parts = []
     for key in keys:
         s = sums[key]
         n = s[4].clamp(min=1)
         mean = s[0] / n
         std = (s[1] / n - mean * mean).clamp(min=0).sqrt()
-        feats = torch.stack([mean, std, s[2], s[3] / n], dim=1)
-        gi = torch.as_tensor(groups.point_index(key))
-        sel = gi >= 0
-        rows.append(feats[sel])
-        index.append(gi[sel])
-    return _scatter_mean(torch.cat(rows).float(), torch.cat(index), groups.num_groups)
+        parts.append((groups.point_index(key), torch.stack([mean, std, s[2], s[3] / n], dim=1)))
+    return groups.reduce(parts, "mean")
 
 
 @torch.no_grad()
 def weight_stats(model: nn.Module, groups: NeuronGroups) -> torch.Tensor:
-    """[G, 4]: mean L1 norm of the group's weight rows, mean BN gamma and beta over its BN points (0 if none),
-    and CLP's channel Lipschitz bound: max over rows of sigma_max(W_row as [C_in, k*k]) * |gamma / sigma| of the
-    BN that reads that conv's output directly (1 when none)."""
+    """[G, 4]: mean L1 norm of the group's weight rows; mean BN gamma and beta over its BN mask points (0 if
+    none); CLP's channel Lipschitz bound, the max over the group's rows of sigma_max(W_row as [C_in, k*k]) times
+    |gamma / sigma| of the BN that is the sole reader of that layer's output (`norm_after`; 1 when none)."""
     modules = dict(model.named_modules())
-    feats = torch.zeros(groups.num_groups, 4)
-    bn_after = {}
-    for key in groups.point_keys:  # a norm point whose channels are a conv's rows: conv -> BN
-        mod = modules[key[0]]
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            bn_after[key[0]] = mod
+    pairs = norm_after(model)
+    l1, lip, gamma, beta = [], [], [], []
     for name in groups.layers:
         w = modules[name].weight.detach().float()
-        idx = torch.as_tensor(groups.layer_groups[name])
-        sel = idx >= 0
-        if not sel.any():
-            continue
         rows = w.reshape(w.shape[0], w.shape[1], -1) if w.dim() > 2 else w.unsqueeze(-1)
-        l1 = rows.abs().sum(dim=(1, 2))
-        sv = torch.linalg.matrix_norm(rows, ord=2)
         scale = torch.ones(w.shape[0])
-        bn = _next_bn(name, modules, bn_after)
+        bn = modules[pairs[name]] if name in pairs else None
         if bn is not None and bn.num_features == w.shape[0]:
             scale = (bn.weight.detach().float() / (bn.running_var.float() + bn.eps).sqrt()).abs()
-        g = idx[sel]
-        feats[:, 0].scatter_reduce_(0, g, l1[sel], "mean", include_self=False)
-        feats[:, 3].scatter_reduce_(0, g, (sv * scale)[sel], "amax", include_self=False)
-    gam, bet, cnt = torch.zeros(groups.num_groups), torch.zeros(groups.num_groups), torch.zeros(groups.num_groups)
-    for name, bn in bn_after.items():
-        idx = torch.as_tensor(groups.point_index((name, "out")))
-        sel = idx >= 0
-        gam.index_add_(0, idx[sel], bn.weight.detach().float()[sel])
-        bet.index_add_(0, idx[sel], bn.bias.detach().float()[sel])
-        cnt.index_add_(0, idx[sel], torch.ones(int(sel.sum())))
-    feats[:, 1] = gam / cnt.clamp(min=1)
-    feats[:, 2] = bet / cnt.clamp(min=1)
-    return feats
-
-
-def _next_bn(conv_name: str, modules: dict, bns: dict):
-    """The BN that directly follows `conv_name` in the same parent (conv1 -> bn1, 0 -> 1, conv -> bn)."""
-    parent, _, leaf = conv_name.rpartition(".")
-    candidates = [leaf.replace("conv", "bn")]
-    if leaf.isdigit():
-        candidates.append(str(int(leaf) + 1))
-    for c in candidates:
-        full = f"{parent}.{c}" if parent else c
-        if full in bns and full != conv_name:
-            return bns[full]
-    return None
+        index = groups.layer_groups[name]
+        l1.append((index, rows.abs().sum(dim=(1, 2))))
+        lip.append((index, torch.linalg.matrix_norm(rows, ord=2) * scale))
+    for key in groups.point_keys:
+        mod = modules[key[0]]
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and key[1] == "out":
+            gamma.append((groups.point_index(key), mod.weight.detach()))
+            beta.append((groups.point_index(key), mod.bias.detach()))
+    return torch.stack([groups.reduce(l1, "mean"), groups.reduce(gamma, "mean"), groups.reduce(beta, "mean"),
+                        groups.reduce(lip, "max")], dim=1)
 
 
 @torch.no_grad()
 def unlearn_change(model: nn.Module, unlearned: nn.Module, groups: NeuronGroups) -> torch.Tensor:
     """[G]: mean over the group's weight rows and norm points of ||p_U - p_B||_1 / (||p_B||_1 + 1e-8)."""
     mb, mu = dict(model.named_modules()), dict(unlearned.named_modules())
-    vals, index = [], []
+    parts = []
     for name in groups.layers:
-        idx = torch.as_tensor(groups.layer_groups[name])
         wb, wu = mb[name].weight.detach().flatten(1), mu[name].weight.detach().flatten(1)
-        rel = (wu - wb).abs().sum(1) / (wb.abs().sum(1) + 1e-8)
-        vals.append(rel[idx >= 0])
-        index.append(idx[idx >= 0])
+        parts.append((groups.layer_groups[name], (wu - wb).abs().sum(1) / (wb.abs().sum(1) + 1e-8)))
     for key in groups.point_keys:
         mod_b, mod_u = mb[key[0]], mu[key[0]]
         if key[1] != "out" or not isinstance(mod_b, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
             continue
-        idx = torch.as_tensor(groups.point_index(key))
         rel = ((mod_u.weight - mod_b.weight).abs() + (mod_u.bias - mod_b.bias).abs()) / (
             mod_b.weight.abs() + mod_b.bias.abs() + 1e-8)
-        vals.append(rel.detach()[idx >= 0])
-        index.append(idx[idx >= 0])
-    out = _scatter_mean(torch.cat(vals).unsqueeze(1).float(), torch.cat(index), groups.num_groups)
-    return out[:, 0]
+        parts.append((groups.point_index(key), rel.detach()))
+    return groups.reduce(parts, "mean")
 
 
 def noise_sensitivity(model: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: torch.Tensor, *,
@@ -158,11 +117,7 @@ def noise_sensitivity(model: nn.Module, groups: NeuronGroups, x: torch.Tensor, y
     (x [N, C, H, W] normalised, y [N]). Large for neurons whose scaling moves the loss most (ANP)."""
     g = torch.Generator().manual_seed(seed)
     total = torch.zeros(groups.num_groups)
-    params = [p for p in model.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         for _ in range(draws):
             keep = (1 + (torch.rand(groups.num_groups, generator=g) * 2 - 1) * eps).requires_grad_(True)
             grad = torch.zeros(groups.num_groups)
@@ -172,16 +127,13 @@ def noise_sensitivity(model: nn.Module, groups: NeuronGroups, x: torch.Tensor, y
                 (gk,) = torch.autograd.grad(loss, keep)
                 grad += gk
             total += (grad / len(x)).abs()
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
     return total / draws
 
 
 def exposure_features(model: nn.Module, unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor,
-                      y: torch.Tensor, seed: int = 0, trigger=None) -> torch.Tensor:
-    """[G, len(FEATURE_NAMES)] float32: every exposure feature of every group, from (x, y) = D_opt
-    (and the trigger proxy, an onp_fast.repair.trigger.TriggerProxy, when given)."""
+                      y: torch.Tensor, seed: int = 0, trigger: TriggerProxy | None = None) -> torch.Tensor:
+    """[G, len(FEATURE_NAMES)] float32: every exposure feature of every group, from (x, y) = D_opt and the
+    flagged trigger proxy when given (else trigger_shift is 0); non-finite values become 0."""
     model.eval()
     act = activation_stats(model, groups, x)
     if trigger is not None:

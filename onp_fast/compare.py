@@ -13,11 +13,11 @@ import time
 import torch
 import torch.nn as nn
 
-from ..evaluate import evaluate
-from ..metrics import defense_effectiveness_rating
-from ..repair.finetune import finetune_pruned
-from ..repair.pipeline import RepairConfig, RepairResult, prepare
-from .base import METHODS, apply_defense, get
+from .defenses import METHODS, get
+from .evaluate import evaluate
+from .metrics import defense_effectiveness_rating
+from .prepare import DefenseContext, RepairConfig, finetune_pruned, prepare
+from .repair import RepairResult, run
 
 ORACLE_RULE = ("lowest test ASR with test CA >= CA before - {tol:g} (fraction), ties to the smaller depth, over "
                "the depths the held-out rule scanned")
@@ -34,10 +34,11 @@ def _der(before: dict, after: dict) -> float:
     return defense_effectiveness_rating(before["asr"], after["asr"], before["ca"], after["ca"])
 
 
-def oracle(defense, ctx, result: RepairResult, before: dict, test, attack, target, tolerance: float) -> dict:
+def oracle(defense, ctx: DefenseContext, result: RepairResult, before: dict, test, attack, target,
+           tolerance: float) -> dict:
     """Scans the method's ranking on the test set at the depths the held-out rule scanned; picks by ORACLE_RULE,
     then applies the method's last step (FP's fine-tune) at that depth. -> {"depth", "ca", "asr", "ra", "der"}."""
-    scores = result.prune_prob
+    scores = result.scores
     n_cand = int((scores > -float("inf")).sum())
     order = torch.argsort(scores, descending=True, stable=True)[:n_cand]
     depths = sorted({r["depth"] for r in result.report["stopping_rule"]["table"] if r["depth"] <= n_cand})
@@ -45,7 +46,7 @@ def oracle(defense, ctx, result: RepairResult, before: dict, test, attack, targe
     for d in depths:
         prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
         prune[order[:d]] = True
-        r = _eval(ctx.groups.prune_(copy.deepcopy(ctx.model), ~prune), test, attack, target)
+        r = _eval(ctx.groups.pruned_copy(ctx.model, prune), test, attack, target)
         ok = r["ca"] >= before["ca"] - tolerance - 1e-12
         if ok and (best is None or r["asr"] < best[1]["asr"]):
             best = (d, r, prune)
@@ -55,12 +56,11 @@ def oracle(defense, ctx, result: RepairResult, before: dict, test, attack, targe
     shared = ctx.times
     ctx.times = {}
     try:
-        res = RepairResult(model=ctx.groups.prune_(copy.deepcopy(ctx.model), ~prune), prune=prune, prune_prob=scores,
-                           groups=ctx.groups, report={})
-        res = defense.after(ctx, res)
+        model = ctx.groups.pruned_copy(ctx.model, prune)
+        defense.after(ctx, model, prune)
     finally:
         ctx.times = shared
-    r = _eval(res.model, test, attack, target)
+    r = _eval(model, test, attack, target)
     return {"depth": d, **r, "der": _der(before, r)}
 
 
@@ -87,7 +87,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     rows = []
     for defense in defenses:
         t0 = time.perf_counter()
-        res = apply_defense(defense, ctx)
+        res = run(ctx, defense)
         seconds = time.perf_counter() - t0
         after = _eval(res.model, test, attack, target)
         row = {"method": defense.name, "title": defense.title, **after, "der": _der(before, after),
@@ -95,7 +95,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
                "groups": ctx.groups.num_groups, "depth_rule": res.report["stopping_rule"]["rule"],
                "ca_val": [res.report["ca_val_before"], res.report["ca_val_after"]],
                "times_s": res.report["method_times_s"], "config": res.report["method_config"]}
-        own = res.report.get(defense.name, {})
+        own = res.report["details"]
         if "own_rule" in own:
             row["own_rule"] = {"rule": own["own_rule"], "groups": own["own_rule_groups"]}
         if reactivation_epochs > 0:

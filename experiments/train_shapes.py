@@ -1,6 +1,6 @@
 """Clean training on the procedural `shapes` data set: accuracy and wall time.
 
-    .venv/bin/python benchmarks/train_shapes.py [--arch preactresnet18] [--width 0.25] [--epochs 3]
+    .venv/bin/python experiments/train_shapes.py [--arch preactresnet18] [--width 0.25] [--epochs 3]
         [--data shapes] [--threads 1] [--out result.json]
 
 Acceptance figure (issue 3): preactresnet18 at width 0.25 reaches >= 90% test accuracy.

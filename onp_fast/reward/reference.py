@@ -1,6 +1,5 @@
-"""Pure-PyTorch references of the masked-forward reward ops and of the engine.
+"""Pure-PyTorch references of the reward engine (the ops' own references are in onp_fast.ops.reference).
 
-- bn_mask_relu_reference / reward_epilogue_reference: the ops, element by element in torch.
 - loop_reference: the per-mask loop, one eval forward per (model, setting, mask) with forward hooks on the BN
   modules multiplying their output by the mask (how ANP/RNP-style code evaluates masks).
 - naive_batch_reference: the naive K*B batch, images repeated K times, hooks multiply by a [K*B, C, 1, ...] mask.
@@ -15,34 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..reward.neurons import NeuronSet, bn_neurons
-from ..reward.result import Perturbations, RewardResult
-
-
-def bn_mask_relu_reference(x, scale, shift, index=None, relu=True):
-    """Same contract as ops.masked_forward.bn_mask_relu: x [Kx, B, C, *S], scale/shift [K, C],
-    index [K, C'] or None -> [K, B, C', *S]."""
-    K, C = scale.shape
-    extra = [1] * (x.dim() - 3)
-    y = x * scale.view(K, 1, C, *extra) + shift.view(K, 1, C, *extra)
-    if relu:
-        y = torch.relu(y)
-    if index is None:
-        return y
-    y = torch.cat([y, torch.zeros_like(y[:, :, :1])], dim=2)  # channel C: the zero channel for index -1
-    idx = torch.where(index < 0, torch.full_like(index, C), index)
-    gather = idx.view(K, 1, -1, *extra).expand(K, y.shape[1], -1, *y.shape[3:])
-    return torch.gather(y, 2, gather)
-
-
-def reward_epilogue_reference(logits, labels):
-    """logits [K, B, C], labels [B] -> (correct [K] int64, ce_sum [K] float64, counts [K, C] int64)."""
-    K, B, C = logits.shape
-    pred = logits.argmax(-1)
-    correct = (pred == labels).sum(1)
-    ce = F.cross_entropy(logits.double().reshape(K * B, C), labels.repeat(K), reduction="none").view(K, B).sum(1)
-    counts = torch.zeros(K, C, dtype=torch.int64, device=pred.device).scatter_add_(1, pred, torch.ones_like(pred))
-    return correct, ce, counts
+from ..ops.reference import reward_epilogue_reference
+from .neurons import NeuronSet, bn_neurons
+from .result import Perturbations, RewardResult
 
 
 @contextmanager

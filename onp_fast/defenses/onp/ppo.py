@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from ..graph import PolicyGraph
-from .gnn import PrunePolicy
+from .graph import PolicyGraph
+from .policy import PrunePolicy
 
 
 @dataclass
@@ -35,13 +35,13 @@ def _log_prob(logits: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
 
 def train_policy(policy: PrunePolicy, graph: PolicyGraph, score: Callable[[torch.Tensor], torch.Tensor],
                  cfg: PPOConfig, progress=None) -> dict:
-    """Trains `policy` in place. score(prune [K, G] bool) -> rewards [K] float. Returns the history:
-    reward_mean/reward_max/prune_frac per iteration and the best sampled mask (bool [G]) with its reward."""
+    """Trains `policy` in place. score(prune [K, G] bool) -> rewards [K] float. Returns the history: lists
+    reward_mean, reward_max, prune_frac (one entry per iteration)."""
     if cfg.algorithm not in ("ppo", "reinforce"):
         raise ValueError(f"algorithm must be 'ppo' or 'reinforce', got {cfg.algorithm!r}")
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    hist = {"reward_mean": [], "reward_max": [], "prune_frac": [], "best_reward": -float("inf"), "best_mask": None}
+    hist = {"reward_mean": [], "reward_max": [], "prune_frac": []}
     epochs = cfg.epochs if cfg.algorithm == "ppo" else 1
     for it in range(cfg.iterations):
         with torch.no_grad():
@@ -65,9 +65,6 @@ def train_policy(policy: PrunePolicy, graph: PolicyGraph, score: Callable[[torch
             opt.zero_grad(set_to_none=True)
             (loss - cfg.entropy * ent).backward()
             opt.step()
-        best = int(rewards.argmax())
-        if rewards[best] > hist["best_reward"]:
-            hist["best_reward"], hist["best_mask"] = float(rewards[best]), prune[best].bool().clone()
         hist["reward_mean"].append(float(rewards.mean()))
         hist["reward_max"].append(float(rewards.max()))
         hist["prune_frac"].append(float(prune.mean()))

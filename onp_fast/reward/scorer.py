@@ -1,7 +1,7 @@
 """The reward of onp.md section 5, scored for K candidate masks at once.
 
 R(m) = w_B CA_B(m) + w_T CA_T(m) + w_U CA_U(m) + w_P CA_P(m) - w_s sparsity(m), with
-CA_T: B with m on D_opt images stamped with a trigger proxy synthesised from clean data (trigger.py; images
+CA_T: B with m on D_opt images stamped with a trigger proxy synthesised from clean data (onp_fast.prepare; images
 of the proxy's class left out), scored as the mean probability of the true label (continuous, so masks that
 only weaken the trigger already earn credit): pruning the neurons that carry a backdoor defeats it;
 CA_B: accuracy of the given model B with mask m; CA_U: accuracy of the unlearned model U with m (pruning

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..groups import NeuronGroups
-from ..ops import neuron_graphs
+from ...groups import NeuronGroups
+from ...ops import neuron_graphs
 
 
 @dataclass
@@ -43,7 +43,8 @@ def _standardise(x: torch.Tensor, segment: torch.Tensor, n_seg: int) -> torch.Te
 @torch.no_grad()
 def build_policy_graph(model: nn.Module, groups: NeuronGroups, group_features: torch.Tensor, *, eps: float = 0.9,
                        dormant_quantile: float = 0.05, cross_layer_topk: int = 2) -> PolicyGraph:
-    """group_features: [G, Fg] float32 exposure features (onp_fast.features). Returns the batched graph."""
+    """group_features: [G, Fg] float32 exposure features (features.py) -> the batched graph of every layer in
+    `groups.layers` (nodes: their output rows, in layer order)."""
     modules = dict(model.named_modules())
     weights = [modules[name].weight.detach().float() for name in groups.layers]
     ng = neuron_graphs(weights, eps=eps, dormant_quantile=dormant_quantile, cross_layer_topk=cross_layer_topk)

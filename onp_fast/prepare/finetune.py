@@ -12,9 +12,8 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
                     *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD; after every step the pruned
     groups (prune [G] bool) are zeroed again, so they stay exactly zero. Standard fine-tuning: BatchNorm in
-    training mode (batch statistics, running statistics updated). With BN frozen at the backdoored model's
-    statistics, lr 0.01 diverged (loss 0.6 -> 45 in one step, NaN by epoch 3) on a 32x32 shapes model.
-    Returns the model in eval mode."""
+    training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of one image are
+    skipped. Returns the model in eval mode, its parameters not requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
     params = [p for p in model.parameters()]

@@ -1,9 +1,9 @@
 """Quality benchmark: repair backdoored models and report CA / ASR / RA / DER / time per attack, the ASR/CA
 frontier of ONP's ranking beside an RNP-style ranking, the re-activation check, and the reward ablation.
 
-    python benchmarks/quality.py --dataset digits --attacks badnets,blended,wanet,sig
-    python benchmarks/quality.py --dataset shapes --width 0.5 --attacks badnets,blended
-    python benchmarks/quality.py --ablation          # each reward term switched off in turn
+    python experiments/quality.py --dataset digits --attacks badnets,blended,wanet,sig
+    python experiments/quality.py --dataset shapes --width 0.5 --attacks badnets,blended
+    python experiments/quality.py --ablation          # each reward term switched off in turn
 
 Backdoored models are trained once and cached in .onp_cache/quality/. Test-set numbers are measured here for
 reporting only; repair never sees them (its depth comes from the held-out defense images).
@@ -23,20 +23,12 @@ from bench_args import add_run_options, apply_run_options
 
 from onp_fast import attacks, models
 from onp_fast.data import defense_subset, load_dataset, normalize
-from onp_fast.defenses import rnp_scores
+from onp_fast.defenses import ONPConfig, rnp_scores
 from onp_fast.evaluate import evaluate
-from onp_fast.features import unlearn
 from onp_fast.metrics import defense_effectiveness_rating
 from onp_fast.poison import train_backdoored
-from onp_fast.repair import (
-    RepairConfig,
-    RewardWeights,
-    finish,
-    onp_scores,
-    prepare,
-    repair,
-)
-from onp_fast.repair.finetune import finetune_pruned
+from onp_fast.prepare import finetune_pruned, prepare, unlearn
+from onp_fast.repair import RepairConfig, RewardWeights, repair, run
 from onp_fast.seed import seed_everything
 
 CACHE = Path(".onp_cache/quality")
@@ -65,8 +57,7 @@ def ev(model, splits, attack, target=0):
 
 
 def prune_eval(model, groups, prune, splits, attack):
-    m = groups.prune_(copy.deepcopy(model), ~prune)
-    return ev(m, splits, attack)
+    return ev(groups.pruned_copy(model, prune), splits, attack)
 
 
 def ablation_weights(default: RewardWeights) -> list[tuple[str, RewardWeights]]:
@@ -79,7 +70,7 @@ def ablation_weights(default: RewardWeights) -> list[tuple[str, RewardWeights]]:
     return out
 
 
-def ablation(model, xn, y, splits, attack, before, cfg) -> dict:
+def ablation(model, xn, y, splits, attack, before, cfg, onp: ONPConfig) -> dict:
     """Each `ablation_weights` setting on one shared preparation (split, groups, unlearned model, trigger proxy,
     perturbations: computed once with every term on), then ONP's policy and the depth rule with that reward.
     A term switched off also drops what only it feeds (no proxy for the features without CA_T)."""
@@ -95,8 +86,7 @@ def ablation(model, xn, y, splits, attack, before, cfg) -> dict:
         ctx2 = dataclasses.replace(ctx, cfg=c2, times={}, trigger=ctx.trigger if w.ca_t else None,
                                    perturbations=ctx.perturbations if w.ca_p else None)
         t2 = time.perf_counter()
-        prob, part = onp_scores(ctx2)
-        r2 = finish(ctx2, prob, part)
+        r2 = run(ctx2, "onp", onp)
         a2 = ev(r2.model, splits, attack)
         out[label] = {"ca": a2["ca"], "asr": a2["asr"], "ra": a2["ra"], "pruned": int(r2.prune.sum()),
                       "seconds": time.perf_counter() - t2,
@@ -145,14 +135,13 @@ def main(argv=None):
         x, y = defense_subset(splits, args.defense_size, seed=args.seed)
         xn = normalize(x, splits.mean, splits.std)
         cfg = RepairConfig(seed=args.seed)
-        if args.iterations:
-            cfg.iterations = args.iterations
+        onp = ONPConfig(**({"iterations": args.iterations} if args.iterations else {}))
         if args.ablation_only:
             results.append({"attack": name, "before": before, "ablation": ablation(model, xn, y, splits, attack,
-                                                                                   before, cfg)})
+                                                                                   before, cfg, onp)})
             continue
         t = time.perf_counter()
-        res = repair(model, xn, y, splits.num_classes, cfg, progress=False)
+        res = repair(model, xn, y, splits.num_classes, "onp", cfg, onp, progress=False)
         secs = time.perf_counter() - t
         after = ev(res.model, splits, attack)
         row = {"attack": name, "before": before, "after": after, "seconds": secs,
@@ -171,7 +160,7 @@ def main(argv=None):
                   f"ASR {row['reactivation']['asr']:.4f}", flush=True)
         if not args.no_frontier:
             groups = res.groups
-            onp_order = torch.argsort(res.prune_prob, descending=True, stable=True)
+            onp_order = torch.argsort(res.scores, descending=True, stable=True)
             u, _ = unlearn(model, xn, y, seed=args.seed)
             rnp_order = torch.argsort(rnp_scores(u, groups, xn, y, seed=args.seed), descending=True, stable=True)
             depths = [0, 2, 5, 10, 15, 20, 30, 40, 60, 80, 100, 130, 160, 200]
@@ -182,7 +171,7 @@ def main(argv=None):
             for (d, ca1, a1), (_, ca2, a2) in zip(fo, fr):
                 print(f"  {d:5d} | {ca1:.4f} {a1:.4f} | {ca2:.4f} {a2:.4f}")
         if args.ablation:
-            row["ablation"] = ablation(model, xn, y, splits, attack, before, cfg)
+            row["ablation"] = ablation(model, xn, y, splits, attack, before, cfg, onp)
         results.append(row)
     print("\nattack    | CA before | ASR before | CA after | ASR after | RA after | DER    | seconds | re-act ASR")
     for r in results:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch_geometric.nn import GATv2Conv, SAGEConv
 
-from ..graph import PolicyGraph
+from .graph import PolicyGraph
 
 
 class PrunePolicy(nn.Module):

@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from .bench.graphs import preactresnet18_weights
-from .ops import neuron_graphs
+from ..ops import neuron_graphs
+from .graphs import preactresnet18_weights
 
 
 def graph_summary(weights: list[torch.Tensor], eps: float = 0.5, dormant_quantile: float = 0.05,

@@ -1,10 +1,10 @@
 """The defense comparison tables: `onp-fast compare` (ONP, FP, ANP, RNP, CLP on the same defense data and seed)
 on each backdoored model, then one summary table.
 
-    python benchmarks/compare_table.py --dataset digits --attacks badnets,blended,wanet,sig
-    python benchmarks/compare_table.py --dataset shapes --attacks badnets,blended
+    python experiments/compare_table.py --dataset digits --attacks badnets,blended,wanet,sig
+    python experiments/compare_table.py --dataset shapes --attacks badnets,blended
 
-Backdoored models come from benchmarks/quality.py's cache (.onp_cache/quality/, trained there when missing);
+Backdoored models come from experiments/quality.py's cache (.onp_cache/quality/, trained there when missing);
 each is written with its attack spec to --out and compared through the CLI, one JSON per attack.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def export(dataset, splits, attack_name, args, out: Path) -> Path:
     path = checkpoint_path(dataset, attack_name, args, out)
     meta = {"format": SPEC_FORMAT, "attack": attack.spec(), "target": 0, "poison_rate": 0.1, "seed": args.seed,
             "dataset": dataset, "training": {"arch": args.arch, "width": args.width, "epochs": args.epochs,
-                                             "source": "benchmarks/quality.py cache"}}
+                                             "source": "experiments/quality.py cache"}}
     save_model(model, path, mean=splits.mean, std=splits.std, attack=meta)
     write_text(attack_spec_path(path), json.dumps(meta, indent=2) + "\n")
     return path
@@ -77,7 +77,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--param", action="append", default=[], help="passed on to compare (METHOD.FIELD=VALUE)")
     ap.add_argument("--attack-param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
-                    help="attack parameter of the cached model (as benchmarks/quality.py's), e.g. sig.delta=0.1")
+                    help="attack parameter of the cached model (as experiments/quality.py's), e.g. sig.delta=0.1")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each compare run")
     ap.add_argument("--out", default=".onp_cache/compare")
     ap.add_argument("--from-json", action="store_true", help="only print the summary of the JSONs already in --out")

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..torchutil import frozen
+
 
 @dataclass
 class TriggerProxy:
@@ -32,9 +34,9 @@ class TriggerProxy:
 
 def synthesize_trigger(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
                        batch: int = 24, lam: float = 10.0, lr: float = 0.1, seed: int = 0) -> TriggerProxy:
-    """x [N, C, H, W] normalised clean images, y [N] int64. lam weighs the mean mask value: at 2.5 the masks
-    of 100 steps were still ~25% of a digit image and the BadNets target hid among them (anomaly 2.3, wrong
-    class); at 10 it stood out (3.3), as did Blended (8.7) and WaNet (5.9)."""
+    """x [N, C, H, W] normalised clean images, y [N] int64 -> the proxy of the class with the smallest mask.
+    `steps` Adam steps (lr) on `batch` images per class per step; lam weighs the mean mask value against the
+    cross-entropy (the default's measurements: docs/design.md)."""
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = x.shape
     lo = x.amin(dim=(0, 2, 3)).view(1, c, 1, 1)
@@ -43,11 +45,7 @@ def synthesize_trigger(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     plog = (torch.randn(num_classes, c, h, w, generator=g) * 0.1).requires_grad_(True)
     opt = torch.optim.Adam([mlog, plog], lr=lr)
     targets = torch.arange(num_classes)
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         for _ in range(steps):
             idx = torch.randint(0, n, (batch,), generator=g)
             xb, yb = x[idx], y[idx]
@@ -61,9 +59,6 @@ def synthesize_trigger(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    finally:
-        for p_, f in zip(params, flags):
-            p_.requires_grad_(f)
     with torch.no_grad():
         m, p = torch.sigmoid(mlog), lo + (hi - lo) * torch.sigmoid(plog)
         norms = m.sum(dim=(1, 2, 3))

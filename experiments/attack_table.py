@@ -1,6 +1,6 @@
 """The attack acceptance table: a clean model and one backdoored model per attack, same architecture and seed.
 
-    .venv/bin/python benchmarks/attack_table.py [--dataset digits] [--arch preactresnet18] [--width 0.5]
+    .venv/bin/python experiments/attack_table.py [--dataset digits] [--arch preactresnet18] [--width 0.5]
         [--epochs 20] [--attacks badnets,blended,sig,wanet] [--json out.json]
 
 Prints attack, CA, ASR, RA, training seconds, and whether each attack meets the bar: ASR >= 95%, CA within

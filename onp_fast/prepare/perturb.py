@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..groups import NeuronGroups
+from ..torchutil import frozen
 
 
 def adversarial_perturbations(model: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: torch.Tensor, *,
@@ -13,12 +14,8 @@ def adversarial_perturbations(model: nn.Module, groups: NeuronGroups, x: torch.T
     """-> [count, G] float32 multiplicative factors 1 + delta, |delta| <= eps, each a signed-gradient ascent
     (from a seeded random start) of the clean cross-entropy on (x [N, C, H, W] normalised, y [N])."""
     g = torch.Generator().manual_seed(seed)
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
     out = []
-    try:
+    with frozen(model):
         for _ in range(count):
             delta = ((torch.rand(groups.num_groups, generator=g) * 2 - 1) * eps).requires_grad_(True)
             for _ in range(steps):
@@ -29,7 +26,4 @@ def adversarial_perturbations(model: nn.Module, groups: NeuronGroups, x: torch.T
                     delta += (eps / 4) * grad.sign()
                     delta.clamp_(-eps, eps)
             out.append(1 + delta.detach())
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
     return torch.stack(out)

@@ -1,0 +1,73 @@
+"""ONP behind the Defense interface: exposure features -> per-layer graphs -> GNN policy trained by RL on the
+D_opt reward; its scores are the trained policy's prune probabilities."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ...prepare import DefenseContext
+from ..base import Defense, register
+from .features import FEATURE_NAMES, exposure_features
+from .graph import build_policy_graph
+from .policy import PrunePolicy
+from .ppo import PPOConfig, train_policy
+
+
+@dataclass
+class ONPConfig:
+    """ONP's own settings: the policy (GNN kind, initial prune probability), its RL (iterations, K masks per
+    iteration, algorithm) and the graphs (intra-layer cosine threshold, cross-layer top-k)."""
+
+    iterations: int = 60
+    samples: int = 16
+    algorithm: str = "ppo"  # or "reinforce"
+    conv: str = "sage"  # or "gat"
+    graph_eps: float = 0.9
+    cross_layer_topk: int = 2
+    init_prune_prob: float = 0.02
+
+
+def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]:
+    """-> (the trained policy's prune probabilities [G] in (0, 1), the report part: feature names, graph size,
+    reward curve)."""
+    seed = ctx.cfg.seed
+    with ctx.phase("features"):
+        feats = exposure_features(ctx.model, ctx.unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, seed=seed,
+                                  trigger=ctx.trigger)
+    with ctx.phase("graphs"):
+        graph = build_policy_graph(ctx.model, ctx.groups, feats, eps=cfg.graph_eps,
+                                   cross_layer_topk=cfg.cross_layer_topk)
+    scorer = ctx.scorer("opt")
+    torch.manual_seed(seed)
+    policy = PrunePolicy(graph.x.shape[1], graph.group_features.shape[1], conv=cfg.conv,
+                         init_prune_prob=cfg.init_prune_prob)
+    ppo = PPOConfig(iterations=cfg.iterations, samples=cfg.samples, algorithm=cfg.algorithm, seed=seed)
+    with ctx.phase("policy"):
+        bar = tqdm(total=cfg.iterations, desc="policy (RL)", disable=not ctx.progress, leave=False)
+
+        def tick(it, hist):
+            bar.update(1)
+            bar.set_postfix(reward=f"{hist['reward_mean'][-1]:.3f}", pruned=f"{hist['prune_frac'][-1]:.3f}")
+
+        hist = train_policy(policy, graph, scorer, ppo, progress=tick)
+        bar.close()
+    with torch.no_grad():
+        prob = torch.sigmoid(policy(graph))
+    return prob, {
+        "features": FEATURE_NAMES,
+        "graph": {"nodes": int(graph.x.shape[0]), "edges": int(graph.edge_index.shape[1])},
+        "reward_curve": {"mean": hist["reward_mean"], "max": hist["reward_max"], "prune_frac": hist["prune_frac"]},
+    }
+
+
+@register
+class ONP(Defense):
+    name = "onp"
+    title = "ONP: GNN policy trained by RL on the defense reward"
+    Config = ONPConfig
+
+    def scores(self, ctx: DefenseContext) -> tuple[torch.Tensor, dict]:
+        """-> the trained policy's prune probabilities [G] in (0, 1)."""
+        return onp_scores(ctx, self.config)

@@ -1,0 +1,15 @@
+"""The shared preparation every defense starts from (onp.md sections 1, 2 and 5): the D_opt / D_val split, the
+neuron groups, the unlearned copy, the trigger proxy, the adversarial perturbations; and the tools every
+defense may call on a pruned model (fine-tuning with pruned groups held at zero).
+
+    ctx = prepare(model, x, y, num_classes, RepairConfig(seed=0))
+    ctx.groups, ctx.x_opt, ctx.trigger, ctx.scorer("opt")(prune [K, G] bool) -> rewards [K]
+"""
+from .context import DefenseContext, Phase, RepairConfig, check_defense_set, prepare
+from .finetune import finetune_pruned
+from .perturb import adversarial_perturbations
+from .trigger import TriggerProxy, synthesize_trigger
+from .unlearn import accuracy_of, unlearn
+
+__all__ = ["DefenseContext", "Phase", "RepairConfig", "TriggerProxy", "accuracy_of", "adversarial_perturbations",
+           "check_defense_set", "finetune_pruned", "prepare", "synthesize_trigger", "unlearn"]

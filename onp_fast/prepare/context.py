@@ -1,0 +1,138 @@
+"""prepare(): what every defense shares on one model and defense set, computed once and timed per phase."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..data import stratified_split
+from ..errors import UserError
+from ..groups import NeuronGroups, find_groups
+from ..reward import MaskScorer, RewardWeights
+from .perturb import adversarial_perturbations
+from .trigger import TriggerProxy, synthesize_trigger
+from .unlearn import unlearn
+
+
+@dataclass
+class RepairConfig:
+    """Settings shared by every defense: the split, the shared preparation, the reward the depth rule maximises,
+    the depth rule itself, and what repair does after it. A method's own settings live in its Config
+    (ONP's policy and RL in ONPConfig)."""
+
+    seed: int = 0
+    weights: RewardWeights = field(default_factory=RewardWeights)
+    tolerance: float = 0.02  # CA_B drop allowed on D_val by the depth rule
+    slack: float | None = None  # depth rule margin below the best D_val reward; None: one standard error
+    val_fraction: float = 0.2
+    reward_batch: int = 128  # images of D_opt scored per reward call (a fixed seeded subset)
+    perturbations: int = 2  # adversarial neuron perturbations for CA_P (when its weight is not 0)
+    perturb_eps: float = 0.4
+    unlearn_lr: float = 0.01
+    anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
+    finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
+    compact: bool = False  # also build the compact model (pruned channels removed)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["weights"] = self.weights.to_dict()
+        return d
+
+
+@dataclass
+class DefenseContext:
+    """What every defense shares on one model and defense set, so ONP and the baselines see the same data, split
+    and depth rule: `model` (a frozen eval copy), the split D_opt / D_val (normalised images [n, C, H, W], labels
+    [n]), the neuron groups, the unlearned copy, the trigger proxy (`proxy`, flagged or not; `trigger` is it
+    when flagged, else None) and the adversarial perturbations [P, G] (None when CA_P is off); `times`: seconds
+    per phase."""
+
+    model: nn.Module
+    num_classes: int
+    cfg: RepairConfig
+    x_opt: torch.Tensor
+    y_opt: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    groups: NeuronGroups
+    unlearned: nn.Module
+    unlearn_info: dict
+    trigger: TriggerProxy | None
+    perturbations: torch.Tensor | None
+    times: dict
+    progress: bool = True
+    proxy: TriggerProxy | None = None
+
+    def phase(self, name: str) -> "Phase":
+        return Phase(name, self.times, self.progress)
+
+    def scorer(self, on: str = "opt") -> MaskScorer:
+        """The reward (onp.md section 5) on the fixed seeded D_opt subset of `reward_batch` images (on="opt") or
+        on all of D_val (on="val")."""
+        if on == "val":
+            x, y = self.x_val, self.y_val
+        else:
+            gen = torch.Generator().manual_seed(self.cfg.seed)
+            sub = torch.randperm(len(self.x_opt), generator=gen)[: self.cfg.reward_batch]
+            x, y = self.x_opt[sub], self.y_opt[sub]
+        return MaskScorer(self.groups, self.model, x, y, self.cfg.weights, self.unlearned, self.perturbations,
+                          self.trigger)
+
+
+def check_defense_set(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
+    if len(x) == 0:
+        raise UserError("the defense set is empty")
+    if len(x) < num_classes:
+        raise UserError(f"the defense set has {len(x)} images, fewer than the {num_classes} classes")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise UserError(f"defense labels must lie in [0, {num_classes - 1}]")
+
+
+def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
+            progress: bool = True) -> DefenseContext:
+    """Split, groups, unlearning, trigger proxy and perturbations on a frozen copy of `model`, timed per phase.
+    x [N, C, H, W] normalised float32, y [N] int64: the clean defense set, the only data a defense sees.
+    The trigger proxy is synthesised when CA_T has weight, and flagged (steers the reward) only when its class
+    stands out by `anomaly_threshold` (Neural Cleanse's rule); perturbations are found when CA_P has weight."""
+    cfg = cfg or RepairConfig()
+    check_defense_set(x, y, num_classes)
+    torch.manual_seed(cfg.seed)
+    times: dict[str, float] = {}
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    with Phase("split", times, progress):
+        i_opt, i_val = stratified_split(y, cfg.val_fraction, cfg.seed)
+        x_opt, y_opt, x_val, y_val = x[i_opt], y[i_opt], x[i_val], y[i_val]
+    with Phase("groups", times, progress):
+        groups = find_groups(model, tuple(x.shape[1:]))
+    with Phase("unlearn", times, progress):
+        unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, seed=cfg.seed)
+    with Phase("trigger", times, progress):
+        proxy = synthesize_trigger(model, x_opt, y_opt, num_classes, seed=cfg.seed) if cfg.weights.ca_t else None
+    trigger = proxy if proxy is not None and proxy.anomaly_index >= cfg.anomaly_threshold else None
+    with Phase("perturbations", times, progress):
+        perts = adversarial_perturbations(model, groups, x_opt, y_opt, count=cfg.perturbations,
+                                          eps=cfg.perturb_eps, seed=cfg.seed) if cfg.weights.ca_p else None
+    return DefenseContext(model, num_classes, cfg, x_opt, y_opt, x_val, y_val, groups, unlearned, unlearn_info,
+                          trigger, perts, times, progress, proxy)
+
+
+class Phase:
+    """`with Phase(name, times, progress):` prints "[onp] name ..." (when progress) and records the block's
+    seconds in times[name]."""
+
+    def __init__(self, name: str, times: dict, progress: bool):
+        self.name, self.times, self.progress = name, times, progress
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        if self.progress:
+            tqdm.write(f"[onp] {self.name} ...")
+        return self
+
+    def __exit__(self, *exc):
+        self.times[self.name] = round(time.perf_counter() - self.t0, 3)
+        return False
