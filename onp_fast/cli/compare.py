@@ -40,7 +40,8 @@ def parse_methods(text: str) -> list[str]:
 @click.option("--reactivation-epochs", type=int, default=10, show_default=True,
               help="Clean fine-tuning epochs (pruned channels held at zero) for the re-activation ASR; 0: skip.")
 @click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
-              help="Hyper-parameter override, repeatable: e.g. anp.iterations=500, clp.u=2.5, repair.iterations=30.")
+              help="Hyper-parameter override, repeatable: e.g. anp.iterations=500, clp.u=2.5, onp.iterations=30, "
+                   "repair.tolerance=0.05 (shared).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @checkpoint_options
 @click.option("--quiet", is_flag=True, help="Print the table only.")
