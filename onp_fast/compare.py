@@ -53,13 +53,9 @@ def oracle(defense, ctx: DefenseContext, result: RepairResult, before: dict, tes
     if best is None:  # depth 0 always passes; kept for models whose CA is 0
         return {"depth": None}
     d, r, prune = best
-    shared = ctx.times
-    ctx.times = {}
-    try:
-        model = ctx.groups.pruned_copy(ctx.model, prune)
+    model = ctx.groups.pruned_copy(ctx.model, prune)
+    with ctx.own_times():
         defense.after(ctx, model, prune)
-    finally:
-        ctx.times = shared
     r = _eval(model, test, attack, target)
     return {"depth": d, **r, "der": _der(before, r)}
 

@@ -97,13 +97,12 @@ class FP(Defense):
         scores = torch.full((ctx.groups.num_groups,), -float("inf"))
         scores[torch.as_tensor(cand)] = 1 - 0.49 * rank / max(1, len(cand) - 1)
         return scores, {"layer": layer, "channels": len(cand), "measured_at": site,
-                               "activation_min": float(act.min()), "activation_max": float(act.max())}
+                        "activation_min": float(act.min()), "activation_max": float(act.max())}
 
     def after(self, ctx: DefenseContext, model: nn.Module, prune: torch.Tensor) -> dict:
         """Fine-tunes the pruned model in place on all the defense data (D_opt and D_val)."""
         c = self.config
-        x = torch.cat([ctx.x_opt, ctx.x_val])
-        y = torch.cat([ctx.y_opt, ctx.y_val])
+        x, y = ctx.defense_set()
         if c.finetune_epochs > 0:
             with ctx.phase("fp finetune"):
                 finetune_pruned(model, ctx.groups, prune, x, y, epochs=c.finetune_epochs, lr=c.finetune_lr,

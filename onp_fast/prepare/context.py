@@ -1,6 +1,7 @@
 """prepare(): what every defense shares on one model and defense set, computed once and timed per phase."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,21 @@ class DefenseContext:
 
     def phase(self, name: str) -> "Phase":
         return Phase(name, self.times, self.progress)
+
+    @contextlib.contextmanager
+    def own_times(self):
+        """Within the block, phases are timed into a fresh dict (yielded) instead of the shared `times`, which is
+        left as it was: one method's phases apart from the shared preparation's."""
+        shared, own = self.times, {}
+        self.times = own
+        try:
+            yield own
+        finally:
+            self.times = shared
+
+    def defense_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All the defense images (D_opt then D_val) [N, C, H, W] and their labels [N]."""
+        return torch.cat([self.x_opt, self.x_val]), torch.cat([self.y_opt, self.y_val])
 
     def scorer(self, on: str = "opt") -> MaskScorer:
         """The reward (onp.md section 5) on the fixed seeded D_opt subset of `reward_batch` images (on="opt") or

@@ -5,8 +5,7 @@ and compaction, and returns the repaired model with one report (pipeline.py); ou
 report and the plot."""
 from ..prepare import RepairConfig
 from ..reward import RewardWeights
-from .pipeline import RepairResult, compacted, defense_set, repair, run
+from .pipeline import RepairResult, compacted, repair, run
 from .select import choose_depth
 
-__all__ = ["RepairConfig", "RepairResult", "RewardWeights", "choose_depth", "compacted", "defense_set", "repair",
-           "run"]
+__all__ = ["RepairConfig", "RepairResult", "RewardWeights", "choose_depth", "compacted", "repair", "run"]

@@ -43,9 +43,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None) 
     """One defense on a prepared context (left unchanged, so `compare` shares one context among methods).
     report["method_times_s"]: this method's own phases; report["times_s"]: the shared ones and this method's."""
     defense = get(method, method_config)
-    shared, own = ctx.times, {}
-    ctx.times = own
-    try:
+    with ctx.own_times() as own:
         torch.manual_seed(ctx.cfg.seed)  # each method starts from the same RNG state, whatever ran before
         scores, details = defense.scores(ctx)
         scores = scores.detach().float()
@@ -60,26 +58,19 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None) 
         with ctx.phase("apply"):
             repaired = ctx.groups.pruned_copy(ctx.model, prune)
         details.update(defense.after(ctx, repaired, prune))
-        x, y = defense_set(ctx)
         if ctx.cfg.finetune_epochs > 0:
             with ctx.phase("finetune"):
-                finetune_pruned(repaired, ctx.groups, prune, x, y, epochs=ctx.cfg.finetune_epochs, seed=ctx.cfg.seed)
+                finetune_pruned(repaired, ctx.groups, prune, *ctx.defense_set(), epochs=ctx.cfg.finetune_epochs,
+                                seed=ctx.cfg.seed)
         small = None
         if ctx.cfg.compact:
             with ctx.phase("compact"):
-                small, diff = compacted(repaired, ctx.groups, prune, x[:64])
-    finally:
-        ctx.times = shared
+                small, diff = compacted(repaired, ctx.groups, prune, ctx.defense_set()[0][:64])
     report = _report(ctx, defense, scores, choice, repaired, details, own)
     if small is not None:
         report["compact"] = {"parameters_before": _params(repaired), "parameters_after": _params(small),
                              "max_abs_diff": diff}
     return RepairResult(model=repaired, prune=prune, scores=scores, groups=ctx.groups, report=report, compact=small)
-
-
-def defense_set(ctx: DefenseContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """All the defense images of the context (D_opt then D_val) and their labels."""
-    return torch.cat([ctx.x_opt, ctx.x_val]), torch.cat([ctx.y_opt, ctx.y_val])
 
 
 @torch.no_grad()
