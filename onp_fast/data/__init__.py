@@ -1,17 +1,19 @@
 """Data sets as in-memory tensors: `load_dataset(spec, seed=0) -> DataSplits`.
 
-Specs: `digits`, `shapes` / `shapes:NTRAIN` / `shapes:NTRAIN:NTEST`, `cifar10:PATH`, `cifar100:PATH`,
-`folder:PATH`, `npz:PATH`. Pixels are float32 in [0, 1] ([N, C, H, W]); feed models `normalize(x, mean, std)`.
+Specs: `digits`, `shapes` / `shapes:NTRAIN` / `shapes:NTRAIN:NTEST`, `fashion-mnist[:PATH]`, `mnist:PATH`,
+`cifar10:PATH`, `cifar100:PATH`, `folder:PATH`, `npz:PATH`. Pixels are float32 in [0, 1] ([N, C, H, W]); feed models `normalize(x, mean, std)`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
 
 from ..errors import UserError
 from .splits import DataSplits, channel_stats, make_splits, normalize
 from .subset import defense_subset, shuffled_by_class, stratified_indices, stratified_split
 
-SPECS = ["digits", "shapes[:NTRAIN[:NTEST]]", "cifar10:PATH", "cifar100:PATH", "folder:PATH", "npz:PATH"]
+SPECS = ["digits", "shapes[:NTRAIN[:NTEST]]", "fashion-mnist[:PATH]", "mnist:PATH", "cifar10:PATH", "cifar100:PATH", "folder:PATH", "npz:PATH"]
 
 
 def _copy(splits: DataSplits) -> DataSplits:
@@ -20,6 +22,14 @@ def _copy(splits: DataSplits) -> DataSplits:
         splits, **{f.name: getattr(splits, f.name).clone() for f in dataclasses.fields(splits)
                    if hasattr(getattr(splits, f.name), "clone")}
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_idx(kind: str, path: str | None) -> DataSplits:
+    """IDX folders are read (and gunzipped) once per process; load_dataset hands out copies."""
+    from .idx import load_idx
+
+    return load_idx(kind if path is None else f"{kind}:{Path(path).name}", path)
 
 
 def load_dataset(spec: str, seed: int = 0) -> DataSplits:
@@ -44,6 +54,8 @@ def load_dataset(spec: str, seed: int = 0) -> DataSplits:
         n_train = sizes[0] if sizes else DEFAULT_TRAIN
         n_test = sizes[1] if len(sizes) > 1 else (max(1, n_train // 5) if sizes else DEFAULT_TEST)
         return _copy(load_shapes(n_train, n_test, seed))
+    if kind == "fashion-mnist" or (kind == "mnist" and arg):
+        return _copy(_cached_idx(kind, arg or None))
     if kind in ("cifar10", "cifar100") and arg:
         from .cifar import load_cifar
 
