@@ -16,6 +16,7 @@ import torch.nn as nn
 from .defenses import METHODS, get
 from .evaluate import evaluate
 from .metrics import defense_effectiveness_rating
+from .data import normalize
 from .prepare import DefenseContext, RepairConfig, finetune_pruned, prepare
 from .repair import RepairResult, run
 
@@ -60,15 +61,35 @@ def oracle(defense, ctx: DefenseContext, result: RepairResult, before: dict, tes
     return {"depth": d, **r, "der": _der(before, r)}
 
 
+def retune(model: nn.Module, groups, x: torch.Tensor, y: torch.Tensor, mean, std, attack, target: int, *,
+           poisoned: int = 5, epochs: int = 5, seed: int = 0) -> nn.Module:
+    """The retuning attack of Min et al. (NeurIPS 2024) on a copy of `model`: every weight fine-tuned (SGD lr 0.01,
+    momentum 0.9, batch 128, `epochs` epochs) on the defense set (x [N, C, H, W] normalised, y [N]) plus
+    `poisoned` of its images carrying the trigger: non-target images relabelled to the target (dirty-label
+    attacks) or target-class images keeping their label (clean-label attacks). -> the retuned copy."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.nonzero(y == target if attack.clean_label else y != target).flatten()
+    pick = pool[torch.randperm(len(pool), generator=g)[:poisoned]]
+    c = x.shape[1]
+    m, s = torch.as_tensor(mean).view(1, c, 1, 1), torch.as_tensor(std).view(1, c, 1, 1)
+    stamped = normalize(attack.apply((x[pick] * s + m).clamp(0, 1)), mean, std)
+    xs, ys = torch.cat([x, stamped]), torch.cat([y, torch.full((len(pick),), target, dtype=y.dtype)])
+    none = torch.zeros(groups.num_groups, dtype=torch.bool)
+    return finetune_pruned(copy.deepcopy(model), groups, none, xs, ys, epochs=epochs, lr=0.01, batch_size=128,
+                           seed=seed)
+
+
 def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, test_x: torch.Tensor,
             test_y: torch.Tensor, mean, std, attack, target: int, methods=None, cfg: RepairConfig | None = None,
-            configs: dict | None = None, reactivation_epochs: int = 10, oracle_tolerance: float = 0.02,
-            progress: bool = False, log=None) -> dict:
+            configs: dict | None = None, reactivation_epochs: int = 10, retune_epochs: int = 5,
+            oracle_tolerance: float = 0.02, progress: bool = False, log=None) -> dict:
     """Runs `methods` (default: all of METHODS) on one prepared context.
 
     x [N, C, H, W] normalised float32, y [N] int64: the clean defense set (the only data the defenses see).
     test_x [M, C, H, W] pixels in [0, 1], test_y [M], mean, std, attack, target: evaluation only.
     configs: {method: its Config} (missing: published defaults). log: optional callable(str) for progress.
+    Each row: the method's CA/ASR/RA/DER, its re-activation (`reactivation_epochs` clean epochs, pruned groups
+    held at zero; 0: skipped) and the retuning attack (`retune`, `retune_epochs`; 0: skipped).
     Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "oracle_rule"} (fractions, seconds)."""
     cfg = cfg or RepairConfig()
     methods = list(methods or METHODS)
@@ -99,6 +120,10 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
                                  seed=cfg.seed)
             re = _eval(ft, test, attack, target)
             row["reactivation"] = {"epochs": reactivation_epochs, "ca": re["ca"], "asr": re["asr"]}
+        if retune_epochs > 0:
+            rt = _eval(retune(res.model, res.groups, x, y, mean, std, attack, target, epochs=retune_epochs,
+                              seed=cfg.seed), test, attack, target)
+            row["retune"] = {"epochs": retune_epochs, "poisoned": 5, "ca": rt["ca"], "asr": rt["asr"]}
         row["oracle"] = oracle(defense, ctx, res, before, test, attack, target, oracle_tolerance)
         rows.append(row)
         say(f"{defense.name}: CA {100 * after['ca']:.2f} ASR {100 * after['asr']:.2f} in {seconds:.1f}s")
@@ -116,20 +141,21 @@ def format_table(result: dict) -> str:
              f"shared prepare: {result['prepare_s']:.1f}s ({pt})",
              "depth: chosen on held-out defense images (no test data, no trigger)",
              (f"{'method':<7}|{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7} |{'seconds':>8} |{'pruned':>12} |"
-              f"{'re-act CA / ASR':>16} |{'own rule':>9}")]
+              f"{'re-act CA / ASR':>16} |{'retune CA / ASR':>16} |{'own rule':>9}")]
     for r in result["rows"]:
-        re = r.get("reactivation")
-        re = "-" if re is None else f"{100 * re['ca']:.2f} / {100 * re['asr']:.2f}"
+        re, rt = (("-" if v is None else f"{100 * v['ca']:.2f} / {100 * v['asr']:.2f}")
+                  for v in (r.get("reactivation"), r.get("retune")))
         own = r.get("own_rule", {}).get("groups")
         lines.append(f"{r['method']:<7}|{100 * r['ca']:7.2f} |{100 * r['asr']:7.2f} |{100 * r['ra']:7.2f} |"
                      f"{r['der']:7.4f} |{r['seconds']:8.1f} |{r['pruned']:>5} / {r['candidates']:<4} |"
-                     f"{re:>16} |{'-' if own is None else own:>9}")
+                     f"{re:>16} |{rt:>16} |{'-' if own is None else own:>9}")
     lines.append(f"oracle (test-set depth, for comparison with published numbers only: {result['oracle_rule']})")
     lines.append(f"{'method':<7}|{'depth':>6} |{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7}")
     for r in result["rows"]:
         o = r["oracle"]
         if o.get("depth") is None:
-            lines.append(f"{r['method']:<7}| no depth keeps CA within the tolerance")
+            lines.append(f"{r['method']:<7}| " + ("prunes nothing" if r["candidates"] == 0 else
+                                                   "no depth keeps CA within the tolerance"))
             continue
         lines.append(f"{r['method']:<7}|{o['depth']:6d} |{100 * o['ca']:7.2f} |{100 * o['asr']:7.2f} |"
                      f"{100 * o['ra']:7.2f} |{o['der']:7.4f}")

@@ -13,16 +13,17 @@ from onp_fast import attacks, models
 from onp_fast.cli import main
 from onp_fast.compare import compare, format_table
 from onp_fast.data import normalize
-from onp_fast.defenses import ANPConfig, FPConfig, ONPConfig, RNPConfig
+from onp_fast.defenses import ANPConfig, FPConfig, FTSAMConfig, ONPConfig, RNPConfig
 from onp_fast.evaluate import evaluate
 from onp_fast.io import save_model
 from onp_fast.repair import RepairConfig, RewardWeights, repair
 
 NUM_CLASSES, MEAN, STD = 4, (0.4,), (0.25,)
 FAST_CONFIGS = {"onp": ONPConfig(iterations=2, samples=4), "fp": FPConfig(finetune_epochs=1),
-                "anp": ANPConfig(iterations=5, batch_size=32), "rnp": RNPConfig(recover_epochs=1)}
+                "anp": ANPConfig(iterations=5, batch_size=32), "rnp": RNPConfig(recover_epochs=1),
+                "ftsam": FTSAMConfig(epochs=2)}
 FAST_PARAMS = ["--param", "repair.reward_batch=16",
-               "--param", "fp.finetune_epochs=1", "--reactivation-epochs", "1", "--defense-size", "40", "--quiet"]
+               "--param", "fp.finetune_epochs=1", "--reactivation-epochs", "1", "--retune-epochs", "1", "--defense-size", "40", "--quiet"]
 
 
 def _pixels(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +71,7 @@ def _compare(b, **kw):
     x, y = b["clean"]
     return compare(b["model"], normalize(x[:48], MEAN, STD), y[:48], NUM_CLASSES, test_x=b["test"][0],
                    test_y=b["test"][1], mean=MEAN, std=STD, attack=b["attack"], target=0, cfg=_cfg(),
-                   configs=FAST_CONFIGS, reactivation_epochs=1, **kw)
+                   configs=FAST_CONFIGS, reactivation_epochs=1, retune_epochs=1, **kw)
 
 
 def _without_times(result: dict) -> dict:
@@ -86,12 +87,14 @@ def _without_times(result: dict) -> dict:
 def test_same_seed_same_table_and_its_numbers_are_the_entry_points(backdoored):
     a = _compare(backdoored)
     b = _compare(backdoored)
-    assert [r["method"] for r in a["rows"]] == ["onp", "fp", "anp", "rnp", "clp"]
+    assert [r["method"] for r in a["rows"]] == ["onp", "fp", "anp", "rnp", "clp", "ftsam"]
     assert _without_times(a) == _without_times(b)
     assert a["before"]["asr"] > 0.9
     for r in a["rows"]:
         assert 0 <= r["ca"] <= 1 and 0 <= r["asr"] <= 1 and 0 <= r["ra"] <= 1 and 0 <= r["der"] <= 1
-        assert r["seconds"] > 0 and r["reactivation"]["epochs"] == 1 and r["oracle"]["depth"] is not None
+        assert r["seconds"] > 0 and r["reactivation"]["epochs"] == 1 and r["retune"]["epochs"] == 1
+        assert 0 <= r["retune"]["asr"] <= 1
+        assert (r["oracle"]["depth"] is not None) == (r["candidates"] > 0)  # FT-SAM prunes nothing
     text = format_table(a)
     assert "oracle (test-set depth" in text and "held-out" in text
     assert all(f"\n{m:<7}|" in text for m in ("onp", "fp", "anp", "rnp", "clp"))

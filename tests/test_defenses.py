@@ -11,7 +11,7 @@ import torch
 from train_helpers import fit
 
 from onp_fast import models
-from onp_fast.defenses import METHODS, ANPConfig, FPConfig, ONPConfig, RNPConfig, apply_params, get
+from onp_fast.defenses import METHODS, ANPConfig, FPConfig, FTSAMConfig, ONPConfig, RNPConfig, apply_params, get
 from onp_fast.defenses.anp import anp_masks
 from onp_fast.defenses.base import Defense
 from onp_fast.defenses.clp import channel_lipschitz
@@ -75,7 +75,8 @@ def _quick_cfg(**kw) -> RepairConfig:
 
 
 FAST = {"onp": ONPConfig(iterations=2, samples=4), "fp": FPConfig(finetune_epochs=1),
-        "anp": ANPConfig(iterations=10, batch_size=32), "rnp": RNPConfig(recover_epochs=2)}
+        "anp": ANPConfig(iterations=10, batch_size=32), "rnp": RNPConfig(recover_epochs=2),
+        "ftsam": FTSAMConfig(epochs=2)}
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +87,9 @@ def results(trained):
     return ctx, {name: run(ctx, name, FAST.get(name)) for name in METHODS}
 
 
-def test_registry_lists_the_five_methods():
-    assert list(METHODS) == ["onp", "fp", "anp", "rnp", "clp"]
-    with pytest.raises(UserError, match="unknown defense method 'nap': use one of onp, fp, anp, rnp, clp"):
+def test_registry_lists_the_six_methods():
+    assert list(METHODS) == ["onp", "fp", "anp", "rnp", "clp", "ftsam"]
+    with pytest.raises(UserError, match="unknown defense method 'nap': use one of onp, fp, anp, rnp, clp, ftsam"):
         get("nap")
 
 

@@ -33,20 +33,22 @@ def parse_methods(text: str) -> list[str]:
 @click.option("--dataset", required=True, help="Data set spec: defense images from its train split, metrics on test.")
 @click.option("--attack-spec", "spec_path", required=True, type=click.Path(dir_okay=False),
               help="Attack spec JSON (MODEL.attack.json from `onp-fast attack`), for ASR / RA only.")
-@click.option("--methods", default="onp,fp,anp,rnp,clp", show_default=True, help="Comma-separated defenses.")
+@click.option("--methods", default="onp,fp,anp,rnp,clp,ftsam", show_default=True, help="Comma-separated defenses.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
 @click.option("--defense-size", type=int, default=500, show_default=True, help="Clean images the defenses share.")
 @click.option("--target", type=int, default=None, help="Target class (overrides the spec's).")
 @click.option("--reactivation-epochs", type=int, default=10, show_default=True,
               help="Clean fine-tuning epochs (pruned channels held at zero) for the re-activation ASR; 0: skip.")
+@click.option("--retune-epochs", type=int, default=5, show_default=True,
+              help="Retuning attack (Min et al.): all weights tuned on the defense images + 5 poisoned; 0: skip.")
 @click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
               help="Hyper-parameter override, repeatable: e.g. anp.iterations=500, clp.u=2.5, onp.iterations=30, "
                    "repair.tolerance=0.05 (shared).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @checkpoint_options
 @click.option("--quiet", is_flag=True, help="Print the table only.")
-def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs, params,
-            seed, arch, trust_pickle, quiet):
+def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs,
+            retune_epochs, params, seed, arch, trust_pickle, quiet):
     """Compare defenses on MODEL: each method's depth is chosen on held-out defense images (no test data)."""
     from ..compare import compare, format_table
     from ..data import defense_subset, normalize
@@ -60,8 +62,8 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     cfg, configs = apply_params(params, names, RepairConfig(seed=seed))
     if defense_size < 1:
         raise UserError("--defense-size must be at least 1")
-    if reactivation_epochs < 0:
-        raise UserError("--reactivation-epochs must not be negative")
+    if reactivation_epochs < 0 or retune_epochs < 0:
+        raise UserError("--reactivation-epochs and --retune-epochs must not be negative")
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise UserError(f"--json folder does not exist: {Path(json_path).parent}")
     spec = load_attack_spec(spec_path)
@@ -77,7 +79,8 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     x, y = defense_subset(splits, defense_size, seed=seed)  # train split only
     result = compare(loaded.model, normalize(x, mean, std), y, splits.num_classes, test_x=splits.test_x,
                      test_y=splits.test_y, mean=mean, std=std, attack=spec.attack, target=target, methods=names,
-                     cfg=cfg, configs=configs, reactivation_epochs=reactivation_epochs, progress=False,
+                     cfg=cfg, configs=configs, reactivation_epochs=reactivation_epochs,
+                     retune_epochs=retune_epochs, progress=False,
                      log=None if quiet else lambda s: click.echo(s, err=True))
     result.update(model=str(model_path), dataset=dataset, attack=spec.attack.name, target=target)
     click.echo(format_table(result))

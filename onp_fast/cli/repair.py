@@ -58,14 +58,17 @@ def _weights(text: str | None):
               help="CA drop allowed on the held-out defense images when choosing the depth.")
 @click.option("--compact", "compact_model", is_flag=True,
               help="Remove pruned channels physically (written as TorchScript: its shapes no longer match the arch).")
+@click.option("--purify", type=click.Choice(["none", "sam", "proxy", "sam+proxy"]), default="none", show_default=True,
+              help="After pruning: sharpness-aware fine-tuning (sam), unlearning the trigger proxy (proxy), or both.")
+@click.option("--purify-epochs", type=int, default=10, show_default=True, help="Purification epochs on D_opt.")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True,
               help="Clean fine-tuning on the defense set afterwards, pruned channels held at zero.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @checkpoint_options
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, method, iterations,
-            samples, algorithm, reward_weights, tolerance, compact_model, finetune_epochs, seed, arch, trust_pickle,
-            quiet):
+            samples, algorithm, reward_weights, tolerance, compact_model, purify, purify_epochs, finetune_epochs, seed,
+            arch, trust_pickle, quiet):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..data import defense_subset, normalize
     from ..defenses import ONPConfig
@@ -91,8 +94,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
         raise UserError("--defense-size must be at least 1")
     if onp.iterations < 1 or onp.samples < 2:
         raise UserError("--iterations must be >= 1 and --samples >= 2")
-    cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance=tolerance,
-                       finetune_epochs=finetune_epochs, compact=compact_model)
+    cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance=tolerance, purify=purify,
+                       purify_epochs=purify_epochs, finetune_epochs=finetune_epochs, compact=compact_model).check()
 
     loaded, splits, mean, std = load_model_and_data(model_path, dataset, arch=arch, trust_pickle=trust_pickle,
                                                     seed=seed)
@@ -119,5 +122,10 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
             click.echo(f"  {name:<28} {n:>5} / {report['layer_sizes'][name]}")
         click.echo(f"CA on held-out defense images: {100 * report['ca_val_before']:.2f}% -> "
                    f"{100 * report['ca_val_after']:.2f}%")
+        pur = report["purify"]
+        if pur is not None:
+            click.echo(f"purification ({pur['mode']}, {pur['epochs']} epochs, {pur['proxy_images']} proxy-stamped "
+                       f"images): " + ("kept" if pur["kept"] else "undone: it cost more than the tolerance on "
+                                       "held-out images"))
         click.echo("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
         click.echo(f"wrote {out}, {masks_p}, {report_p}, {plot_p}")

@@ -26,6 +26,7 @@ class Defense:
     name: str = ""
     title: str = ""
     Config: type | None = None
+    prunes: bool = True  # False: a fine-tuning defense; its scores are ignored and the depth is 0
 
     def __init__(self, config=None):
         if config is not None and self.Config is not None and not isinstance(config, self.Config):
@@ -46,7 +47,7 @@ class Defense:
 
 
 METHODS: dict[str, type[Defense]] = {}  # name -> Defense class, in table order
-_ORDER = ("onp", "fp", "anp", "rnp", "clp")
+_ORDER = ("onp", "fp", "anp", "rnp", "clp", "ftsam")
 
 
 def register(cls: type[Defense]) -> type[Defense]:

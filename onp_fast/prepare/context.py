@@ -19,6 +19,9 @@ from .trigger import TriggerProxy, synthesize_trigger
 from .unlearn import unlearn
 
 
+PURIFY_MODES = ("none", "sam", "proxy", "sam+proxy")
+
+
 @dataclass
 class RepairConfig:
     """Settings shared by every defense: the split, the shared preparation, the reward the depth rule maximises,
@@ -35,8 +38,20 @@ class RepairConfig:
     perturb_eps: float = 0.4
     unlearn_lr: float = 0.01
     anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
+    purify: str = "none"  # after the depth rule: none, sam, proxy or sam+proxy (onp_fast.repair.purify)
+    purify_epochs: int = 10
+    purify_lr: float = 0.01
+    sam_rho: float = 2.0  # radius of the adaptive sharpness-aware step (FT-SAM's)
     finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
     compact: bool = False  # also build the compact model (pruned channels removed)
+
+    def check(self) -> "RepairConfig":
+        """UserError (one line) for a setting no repair can run with; checked before any work."""
+        if self.purify not in PURIFY_MODES:
+            raise UserError(f"unknown purification {self.purify!r}: use one of {', '.join(PURIFY_MODES)}")
+        if self.purify_epochs < 0 or self.finetune_epochs < 0:
+            raise UserError("purification and fine-tuning epochs must not be negative")
+        return self
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,7 +129,7 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     x [N, C, H, W] normalised float32, y [N] int64: the clean defense set, the only data a defense sees.
     The trigger proxy is synthesised when CA_T has weight, and flagged (steers the reward) only when its class
     stands out by `anomaly_threshold` (Neural Cleanse's rule); perturbations are found when CA_P has weight."""
-    cfg = cfg or RepairConfig()
+    cfg = (cfg or RepairConfig()).check()
     check_defense_set(x, y, num_classes)
     torch.manual_seed(cfg.seed)
     times: dict[str, float] = {}

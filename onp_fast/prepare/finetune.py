@@ -1,4 +1,5 @@
-"""Clean fine-tuning of a pruned model with the pruned channels held at zero (also the re-activation check)."""
+"""Fine-tuning of a pruned model with the pruned channels held at zero: the clean fine-tune (also the re-activation
+check), sharpness-aware fine-tuning (FT-SAM's step, for purification), and the retuning attack's all-weight tune."""
 from __future__ import annotations
 
 import torch
@@ -9,29 +10,60 @@ from ..groups import NeuronGroups
 
 
 def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0) -> nn.Module:
-    """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD; after every step the pruned
-    groups (prune [G] bool) are zeroed again, so they stay exactly zero. Standard fine-tuning: BatchNorm in
-    training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of one image are
-    skipped. Returns the model in eval mode, its parameters not requiring grad."""
+                    *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0, rho: float = 0.0,
+                    label_smoothing: float = 0.0, cosine: bool = False) -> nn.Module:
+    """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
+    5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
+    BatchNorm in training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of
+    one image are skipped. rho > 0: each step is adaptive sharpness-aware (ASAM, Kwon et al. 2021; FT-SAM's
+    step): the gradient is taken at w + e, e_i = rho |w_i|^2 g_i / ||(|w| g)||, then applied at w. cosine: the
+    learning rate anneals from lr to 0 over all steps. Returns the model in eval mode, its parameters not
+    requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    steps = epochs * sum(1 for i in range(0, len(x), batch_size) if min(batch_size, len(x) - i) >= 2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if cosine else None
     keep = ~prune
+
+    def loss_of(idx):
+        return F.cross_entropy(model(x[idx]), y[idx], label_smoothing=label_smoothing)
+
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
             if len(idx) < 2:  # BatchNorm in training mode needs two images
                 continue
-            loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_of(idx).backward()
+            if rho > 0:
+                _sharpness_aware_gradient(params, rho, lambda: loss_of(idx))
             opt.step()
+            if sched is not None:
+                sched.step()
             groups.prune_(model, keep)
     for p in params:
         p.requires_grad_(False)
     return model.eval()
+
+
+def _sharpness_aware_gradient(params: list[torch.Tensor], rho: float, loss_fn) -> None:
+    """Replaces each parameter's .grad (the gradient at w) by the gradient at w + e, the adaptive ascent step of
+    radius rho (e_i = rho |w_i|^2 g_i / ||(|w| g)||_2); the weights are back at w afterwards."""
+    with torch.no_grad():
+        live = [p for p in params if p.grad is not None]
+        scaled = [p.abs() * p.grad for p in live]
+        norm = torch.sqrt(sum((s * s).sum() for s in scaled)).clamp(min=1e-12)
+        steps = [rho * p.abs() * s / norm for p, s in zip(live, scaled)]
+        for p, e in zip(live, steps):
+            p.add_(e)
+    for p in live:
+        p.grad = None
+    loss_fn().backward()
+    with torch.no_grad():
+        for p, e in zip(live, steps):
+            p.sub_(e)

@@ -11,6 +11,7 @@ from ..defenses import Defense, get
 from ..errors import UserError
 from ..groups import NeuronGroups, compact
 from ..prepare import DefenseContext, RepairConfig, accuracy_of, finetune_pruned, prepare
+from .purify import purify
 from .select import choose_depth
 
 KINDS = ("channel", "coupled", "head")
@@ -50,14 +51,21 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None) 
         if scores.shape != (ctx.groups.num_groups,) or torch.isnan(scores).any():
             raise UserError(f"{defense.name} returned scores of shape {list(scores.shape)} (or NaN); "
                             f"expected [{ctx.groups.num_groups}] numbers")
-        if not bool(torch.isfinite(scores).any()):
+        if not defense.prunes:
+            choice = _no_pruning(ctx)
+        elif not bool(torch.isfinite(scores).any()):
             raise UserError(f"{defense.name} found no neuron group it can score in this model")
-        with ctx.phase("select"), torch.no_grad():
-            choice = choose_depth(scores, ctx.scorer("val"), tolerance=ctx.cfg.tolerance, slack=ctx.cfg.slack)
+        else:
+            with ctx.phase("select"), torch.no_grad():
+                choice = choose_depth(scores, ctx.scorer("val"), tolerance=ctx.cfg.tolerance, slack=ctx.cfg.slack)
         prune = choice["prune"]
         with ctx.phase("apply"):
             repaired = ctx.groups.pruned_copy(ctx.model, prune)
         details.update(defense.after(ctx, repaired, prune))
+        purified = None
+        if ctx.cfg.purify != "none":
+            with ctx.phase("purify"):
+                purified = purify(ctx, repaired, prune, choice["ca_b_before"])
         if ctx.cfg.finetune_epochs > 0:
             with ctx.phase("finetune"):
                 finetune_pruned(repaired, ctx.groups, prune, *ctx.defense_set(), epochs=ctx.cfg.finetune_epochs,
@@ -67,6 +75,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None) 
             with ctx.phase("compact"):
                 small, diff = compacted(repaired, ctx.groups, prune, ctx.defense_set()[0][:64])
     report = _report(ctx, defense, scores, choice, repaired, details, own)
+    report["purify"] = purified
     if small is not None:
         report["compact"] = {"parameters_before": _params(repaired), "parameters_after": _params(small),
                              "max_abs_diff": diff}
@@ -84,6 +93,13 @@ def compacted(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: to
     if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
         raise UserError(f"compaction: the compact model differs from the masked model by {diff:.2e}")
     return small, diff
+
+
+def _no_pruning(ctx: DefenseContext) -> dict:
+    """The depth rule's answer for a method that prunes nothing (fine-tuning defenses): depth 0."""
+    ca = accuracy_of(ctx.model, ctx.x_val, ctx.y_val)
+    return {"depth": 0, "prune": torch.zeros(ctx.groups.num_groups, dtype=torch.bool), "table": [],
+            "ca_b_before": ca, "margin": 0.0, "rule": "none: the method prunes nothing"}
 
 
 def _params(model: nn.Module) -> int:

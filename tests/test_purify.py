@@ -1,0 +1,131 @@
+"""Purification after pruning, FT-SAM, and the retuning attack: the sharpness-aware step has the published
+radius, purification keeps pruned groups at zero and is undone when it costs held-out accuracy, FT-SAM prunes
+nothing, the retuning attack stamps its poisoned images."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onp_fast import attacks, models
+from onp_fast.compare import retune
+from onp_fast.defenses import FTSAMConfig, ONPConfig
+from onp_fast.errors import UserError
+from onp_fast.groups import find_groups
+from onp_fast.prepare import RepairConfig, TriggerProxy, prepare
+from onp_fast.prepare.finetune import _sharpness_aware_gradient
+from onp_fast.repair import repair, run
+from onp_fast.repair.purify import purify
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
+
+
+def test_sharpness_aware_step_has_the_adaptive_radius_and_restores_the_weights():
+    """ASAM (FT-SAM's step): the gradient is taken at w + e with ||e / |w| ||_2 = rho, e along |w|^2 g; the
+    weights are back at w afterwards."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    x, y = torch.randn(8, 5), torch.arange(8) % 3
+    w0 = [p.detach().clone() for p in lin.parameters()]
+    loss = lambda: F.cross_entropy(lin(x), y)  # noqa: E731
+    loss().backward()
+    g0 = [p.grad.clone() for p in lin.parameters()]
+    rho = 0.5
+    norm = torch.sqrt(sum(((w.abs() * g) ** 2).sum() for w, g in zip(w0, g0)))
+    e = [rho * w.abs() ** 2 * g / norm for w, g in zip(w0, g0)]
+    assert torch.sqrt(sum(((ei / w.abs()) ** 2).sum() for ei, w in zip(e, w0))) == pytest.approx(rho, rel=1e-5)
+    _sharpness_aware_gradient(list(lin.parameters()), rho, loss)
+    assert all(torch.allclose(p, w, atol=1e-7) for p, w in zip(lin.parameters(), w0))  # back at w
+    ref = copy.deepcopy(lin)
+    with torch.no_grad():
+        for p, ei in zip(ref.parameters(), e):
+            p.add_(ei)
+    F.cross_entropy(ref(x), y).backward()
+    for p, q, g in zip(lin.parameters(), ref.parameters(), g0):  # the gradient is the one at w + e, not at w
+        assert torch.allclose(p.grad, q.grad, atol=1e-6) and not torch.allclose(p.grad, g, atol=1e-6)
+
+
+def _ctx(purify_mode, **kw):
+    m = _tiny()
+    x, y = torch.randn(60, 1, 8, 8), torch.arange(60) % 4
+    cfg = RepairConfig(reward_batch=32, purify=purify_mode, purify_epochs=2, anomaly_threshold=-float("inf"), **kw)
+    return prepare(m, x, y, 4, cfg, progress=False)
+
+
+def test_purification_keeps_pruned_groups_at_zero_and_stamps_the_proxy():
+    ctx = _ctx("sam+proxy", tolerance=1.0)
+    prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
+    prune[:5] = True
+    model = ctx.groups.pruned_copy(ctx.model, prune)
+    before = copy.deepcopy(model.state_dict())
+    part = purify(ctx, model, prune, ca_val_before=1.0)
+    assert part["kept"] and part["sam_rho"] == 2.0
+    assert part["proxy_images"] == int((ctx.y_opt != ctx.trigger.target).sum()) > 0
+    assert part["images"] == len(ctx.x_opt) + part["proxy_images"]
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # it trained
+    with torch.no_grad():
+        x = ctx.x_val
+        with ctx.groups.masked(model, (~prune).float()):
+            masked = model(x)
+        assert torch.allclose(model(x), masked, atol=1e-5)  # pruned groups carry nothing
+
+
+def test_purification_without_a_flagged_proxy_runs_sam_and_is_undone_when_it_costs_accuracy():
+    ctx = _ctx("proxy", tolerance=-1.0)  # any result is "too costly": the model must come back unchanged
+    ctx.trigger = None
+    prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
+    model = ctx.groups.pruned_copy(ctx.model, prune)
+    before = copy.deepcopy(model.state_dict())
+    part = purify(ctx, model, prune, ca_val_before=0.0)
+    assert part["proxy_images"] == 0 and part["sam_rho"] == 2.0  # trigger-free SAM
+    assert not part["kept"] and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_repair_reports_purification_and_rejects_an_unknown_mode():
+    m = _tiny()
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 4
+    r = repair(m, x, y, 4, "onp", RepairConfig(reward_batch=32, purify="sam", purify_epochs=1),
+               ONPConfig(iterations=1, samples=2), progress=False)
+    assert r.report["purify"]["mode"] == "sam" and "purify" in r.report["method_times_s"]
+    assert repair(m, x, y, 4, "clp", RepairConfig(reward_batch=32), progress=False).report["purify"] is None
+    with pytest.raises(UserError, match="unknown purification 'bogus'"):
+        repair(m, x, y, 4, "clp", RepairConfig(purify="bogus"), progress=False)
+
+
+def test_ftsam_prunes_nothing_and_fine_tunes_every_weight():
+    m = _tiny()
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 4
+    r = repair(m, x, y, 4, "ftsam", RepairConfig(reward_batch=32), FTSAMConfig(epochs=2), progress=False)
+    assert int(r.prune.sum()) == 0 and r.report["candidates"] == 0 and r.report["stopping_rule"]["depth"] == 0
+    assert r.report["details"]["finetune"]["rho"] == 2.0
+    assert not torch.equal(r.model.conv1.weight, m.conv1.weight)
+
+
+def test_retune_tunes_every_weight_on_the_defense_set_plus_five_triggered_images(monkeypatch):
+    import onp_fast.compare as compare_mod
+
+    m = _tiny()
+    groups = find_groups(m, (1, 8, 8))
+    attack = attacks.build("badnets", (1, 8, 8), seed=0, size=2)
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 4
+    seen = {}
+    real = compare_mod.finetune_pruned
+
+    def recording(model, groups_, prune, xs, ys, **kw):
+        seen.update(xs=xs, ys=ys, prune=prune, kw=kw)
+        return real(model, groups_, prune, xs, ys, **kw)
+
+    monkeypatch.setattr(compare_mod, "finetune_pruned", recording)
+    a = retune(m, groups, x, y, (0.0,), (1.0,), attack, 0, epochs=1, seed=0)
+    xs, ys = seen["xs"], seen["ys"]
+    assert len(xs) == len(x) + 5 and torch.equal(xs[:40], x) and (ys[40:] == 0).all()
+    assert not seen["prune"].any() and seen["kw"]["lr"] == 0.01 and seen["kw"]["batch_size"] == 128
+    # each poisoned image is a non-target defense image with the trigger stamped on it
+    stamped = attack.apply(x[y != 0])
+    assert all(any(torch.allclose(p, q) for q in stamped) for p in xs[40:])
+    b = retune(m, groups, x, y, (0.0,), (1.0,), attack, 0, epochs=1, seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # seeded
+    assert not torch.equal(a.conv1.weight, m.conv1.weight)  # tuned, the input model untouched
