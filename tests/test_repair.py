@@ -103,6 +103,17 @@ def test_cli_repair_writes_outputs_and_never_reads_test_split_or_attack_spec(tin
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_cli_repair_purifies_after_pruning_and_reports_it(tiny_ckpt, tmp_path):
+    out = tmp_path / "fixed.pt"
+    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                    "--defense-size", "60", "--method", "clp", "--purify", "sam",
+                                    "--purify-epochs", "1"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "fixed.report.json").read_text())
+    assert report["purify"]["mode"] == "sam" and report["purify"]["epochs"] == 1
+    assert "purification (sam, 1 epochs" in res.output
+
+
 @pytest.mark.parametrize("method", ["clp", "fp"])
 def test_cli_repair_method_runs_a_baseline_through_the_same_depth_rule(method, tiny_ckpt, tmp_path):
     out = tmp_path / "fixed.pt"
