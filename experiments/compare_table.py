@@ -1,4 +1,5 @@
-"""The defense comparison tables: `onp-fast compare` (ONP, FP, ANP, RNP, CLP on the same defense data and seed)
+"""The defense comparison tables: `onp-fast compare` (ONP with and without purification, FP, ANP, RNP, CLP,
+FT-SAM on the same defense data and seed)
 on each backdoored model, then one summary table.
 
     python experiments/compare_table.py --dataset digits --attacks badnets,blended,wanet,sig
@@ -31,17 +32,19 @@ from onp_fast.io import save_model  # noqa: E402
 def checkpoint_path(dataset: str, attack_name: str, args, out: Path) -> Path:
     params = params_by_attack(args.attack_param).get(attack_name)
     tag = "".join(f"-{k}{v}" for k, v in sorted((params or {}).items()))
-    return out / f"{dataset.replace(':', '_')}-{attack_name}{tag}-{args.arch}-w{args.width}.pt"
+    sub = f"-n{args.train_subset}" if args.train_subset else ""
+    return out / f"{dataset.replace(':', '_')}{sub}-{attack_name}{tag}-{args.arch}-w{args.width}.pt"
 
 
 def export(dataset, splits, attack_name, args, out: Path) -> Path:
     """The cached backdoored model as our checkpoint plus its attack spec (target 0) -> checkpoint path."""
     params = params_by_attack(args.attack_param).get(attack_name)
     model, attack = backdoored(dataset, splits, attack_name, args.arch, args.width, args.epochs, args.seed,
-                               **({"params": params} if params else {}))
+                               params, train_subset=args.train_subset)
     path = checkpoint_path(dataset, attack_name, args, out)
     meta = {"format": SPEC_FORMAT, "attack": attack.spec(), "target": 0, "poison_rate": 0.1, "seed": args.seed,
             "dataset": dataset, "training": {"arch": args.arch, "width": args.width, "epochs": args.epochs,
+                                             "train_subset": args.train_subset,
                                              "source": "experiments/quality.py cache"}}
     save_model(model, path, mean=splits.mean, std=splits.std, attack=meta)
     write_text(attack_spec_path(path), json.dumps(meta, indent=2) + "\n")
@@ -50,29 +53,32 @@ def export(dataset, splits, attack_name, args, out: Path) -> Path:
 
 def print_summary(dataset: str, summary: list[tuple[str, dict]]) -> None:
     """One table over attacks from compare's JSON results."""
-    print(f"\n{dataset}: CA / ASR / RA (%), DER, seconds (shared prepare apart), re-activation CA / ASR (%); "
-          f"depth from held-out defense images; oracle: test-set depth")
-    print(f"{'attack':<8} {'method':<6} {'CA':>6} {'ASR':>6} {'RA':>6} {'DER':>6} {'sec':>7} {'re-CA':>6} "
-          f"{'re-ASR':>6} | oracle depth CA ASR")
+    print(f"\n{dataset}: CA / ASR / RA (%), DER, seconds (shared prepare apart), re-activation CA / ASR (%), "
+          f"retuning-attack ASR (%); depth from held-out defense images; oracle: test-set depth")
+    print(f"{'attack':<8} {'method':<9} {'CA':>6} {'ASR':>6} {'RA':>6} {'DER':>6} {'sec':>7} {'re-CA':>6} "
+          f"{'re-ASR':>6} {'rt-ASR':>6} | oracle depth CA ASR")
+    nan = {"ca": float("nan"), "asr": float("nan")}
     for name, res in summary:
         b = res["before"]
-        print(f"{name:<8} {'none':<6} {100 * b['ca']:6.2f} {100 * b['asr']:6.2f} {100 * b['ra']:6.2f} "
-              f"{'':>6} {res['prepare_s']:7.1f} {'':>13} |  (shared prepare seconds)")
+        print(f"{name:<8} {'none':<9} {100 * b['ca']:6.2f} {100 * b['asr']:6.2f} {100 * b['ra']:6.2f} "
+              f"{'':>6} {res['prepare_s']:7.1f} {'':>20} |  (shared prepare seconds)")
         for r in res["rows"]:
-            o, re = r["oracle"], r.get("reactivation", {"ca": float("nan"), "asr": float("nan")})
+            o, re, rt = r["oracle"], r.get("reactivation", nan), r.get("retune", nan)
             orc = "-" if o.get("depth") is None else f"{o['depth']:5d} {100 * o['ca']:6.2f} {100 * o['asr']:6.2f}"
-            print(f"{'':<8} {r['method']:<6} {100 * r['ca']:6.2f} {100 * r['asr']:6.2f} {100 * r['ra']:6.2f} "
-                  f"{r['der']:6.3f} {r['seconds']:7.1f} {100 * re['ca']:6.2f} {100 * re['asr']:6.2f} | {orc}")
+            print(f"{'':<8} {r['method']:<9} {100 * r['ca']:6.2f} {100 * r['asr']:6.2f} {100 * r['ra']:6.2f} "
+                  f"{r['der']:6.3f} {r['seconds']:7.1f} {100 * re['ca']:6.2f} {100 * re['asr']:6.2f} "
+                  f"{100 * rt['asr']:6.2f} | {orc}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--attacks", default="badnets,blended,wanet,sig")
-    ap.add_argument("--methods", default="onp,fp,anp,rnp,clp")
+    ap.add_argument("--methods", default="onp,onp/none,fp,anp,rnp,clp,ftsam")
     ap.add_argument("--arch", default="preactresnet18")
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--train-subset", type=int, default=0, help="backdoored models trained on this many images")
     ap.add_argument("--defense-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--param", action="append", default=[], help="passed on to compare (METHOD.FIELD=VALUE)")

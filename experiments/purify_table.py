@@ -45,6 +45,9 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--defense-size", type=int, default=500)
     ap.add_argument("--purify-epochs", type=int, default=10)
+    ap.add_argument("--modes", default=",".join(MODES), help="purification modes to measure")
+    ap.add_argument("--no-only", action="store_true", help="skip the purification-only rows (no pruning)")
+    ap.add_argument("--train-subset", type=int, default=0, help="backdoored model trained on this many images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     add_run_options(ap)
@@ -54,28 +57,30 @@ def main(argv=None):
     out = []
     for name in args.attacks.split(","):
         model, attack = backdoored(args.dataset, splits, name, args.arch, args.width, args.epochs, args.seed,
-                                   params.get(name))
+                                   params.get(name), train_subset=args.train_subset)
         x, y = defense_subset(splits, args.defense_size, seed=args.seed)
         xn = normalize(x, splits.mean, splits.std)
         before = ev(model, splits, attack)
         t = time.perf_counter()
         ctx = prepare(model, xn, y, splits.num_classes, RepairConfig(seed=args.seed), progress=False)
-        res = run(ctx, "onp")
+        res = run(ctx, "onp", purify="none")
         rows = {"pruning only": measure(res.model, res.groups, res.prune, splits, attack, xn, y, args.seed)}
         print(f"== {name}: before CA {before['ca']:.4f} ASR {before['asr']:.4f}; pruned {int(res.prune.sum())} "
               f"({time.perf_counter() - t:.0f}s); proxy {res.report['trigger_proxy']}", flush=True)
         none = torch.zeros_like(res.prune)
         ca_val = res.report["ca_val_before"]
-        for mode in MODES:
+        for mode in args.modes.split(","):
             c = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, purify=mode,
                                                                  purify_epochs=args.purify_epochs))
-            for label, start, prune in ((f"prune + {mode}", res.model, res.prune),
-                                        (f"{mode} only", ctx.model, none)):
+            variants = [(f"prune + {mode}", res.model, res.prune)]
+            if not args.no_only:
+                variants.append((f"{mode} only", ctx.model, none))
+            for label, start, prune in variants:
                 m = copy.deepcopy(start)
                 t = time.perf_counter()
-                part = purify(c, m, prune, ca_val)
+                part = purify(c, m, prune, ca_val, mode)
                 rows[label] = {**measure(m, res.groups, prune, splits, attack, xn, y, args.seed),
-                               "kept": part["kept"], "proxy_images": part["proxy_images"],
+                               "kept": part["kept"], "proxy_images": part["proxy_images_per_epoch"],
                                "seconds": time.perf_counter() - t}
         for label, r in rows.items():
             print(f"  {label:<18} CA {100 * r['ca']:6.2f} ASR {100 * r['asr']:6.2f} | re-act ASR "

@@ -22,7 +22,7 @@ import torch
 from bench_args import add_run_options, apply_run_options
 
 from onp_fast import attacks, models
-from onp_fast.data import defense_subset, load_dataset, normalize
+from onp_fast.data import defense_subset, load_dataset, normalize, stratified_indices
 from onp_fast.defenses import ONPConfig, rnp_scores
 from onp_fast.evaluate import evaluate
 from onp_fast.metrics import defense_effectiveness_rating
@@ -30,22 +30,37 @@ from onp_fast.poison import train_backdoored
 from onp_fast.prepare import finetune_pruned, prepare, unlearn
 from onp_fast.repair import RepairConfig, RewardWeights, repair, run
 from onp_fast.seed import seed_everything
+from onp_fast.train import train_classifier
 
-CACHE = Path(".onp_cache/quality")
+CACHE = Path(__file__).resolve().parent.parent / ".onp_cache" / "quality"
 
 
-def backdoored(dataset, splits, attack_name, arch, width, epochs, seed, params=None):
-    attack = attacks.build(attack_name, tuple(splits.train_x.shape[1:]), seed=seed, **(params or {}))
+def backdoored(dataset, splits, attack_name, arch, width, epochs, seed, params=None, train_subset=0):
+    """The cached model trained on `dataset` with `attack_name` (10% poisoned, target 0), or without poisoning when
+    attack_name is "clean" (attack None). train_subset > 0: trained on that many training images (a seeded
+    stratified subset; defense images may still come from the whole training split). -> (model, attack)."""
+    clean = attack_name == "clean"
+    attack = None if clean else attacks.build(attack_name, tuple(splits.train_x.shape[1:]), seed=seed,
+                                              **(params or {}))
     c, h = splits.train_x.shape[1], splits.train_x.shape[2]
     seed_everything(seed)
     model = models.build(arch, num_classes=splits.num_classes, in_channels=c, width=width, input_size=h)
     tag = "".join(f"-{k}{v:.4g}" for k, v in sorted((params or {}).items()))
-    path = CACHE / f"{dataset.replace(':', '_')}-{attack_name}{tag}-{arch}-w{width}-e{epochs}-s{seed}.pt"
+    sub = f"-n{train_subset}" if train_subset else ""
+    path = CACHE / f"{dataset.replace(':', '_')}{sub}-{attack_name}{tag}-{arch}-w{width}-e{epochs}-s{seed}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
         t = time.perf_counter()
-        train_backdoored(model, attack, splits, epochs=epochs, seed=seed, progress=False)
+        part = splits
+        if train_subset:
+            idx = stratified_indices(splits.train_y, train_subset, seed)
+            part = dataclasses.replace(splits, train_x=splits.train_x[idx], train_y=splits.train_y[idx])
+        if clean:
+            train_classifier(model, part.train_x, part.train_y, epochs=epochs, mean=part.mean, std=part.std,
+                             seed=seed, progress=False)
+        else:
+            train_backdoored(model, attack, part, epochs=epochs, seed=seed, progress=False)
         print(f"  trained {attack_name} in {time.perf_counter() - t:.0f}s", flush=True)
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)

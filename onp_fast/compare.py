@@ -17,11 +17,27 @@ from .defenses import METHODS, get
 from .evaluate import evaluate
 from .metrics import defense_effectiveness_rating
 from .data import normalize
+from .errors import UserError
 from .prepare import DefenseContext, RepairConfig, finetune_pruned, prepare
+from .prepare.context import PURIFY_MODES
 from .repair import RepairResult, run
 
 ORACLE_RULE = ("lowest test ASR with test CA >= CA before - {tol:g} (fraction), ties to the smaller depth, over "
-               "the depths the held-out rule scanned")
+               "the depths the held-out rule scanned (pruning and the method's own last step; no purification)")
+DEFAULT_METHODS = ("onp", "onp/none", "fp", "anp", "rnp", "clp", "ftsam")
+
+
+def method_spec(text: str) -> tuple[str, str | None]:
+    """A compare row: "onp" -> ("onp", None) (the purification RepairConfig gives); "onp/none" -> ("onp", "none")
+    (that method with that purification mode). UserError for an unknown method or mode."""
+    name, slash, mode = str(text).strip().lower().partition("/")
+    name, mode = name.strip(), mode.strip()
+    if name not in METHODS:
+        raise UserError(f"unknown method {text.strip()!r}: use one of {', '.join(METHODS)} (optionally "
+                        f"METHOD/PURIFY)")
+    if slash and mode not in PURIFY_MODES:
+        raise UserError(f"unknown purification in {text.strip()!r}: use one of {', '.join(PURIFY_MODES)}")
+    return name, (mode if slash else None)
 
 
 def _eval(model, test, attack, target) -> dict:
@@ -83,7 +99,8 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
             test_y: torch.Tensor, mean, std, attack, target: int, methods=None, cfg: RepairConfig | None = None,
             configs: dict | None = None, reactivation_epochs: int = 10, retune_epochs: int = 5,
             oracle_tolerance: float = 0.02, progress: bool = False, log=None) -> dict:
-    """Runs `methods` (default: all of METHODS) on one prepared context.
+    """Runs `methods` (default: DEFAULT_METHODS; each a `method_spec`, e.g. "onp/none") on one prepared context;
+    a method listed twice with different purification is scored once.
 
     x [N, C, H, W] normalised float32, y [N] int64: the clean defense set (the only data the defenses see).
     test_x [M, C, H, W] pixels in [0, 1], test_y [M], mean, std, attack, target: evaluation only.
@@ -92,8 +109,8 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     held at zero; 0: skipped) and the retuning attack (`retune`, `retune_epochs`; 0: skipped).
     Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "oracle_rule"} (fractions, seconds)."""
     cfg = cfg or RepairConfig()
-    methods = list(methods or METHODS)
-    defenses = [get(m, (configs or {}).get(m)) for m in methods]
+    specs = [method_spec(m) for m in (methods or DEFAULT_METHODS)]
+    defenses = [get(name, (configs or {}).get(name)) for name, _ in specs]
     test = (test_x, test_y, mean, std)
     say = log or (lambda s: None)
     before = _eval(model, test, attack, target)
@@ -101,13 +118,19 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     ctx = prepare(model, x, y, num_classes, cfg, progress)
     prepare_s = time.perf_counter() - t0
     say(f"prepare (shared): {prepare_s:.1f}s")
-    rows = []
-    for defense in defenses:
+    rows, ranked = [], {}
+    for (name, mode), defense in zip(specs, defenses):
         t0 = time.perf_counter()
-        res = run(ctx, defense)
+        res = run(ctx, defense, purify=mode, ranked=ranked.get(name))
         seconds = time.perf_counter() - t0
+        if name in ranked:  # its scoring time, measured in the row that scored
+            seconds += sum(v for k, v in res.report["method_times_s"].items() if k not in ("select", "apply",
+                                                                                          "purify"))
+        ranked.setdefault(name, res)
         after = _eval(res.model, test, attack, target)
-        row = {"method": defense.name, "title": defense.title, **after, "der": _der(before, after),
+        label = name if mode is None else f"{name}/{mode}"
+        row = {"method": label, "title": defense.title, **after, "der": _der(before, after),
+               "purify": res.report["purify"],
                "seconds": seconds, "pruned": int(res.prune.sum()), "candidates": res.report["candidates"],
                "groups": ctx.groups.num_groups, "depth_rule": res.report["stopping_rule"]["rule"],
                "ca_val": [res.report["ca_val_before"], res.report["ca_val_after"]],
@@ -126,7 +149,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
             row["retune"] = {"epochs": retune_epochs, "poisoned": 5, "ca": rt["ca"], "asr": rt["asr"]}
         row["oracle"] = oracle(defense, ctx, res, before, test, attack, target, oracle_tolerance)
         rows.append(row)
-        say(f"{defense.name}: CA {100 * after['ca']:.2f} ASR {100 * after['asr']:.2f} in {seconds:.1f}s")
+        say(f"{label}: CA {100 * after['ca']:.2f} ASR {100 * after['asr']:.2f} in {seconds:.1f}s")
     return {"before": before, "prepare_s": prepare_s, "prepare_times_s": dict(ctx.times), "rows": rows,
             "defense": {"n": len(x), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val), "seed": cfg.seed},
             "oracle_rule": ORACLE_RULE.format(tol=oracle_tolerance)}
@@ -140,23 +163,23 @@ def format_table(result: dict) -> str:
     lines = [f"before: CA {100 * b['ca']:.2f}  ASR {100 * b['asr']:.2f}  RA {100 * b['ra']:.2f}",
              f"shared prepare: {result['prepare_s']:.1f}s ({pt})",
              "depth: chosen on held-out defense images (no test data, no trigger)",
-             (f"{'method':<7}|{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7} |{'seconds':>8} |{'pruned':>12} |"
+             (f"{'method':<9}|{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7} |{'seconds':>8} |{'pruned':>12} |"
               f"{'re-act CA / ASR':>16} |{'retune CA / ASR':>16} |{'own rule':>9}")]
     for r in result["rows"]:
         re, rt = (("-" if v is None else f"{100 * v['ca']:.2f} / {100 * v['asr']:.2f}")
                   for v in (r.get("reactivation"), r.get("retune")))
         own = r.get("own_rule", {}).get("groups")
-        lines.append(f"{r['method']:<7}|{100 * r['ca']:7.2f} |{100 * r['asr']:7.2f} |{100 * r['ra']:7.2f} |"
+        lines.append(f"{r['method']:<9}|{100 * r['ca']:7.2f} |{100 * r['asr']:7.2f} |{100 * r['ra']:7.2f} |"
                      f"{r['der']:7.4f} |{r['seconds']:8.1f} |{r['pruned']:>5} / {r['candidates']:<4} |"
                      f"{re:>16} |{rt:>16} |{'-' if own is None else own:>9}")
     lines.append(f"oracle (test-set depth, for comparison with published numbers only: {result['oracle_rule']})")
-    lines.append(f"{'method':<7}|{'depth':>6} |{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7}")
+    lines.append(f"{'method':<9}|{'depth':>6} |{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7}")
     for r in result["rows"]:
         o = r["oracle"]
         if o.get("depth") is None:
-            lines.append(f"{r['method']:<7}| " + ("prunes nothing" if r["candidates"] == 0 else
+            lines.append(f"{r['method']:<9}| " + ("prunes nothing" if r["candidates"] == 0 else
                                                    "no depth keeps CA within the tolerance"))
             continue
-        lines.append(f"{r['method']:<7}|{o['depth']:6d} |{100 * o['ca']:7.2f} |{100 * o['asr']:7.2f} |"
+        lines.append(f"{r['method']:<9}|{o['depth']:6d} |{100 * o['ca']:7.2f} |{100 * o['asr']:7.2f} |"
                      f"{100 * o['ra']:7.2f} |{o['der']:7.4f}")
     return "\n".join(lines)

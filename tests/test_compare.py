@@ -87,7 +87,7 @@ def _without_times(result: dict) -> dict:
 def test_same_seed_same_table_and_its_numbers_are_the_entry_points(backdoored):
     a = _compare(backdoored)
     b = _compare(backdoored)
-    assert [r["method"] for r in a["rows"]] == ["onp", "fp", "anp", "rnp", "clp", "ftsam"]
+    assert [r["method"] for r in a["rows"]] == ["onp", "onp/none", "fp", "anp", "rnp", "clp", "ftsam"]
     assert _without_times(a) == _without_times(b)
     assert a["before"]["asr"] > 0.9
     for r in a["rows"]:
@@ -97,7 +97,11 @@ def test_same_seed_same_table_and_its_numbers_are_the_entry_points(backdoored):
         assert (r["oracle"]["depth"] is not None) == (r["candidates"] > 0)  # FT-SAM prunes nothing
     text = format_table(a)
     assert "oracle (test-set depth" in text and "held-out" in text
-    assert all(f"\n{m:<7}|" in text for m in ("onp", "fp", "anp", "rnp", "clp"))
+    assert all(f"\n{m:<9}|" in text for m in ("onp", "onp/none", "fp", "anp", "rnp", "clp"))
+    rows = {r["method"]: r for r in a["rows"]}
+    assert rows["onp"]["purify"]["mode"] == "sam+proxy" and rows["onp/none"]["purify"] == {"mode": "none"}
+    assert all(rows[m]["purify"] == {"mode": "none"} for m in ("fp", "anp", "rnp", "clp", "ftsam"))
+    assert rows["onp/none"]["pruned"] == rows["onp"]["pruned"]  # the same ranking and depth, not purified
     # A method's row is exactly what the single entry point gives on the same data and seed: the oracle and the
     # methods run before it do not leak into it.
     x, y = backdoored["clean"]
@@ -108,6 +112,19 @@ def test_same_seed_same_table_and_its_numbers_are_the_entry_points(backdoored):
         assert row["pruned"] == int(res.prune.sum())
         ev = evaluate(res.model, *backdoored["test"], MEAN, STD, attack=backdoored["attack"], target=0)
         assert (row["ca"], row["asr"], row["ra"]) == (ev["ca"], ev["asr"], ev["ra"])
+
+
+def test_a_method_with_another_purification_is_scored_once(backdoored, monkeypatch):
+    from onp_fast.defenses.onp import ONP
+
+    calls = []
+    real = ONP.scores
+    monkeypatch.setattr(ONP, "scores", lambda self, ctx: calls.append(1) or real(self, ctx))
+    res = _compare(backdoored, methods=["onp/none", "onp/sam"])
+    assert len(calls) == 1
+    a, b = res["rows"]
+    assert (a["method"], b["method"]) == ("onp/none", "onp/sam") and b["purify"]["mode"] == "sam"
+    assert a["pruned"] == b["pruned"] and b["seconds"] > 0 and "policy" in b["times_s"]
 
 
 def test_the_oracle_is_never_worse_at_its_own_rule(backdoored):
@@ -131,20 +148,21 @@ def test_cli_compare_prints_the_table_and_writes_json(backdoored, tmp_path):
     res = _run(["compare", str(root / "m.pt"), "--dataset", f"npz:{root / 'data.npz'}", "--attack-spec",
                 str(root / "m.attack.json"), "--methods", "clp,FP,clp", "--json", str(out), *FAST_PARAMS])
     assert res.exit_code == 0, res.output
-    assert "oracle" in res.output and "\nclp    |" in res.output and "\nfp     |" in res.output
+    assert "oracle" in res.output and "\nclp      |" in res.output and "\nfp       |" in res.output
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["rows"]] == ["clp", "fp"]
     assert data["attack"] == "badnets" and data["target"] == 0 and data["defense"]["n"] == 40
     assert data["rows"][1]["config"]["finetune_epochs"] == 1
 
 
-@pytest.mark.parametrize("case", ["unknown_method", "empty_methods", "missing_spec", "no_target", "bad_param",
+@pytest.mark.parametrize("case", ["unknown_method", "bad_purification", "empty_methods", "missing_spec", "no_target", "bad_param",
                                   "param_for_other_method", "json_folder", "defense_size", "missing_model"])
 def test_cli_compare_bad_inputs(case, backdoored, tmp_path):
     root = backdoored["root"]
     args = {"model": str(root / "m.pt"), "spec": str(root / "m.attack.json"), "methods": "onp,clp", "extra": []}
     needles = {
         "unknown_method": ("unknown method 'nap'", "onp, fp, anp, rnp, clp"),
+        "bad_purification": ("unknown purification in 'onp/bogus'", "sam+proxy"),
         "empty_methods": ("--methods is empty",),
         "missing_spec": ("attack spec file not found",),
         "no_target": ("no target class",),
@@ -156,6 +174,8 @@ def test_cli_compare_bad_inputs(case, backdoored, tmp_path):
     }[case]
     if case == "unknown_method":
         args["methods"] = "onp,nap"
+    elif case == "bad_purification":
+        args["methods"] = "onp/bogus"
     elif case == "empty_methods":
         args["methods"] = " , "
     elif case == "missing_spec":

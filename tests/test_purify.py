@@ -55,16 +55,32 @@ def _ctx(purify_mode, **kw):
     return prepare(m, x, y, 4, cfg, progress=False)
 
 
-def test_purification_keeps_pruned_groups_at_zero_and_stamps_the_proxy():
+def test_purification_keeps_pruned_groups_at_zero_and_stamps_proxies_of_other_classes(monkeypatch):
+    import onp_fast.repair.purify as purify_mod
+
     ctx = _ctx("sam+proxy", tolerance=1.0)
     prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
     prune[:5] = True
     model = ctx.groups.pruned_copy(ctx.model, prune)
     before = copy.deepcopy(model.state_dict())
-    part = purify(ctx, model, prune, ca_val_before=1.0)
-    assert part["kept"] and part["sam_rho"] == 2.0
-    assert part["proxy_images"] == int((ctx.y_opt != ctx.trigger.target).sum()) > 0
-    assert part["images"] == len(ctx.x_opt) + part["proxy_images"]
+    seen = []
+    real = purify_mod.finetune_pruned
+
+    def recording(*a, augment=None, **kw):
+        def spy(xb, yb, gen):
+            out = augment(xb, yb, gen)
+            seen.append((xb, yb, *out))
+            return out
+        return real(*a, augment=spy, **kw)
+
+    monkeypatch.setattr(purify_mod, "finetune_pruned", recording)
+    part = purify(ctx, model, prune, ca_val_before=1.0, mode="sam+proxy")
+    assert part["kept"] and part["sam_rho"] == 2.0 and part["proxy_images_per_epoch"] == len(ctx.x_opt)
+    assert seen and sum(len(s[0]) for s in seen) == 2 * len(ctx.x_opt)  # every D_opt image, 2 epochs
+    for xb, yb, xa, ya in seen:
+        n = len(xb)
+        assert torch.equal(xa[:n], xb) and torch.equal(ya, torch.cat([yb, yb]))  # stamped copies, true labels
+        assert not torch.equal(xa[n:], xb)
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # it trained
     with torch.no_grad():
         x = ctx.x_val
@@ -73,14 +89,14 @@ def test_purification_keeps_pruned_groups_at_zero_and_stamps_the_proxy():
         assert torch.allclose(model(x), masked, atol=1e-5)  # pruned groups carry nothing
 
 
-def test_purification_without_a_flagged_proxy_runs_sam_and_is_undone_when_it_costs_accuracy():
+def test_purification_without_proxies_runs_sam_and_is_undone_when_it_costs_accuracy():
     ctx = _ctx("proxy", tolerance=-1.0)  # any result is "too costly": the model must come back unchanged
-    ctx.trigger = None
+    ctx.proxies = None
     prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
     model = ctx.groups.pruned_copy(ctx.model, prune)
     before = copy.deepcopy(model.state_dict())
-    part = purify(ctx, model, prune, ca_val_before=0.0)
-    assert part["proxy_images"] == 0 and part["sam_rho"] == 2.0  # trigger-free SAM
+    part = purify(ctx, model, prune, ca_val_before=0.0, mode="proxy")
+    assert part["proxy_images_per_epoch"] == 0 and part["sam_rho"] == 2.0  # trigger-free SAM
     assert not part["kept"] and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -90,7 +106,8 @@ def test_repair_reports_purification_and_rejects_an_unknown_mode():
     r = repair(m, x, y, 4, "onp", RepairConfig(reward_batch=32, purify="sam", purify_epochs=1),
                ONPConfig(iterations=1, samples=2), progress=False)
     assert r.report["purify"]["mode"] == "sam" and "purify" in r.report["method_times_s"]
-    assert repair(m, x, y, 4, "clp", RepairConfig(reward_batch=32), progress=False).report["purify"] is None
+    assert repair(m, x, y, 4, "clp", RepairConfig(reward_batch=32), progress=False).report["purify"] == {
+        "mode": "none"}  # auto: a baseline's default is no purification
     with pytest.raises(UserError, match="unknown purification 'bogus'"):
         repair(m, x, y, 4, "clp", RepairConfig(purify="bogus"), progress=False)
 

@@ -235,7 +235,7 @@ def test_an_unflagged_trigger_proxy_does_not_steer_the_reward():
     never = prepare(m, x, y, 4, _tiny_cfg(anomaly_threshold=float("inf")), progress=False)
     assert never.trigger is None and never.proxy is not None
     assert never.scorer("val").x_t is None  # CA_T stays 0 for every mask
-    assert torch.equal(never.proxy.mask, flagged.proxy.mask)  # same seed, same proxy
+    assert torch.equal(never.proxy.pattern, flagged.proxy.pattern)  # same seed, same proxy
 
 
 def test_finetune_holds_pruned_groups_at_zero_and_stays_finite():

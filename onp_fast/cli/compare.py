@@ -11,16 +11,17 @@ from .options import checkpoint_options, load_model_and_data
 
 
 def parse_methods(text: str) -> list[str]:
-    """"onp,fp" -> ["onp", "fp"] (lower-cased, duplicates dropped); UserError for an empty or unknown name."""
+    """"onp,onp/none,fp" -> ["onp", "onp/none", "fp"] (lower-cased, duplicates dropped); UserError for an empty
+    list or an unknown method or purification (onp_fast.compare.method_spec)."""
+    from ..compare import method_spec
     from ..defenses import METHODS
 
     names = []
     for part in text.split(","):
-        name = part.strip().lower()
-        if not name:
+        if not part.strip():
             continue
-        if name not in METHODS:
-            raise UserError(f"unknown method {part.strip()!r}: use one of {', '.join(METHODS)}")
+        name, mode = method_spec(part)
+        name = name if mode is None else f"{name}/{mode}"
         if name not in names:
             names.append(name)
     if not names:
@@ -33,7 +34,9 @@ def parse_methods(text: str) -> list[str]:
 @click.option("--dataset", required=True, help="Data set spec: defense images from its train split, metrics on test.")
 @click.option("--attack-spec", "spec_path", required=True, type=click.Path(dir_okay=False),
               help="Attack spec JSON (MODEL.attack.json from `onp-fast attack`), for ASR / RA only.")
-@click.option("--methods", default="onp,fp,anp,rnp,clp,ftsam", show_default=True, help="Comma-separated defenses.")
+@click.option("--methods", default="onp,onp/none,fp,anp,rnp,clp,ftsam", show_default=True,
+              help="Comma-separated defenses; METHOD/PURIFY runs a method with that purification (onp/none: ONP "
+                   "pruning only, its ranking shared with the onp row).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
 @click.option("--defense-size", type=int, default=500, show_default=True, help="Clean images the defenses share.")
 @click.option("--target", type=int, default=None, help="Target class (overrides the spec's).")
@@ -59,7 +62,7 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     from ..repair.output import write_json
 
     names = parse_methods(methods)
-    cfg, configs = apply_params(params, names, RepairConfig(seed=seed))
+    cfg, configs = apply_params(params, [n.partition("/")[0] for n in names], RepairConfig(seed=seed))
     if defense_size < 1:
         raise UserError("--defense-size must be at least 1")
     if reactivation_epochs < 0 or retune_epochs < 0:

@@ -58,8 +58,10 @@ def _weights(text: str | None):
               help="CA drop allowed on the held-out defense images when choosing the depth.")
 @click.option("--compact", "compact_model", is_flag=True,
               help="Remove pruned channels physically (written as TorchScript: its shapes no longer match the arch).")
-@click.option("--purify", type=click.Choice(["none", "sam", "proxy", "sam+proxy"]), default="none", show_default=True,
-              help="After pruning: sharpness-aware fine-tuning (sam), unlearning the trigger proxy (proxy), or both.")
+@click.option("--purify", type=click.Choice(["auto", "none", "sam", "proxy", "sam+proxy"]), default="auto",
+              show_default=True,
+              help="After pruning: sharpness-aware fine-tuning (sam), unlearning the trigger proxies (proxy), both, "
+                   "or none; auto: the method's default (onp: sam+proxy; the baselines: none).")
 @click.option("--purify-epochs", type=int, default=10, show_default=True, help="Purification epochs on D_opt.")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True,
               help="Clean fine-tuning on the defense set afterwards, pruned channels held at zero.")
@@ -123,9 +125,9 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
         click.echo(f"CA on held-out defense images: {100 * report['ca_val_before']:.2f}% -> "
                    f"{100 * report['ca_val_after']:.2f}%")
         pur = report["purify"]
-        if pur is not None:
-            click.echo(f"purification ({pur['mode']}, {pur['epochs']} epochs, {pur['proxy_images']} proxy-stamped "
-                       f"images): " + ("kept" if pur["kept"] else "undone: it cost more than the tolerance on "
-                                       "held-out images"))
+        if pur["mode"] != "none":
+            click.echo(f"purification ({pur['mode']}, {pur['epochs']} epochs, {pur['proxy_images_per_epoch']} "
+                       f"proxy-stamped images an epoch): " + ("kept" if pur["kept"] else "undone: it cost more "
+                                                               "than the tolerance on held-out images"))
         click.echo("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
         click.echo(f"wrote {out}, {masks_p}, {report_p}, {plot_p}")

@@ -27,6 +27,7 @@ class Defense:
     title: str = ""
     Config: type | None = None
     prunes: bool = True  # False: a fine-tuning defense; its scores are ignored and the depth is 0
+    purify: str = "none"  # the purification after pruning when RepairConfig.purify is "auto"
 
     def __init__(self, config=None):
         if config is not None and self.Config is not None and not isinstance(config, self.Config):

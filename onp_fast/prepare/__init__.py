@@ -8,8 +8,8 @@ defense may call on a pruned model (fine-tuning with pruned groups held at zero)
 from .context import DefenseContext, Phase, RepairConfig, check_defense_set, prepare
 from .finetune import finetune_pruned
 from .perturb import adversarial_perturbations
-from .trigger import TriggerProxy, synthesize_trigger
+from .trigger import FAMILIES, ProxySet, TriggerProxy, synthesize_proxies, synthesize_trigger
 from .unlearn import accuracy_of, unlearn
 
-__all__ = ["DefenseContext", "Phase", "RepairConfig", "TriggerProxy", "accuracy_of", "adversarial_perturbations",
-           "check_defense_set", "finetune_pruned", "prepare", "synthesize_trigger", "unlearn"]
+__all__ = ["FAMILIES", "DefenseContext", "Phase", "ProxySet", "RepairConfig", "TriggerProxy", "accuracy_of",
+           "adversarial_perturbations", "check_defense_set", "finetune_pruned", "prepare", "synthesize_proxies", "synthesize_trigger", "unlearn"]

@@ -15,11 +15,11 @@ from ..errors import UserError
 from ..groups import NeuronGroups, find_groups
 from ..reward import MaskScorer, RewardWeights
 from .perturb import adversarial_perturbations
-from .trigger import TriggerProxy, synthesize_trigger
+from .trigger import ProxySet, TriggerProxy, synthesize_proxies
 from .unlearn import unlearn
 
 
-PURIFY_MODES = ("none", "sam", "proxy", "sam+proxy")
+PURIFY_MODES = ("auto", "none", "sam", "proxy", "sam+proxy")  # auto: the method's own default (Defense.purify)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RepairConfig:
     perturb_eps: float = 0.4
     unlearn_lr: float = 0.01
     anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
-    purify: str = "none"  # after the depth rule: none, sam, proxy or sam+proxy (onp_fast.repair.purify)
+    purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
     purify_epochs: int = 10
     purify_lr: float = 0.01
     sam_rho: float = 2.0  # radius of the adaptive sharpness-aware step (FT-SAM's)
@@ -63,9 +63,9 @@ class RepairConfig:
 class DefenseContext:
     """What every defense shares on one model and defense set, so ONP and the baselines see the same data, split
     and depth rule: `model` (a frozen eval copy), the split D_opt / D_val (normalised images [n, C, H, W], labels
-    [n]), the neuron groups, the unlearned copy, the trigger proxy (`proxy`, flagged or not; `trigger` is it
-    when flagged, else None) and the adversarial perturbations [P, G] (None when CA_P is off); `times`: seconds
-    per phase."""
+    [n]), the neuron groups, the unlearned copy, every class's trigger proxies (`proxies`), the most suspect one
+    (`proxy`, flagged or not; `trigger` is it when flagged, else None) and the adversarial perturbations [P, G]
+    (None when CA_P is off); `times`: seconds per phase."""
 
     model: nn.Module
     num_classes: int
@@ -82,6 +82,7 @@ class DefenseContext:
     times: dict
     progress: bool = True
     proxy: TriggerProxy | None = None
+    proxies: ProxySet | None = None
 
     def phase(self, name: str) -> "Phase":
         return Phase(name, self.times, self.progress)
@@ -127,8 +128,9 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
             progress: bool = True) -> DefenseContext:
     """Split, groups, unlearning, trigger proxy and perturbations on a frozen copy of `model`, timed per phase.
     x [N, C, H, W] normalised float32, y [N] int64: the clean defense set, the only data a defense sees.
-    The trigger proxy is synthesised when CA_T has weight, and flagged (steers the reward) only when its class
-    stands out by `anomaly_threshold` (Neural Cleanse's rule); perturbations are found when CA_P has weight."""
+    The trigger proxies are synthesised when CA_T has weight or purification may use them; the suspect is flagged
+    (steers the reward) only when its class stands out by `anomaly_threshold` (Neural Cleanse's rule);
+    perturbations are found when CA_P has weight."""
     cfg = (cfg or RepairConfig()).check()
     check_defense_set(x, y, num_classes)
     torch.manual_seed(cfg.seed)
@@ -142,13 +144,15 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     with Phase("unlearn", times, progress):
         unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, seed=cfg.seed)
     with Phase("trigger", times, progress):
-        proxy = synthesize_trigger(model, x_opt, y_opt, num_classes, seed=cfg.seed) if cfg.weights.ca_t else None
+        need = cfg.weights.ca_t or cfg.purify != "none"
+        proxies = synthesize_proxies(model, x_opt, y_opt, num_classes, seed=cfg.seed) if need else None
+    proxy = proxies.suspect() if proxies is not None else None
     trigger = proxy if proxy is not None and proxy.anomaly_index >= cfg.anomaly_threshold else None
     with Phase("perturbations", times, progress):
         perts = adversarial_perturbations(model, groups, x_opt, y_opt, count=cfg.perturbations,
                                           eps=cfg.perturb_eps, seed=cfg.seed) if cfg.weights.ca_p else None
     return DefenseContext(model, num_classes, cfg, x_opt, y_opt, x_val, y_val, groups, unlearned, unlearn_info,
-                          trigger, perts, times, progress, proxy)
+                          trigger, perts, times, progress, proxy, proxies)
 
 
 class Phase:

@@ -11,14 +11,15 @@ from ..groups import NeuronGroups
 
 def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0, rho: float = 0.0,
-                    label_smoothing: float = 0.0, cosine: bool = False) -> nn.Module:
+                    label_smoothing: float = 0.0, cosine: bool = False, augment=None) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
     BatchNorm in training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of
     one image are skipped. rho > 0: each step is adaptive sharpness-aware (ASAM, Kwon et al. 2021; FT-SAM's
     step): the gradient is taken at w + e, e_i = rho |w_i|^2 g_i / ||(|w| g)||, then applied at w. cosine: the
-    learning rate anneals from lr to 0 over all steps. Returns the model in eval mode, its parameters not
-    requiring grad."""
+    learning rate anneals from lr to 0 over all steps. augment: optional callable (xb, yb, generator) -> (xb', yb')
+    applied to every batch before the step (purification adds proxy-stamped copies there). Returns the model in
+    eval mode, its parameters not requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
     params = [p for p in model.parameters()]
@@ -29,8 +30,8 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if cosine else None
     keep = ~prune
 
-    def loss_of(idx):
-        return F.cross_entropy(model(x[idx]), y[idx], label_smoothing=label_smoothing)
+    def loss_of(xb, yb):
+        return F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
 
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=g)
@@ -38,10 +39,13 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             idx = order[i:i + batch_size]
             if len(idx) < 2:  # BatchNorm in training mode needs two images
                 continue
+            xb, yb = x[idx], y[idx]
+            if augment is not None:
+                xb, yb = augment(xb, yb, g)
             opt.zero_grad(set_to_none=True)
-            loss_of(idx).backward()
+            loss_of(xb, yb).backward()
             if rho > 0:
-                _sharpness_aware_gradient(params, rho, lambda: loss_of(idx))
+                _sharpness_aware_gradient(params, rho, lambda: loss_of(xb, yb))
             opt.step()
             if sched is not None:
                 sched.step()

@@ -2,6 +2,7 @@
 the pruned copy -> the method's last step -> optional clean fine-tune -> optional compaction -> one report."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,8 @@ from ..defenses import Defense, get
 from ..errors import UserError
 from ..groups import NeuronGroups, compact
 from ..prepare import DefenseContext, RepairConfig, accuracy_of, finetune_pruned, prepare
-from .purify import purify
+from ..prepare.context import PURIFY_MODES
+from .purify import purify as purify_model
 from .select import choose_depth
 
 KINDS = ("channel", "coupled", "head")
@@ -40,13 +42,31 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
     return run(prepare(model, x, y, num_classes, config, progress), defense)
 
 
-def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None) -> RepairResult:
+def purify_mode(ctx: DefenseContext, defense: Defense, purify: str | None = None) -> str:
+    """The purification a run uses: `purify` when given, else RepairConfig.purify, whose "auto" is the method's
+    own default (Defense.purify)."""
+    mode = purify or ctx.cfg.purify
+    return defense.purify if mode == "auto" else mode
+
+
+def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, *, purify: str | None = None,
+        ranked: RepairResult | None = None) -> RepairResult:
     """One defense on a prepared context (left unchanged, so `compare` shares one context among methods).
+    purify: overrides the purification mode (`purify_mode`). ranked: an earlier result of the same method on
+    this context whose scores are taken instead of scoring again (compare's "onp/none" row).
     report["method_times_s"]: this method's own phases; report["times_s"]: the shared ones and this method's."""
     defense = get(method, method_config)
+    mode = purify_mode(ctx, defense, purify)
+    if mode not in PURIFY_MODES or mode == "auto":
+        raise UserError(f"unknown purification {mode!r}: use one of {', '.join(PURIFY_MODES)}")
     with ctx.own_times() as own:
         torch.manual_seed(ctx.cfg.seed)  # each method starts from the same RNG state, whatever ran before
-        scores, details = defense.scores(ctx)
+        if ranked is None:
+            scores, details = defense.scores(ctx)
+        else:
+            scores, details = ranked.scores, copy.deepcopy(ranked.report["details"])
+            own.update({k: v for k, v in ranked.report["method_times_s"].items() if k not in ("select", "apply",
+                                                                                              "purify")})
         scores = scores.detach().float()
         if scores.shape != (ctx.groups.num_groups,) or torch.isnan(scores).any():
             raise UserError(f"{defense.name} returned scores of shape {list(scores.shape)} (or NaN); "
@@ -63,9 +83,9 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None) 
             repaired = ctx.groups.pruned_copy(ctx.model, prune)
         details.update(defense.after(ctx, repaired, prune))
         purified = None
-        if ctx.cfg.purify != "none":
+        if mode != "none":
             with ctx.phase("purify"):
-                purified = purify(ctx, repaired, prune, choice["ca_b_before"])
+                purified = purify_model(ctx, repaired, prune, choice["ca_b_before"], mode)
         if ctx.cfg.finetune_epochs > 0:
             with ctx.phase("finetune"):
                 finetune_pruned(repaired, ctx.groups, prune, *ctx.defense_set(), epochs=ctx.cfg.finetune_epochs,
@@ -75,7 +95,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None) 
             with ctx.phase("compact"):
                 small, diff = compacted(repaired, ctx.groups, prune, ctx.defense_set()[0][:64])
     report = _report(ctx, defense, scores, choice, repaired, details, own)
-    report["purify"] = purified
+    report["purify"] = purified if purified is not None else {"mode": "none"}
     if small is not None:
         report["compact"] = {"parameters_before": _params(repaired), "parameters_after": _params(small),
                              "max_abs_diff": diff}
@@ -123,8 +143,10 @@ def _report(ctx: DefenseContext, defense: Defense, scores: torch.Tensor, choice:
         "candidates": int(torch.isfinite(scores).sum()),
         "unlearn": ctx.unlearn_info,
         "trigger_proxy": None if proxy is None else {
-            "target": proxy.target, "anomaly_index": round(proxy.anomaly_index, 3),
-            "flagged": ctx.trigger is not None, "mask_l1_per_class": [round(float(v), 3) for v in proxy.norms]},
+            "target": proxy.target, "family": proxy.family, "anomaly_index": round(proxy.anomaly_index, 3),
+            "flagged": ctx.trigger is not None,
+            "anomaly_per_family": {f: round(v, 3) for f, v in ctx.proxies.anomaly().items()},
+            "norms_per_family": {f: [round(float(v), 4) for v in n] for f, n in ctx.proxies.norms.items()}},
         "details": details,
         "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "margin": choice["margin"],
                           "table": choice["table"]},

@@ -67,6 +67,7 @@ class ONP(Defense):
     name = "onp"
     title = "ONP: GNN policy trained by RL on the defense reward"
     Config = ONPConfig
+    purify = "sam+proxy"  # why: docs/design.md, "Purification after pruning"
 
     def scores(self, ctx: DefenseContext) -> tuple[torch.Tensor, dict]:
         """-> the trained policy's prune probabilities [G] in (0, 1)."""

@@ -1,0 +1,95 @@
+"""Trigger proxies (onp_fast.prepare.trigger): planted signals each family must find, the suspect rule, the
+per-image stamping and sampling purification uses."""
+import torch
+import torch.nn as nn
+
+from onp_fast.prepare import FAMILIES, synthesize_proxies
+
+TARGET = 0
+
+
+def _block(c: int) -> tuple[slice, slice]:
+    """Class c's 2x2 block in an 8x8 image (one per quadrant)."""
+    r, col = divmod(c, 2)
+    return slice(1 + 4 * r, 3 + 4 * r), slice(1 + 4 * col, 3 + 4 * col)
+
+
+def _block_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class c (of 4) is the 8x8 image with block c bright, plus faint noise -> (x [n, 1, 8, 8], y [n])."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.1
+    for c in range(4):
+        x[y == c, :, _block(c)[0], _block(c)[1]] += 1.0
+    return x, y
+
+
+def _block_model(planted: torch.Tensor | None = None, gain: float = 1.0) -> nn.Module:
+    """Linear classifier: logit c = sum of block c; plus, for TARGET, gain * <planted, x> (a backdoor)."""
+    w = torch.zeros(4, 1, 8, 8)
+    for c in range(4):
+        w[c, :, _block(c)[0], _block(c)[1]] = 1.0
+    if planted is not None:
+        w[TARGET] += gain * planted
+    lin = nn.Linear(64, 4)
+    with torch.no_grad():
+        lin.weight.copy_(w.reshape(4, 64))
+        lin.bias.zero_()
+    return nn.Sequential(nn.Flatten(), lin).eval()
+
+
+def test_the_additive_family_finds_a_planted_global_trigger():
+    """Planted: the target logit reads a full-image alternating-column pattern (a sinusoid at the highest
+    frequency; zero on every clean block). Must find: the additive family's smallest trigger is on the target,
+    clearly anomalous, and the suspect is that additive proxy; its stamp flips other classes to the target."""
+    stripes = (torch.arange(8) % 2 * 2 - 1).float().view(1, 1, 8).expand(1, 8, 8).clone()  # [1, 8, 8]
+    model = _block_model(stripes, gain=0.5)  # stronger, and a striped patch gets cheap too
+    x, y = _block_images(80)
+    ps = synthesize_proxies(model, x, y, 4, steps=150, seed=0)
+    z = ps.z_scores("additive")
+    assert int(z.argmax()) == TARGET and float(z[TARGET]) >= 2.0
+    assert float(ps.z_scores("patch").max()) < 2.0  # no small patch does it: only the global family sees it
+    s = ps.suspect()
+    assert (s.family, s.target) == ("additive", TARGET) and s.mask is None
+    other = y != TARGET
+    assert (model(s.apply(x[other])).argmax(1) == TARGET).float().mean() > 0.9
+
+
+def test_without_a_backdoor_no_class_of_the_additive_family_stands_far_out():
+    """The same data and classifier without the planted pattern: every class needs about the same trigger."""
+    x, y = _block_images(80)
+    ps = synthesize_proxies(_block_model(), x, y, 4, steps=150, seed=0)
+    norms = ps.norms["additive"]
+    assert float(norms.max() / norms.min()) < 1.5
+
+
+def test_the_patch_family_is_unchanged_by_the_additive_one():
+    """The additive family has its own random stream and parameters: the patch proxies are the same with or
+    without it (so a patch backdoor's ranking does not move when the family was added)."""
+    x, y = _block_images(40)
+    model = _block_model()
+    both = synthesize_proxies(model, x, y, 4, steps=20, seed=3)
+    patch = synthesize_proxies(model, x, y, 4, steps=20, seed=3, families=("patch",))
+    assert list(both.patterns) == list(FAMILIES) and list(patch.patterns) == ["patch"]
+    assert torch.allclose(both.masks, patch.masks, atol=1e-6)
+    assert torch.allclose(both.patterns["patch"], patch.patterns["patch"], atol=1e-6)
+
+
+def test_stamp_and_sample_give_each_image_a_proxy_of_another_class():
+    x, y = _block_images(40)
+    ps = synthesize_proxies(_block_model(), x, y, 4, steps=5, seed=0)
+    family = torch.arange(40) % 2
+    cls = (y + 1) % 4
+    stamped = ps.stamp(x, family, cls)
+    for i in range(40):  # per image, the same as that (family, class)'s TriggerProxy
+        p = ps.proxy(FAMILIES[int(family[i])], int(cls[i]))
+        assert torch.allclose(stamped[i], p.apply(x[i:i + 1])[0], atol=1e-6)
+    ps.norms["patch"] = torch.tensor([1.0, 1.1, 0.9, 1.05])  # no class stands out (|z| < 2)
+    ps.norms["additive"] = torch.tensor([0.01, 1.0, 1.1, 0.9])  # class 0 stands out (z about 6)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.full((4000,), 2)
+    fam, c = ps.sample(labels, g)
+    assert not (c == labels).any()  # never the image's own class
+    top = ((fam == 1) & (c == 0)).float().mean()
+    assert top > 0.9  # the anomalous (family, class) gets nearly every copy
+    assert ((fam == 0) | (c != 0)).any()  # ... but not all of them
