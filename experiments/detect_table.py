@@ -2,10 +2,10 @@
 suspect (what `prepare` flags when its index reaches the threshold) and the true target. On clean models every
 flag is a false positive: the table gives the false-positive rate of the default threshold.
 
-    python experiments/detect_table.py --models digits:clean:s0,digits:clean:s1,digits:badnets \\
+    python experiments/detect_table.py --models digits/clean/s0,digits/clean/s1,digits/badnets \\
         --param sig.train_delta=0.0980 --param sig.delta=0.4706 --threads 2
 
-A model is DATASET:ATTACK[:sSEED][:wWIDTH][:nTRAIN][:eEPOCHS] (ATTACK "clean": no poisoning), trained once into
+A model is DATASET/ATTACK[/sSEED][/wWIDTH][/nTRAIN][/eEPOCHS] (ATTACK "clean": no poisoning), trained once into
 experiments/quality.py's cache. The proxies are synthesised exactly as `prepare` does (same split of the same
 500 defense images, same seed).
 """
@@ -26,7 +26,7 @@ from onp_fast.prepare import RepairConfig, synthesize_proxies
 
 
 def parse_model(text: str) -> dict:
-    dataset, attack, *rest = text.split(":")
+    dataset, attack, *rest = text.split("/")
     m = {"dataset": dataset, "attack": attack, "seed": 0, "width": 0.5, "train_subset": 0, "epochs": 30}
     keys = {"s": ("seed", int), "w": ("width", float), "n": ("train_subset", int), "e": ("epochs", int)}
     for part in rest:
@@ -37,7 +37,7 @@ def parse_model(text: str) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", required=True, help="comma-separated DATASET:ATTACK[:sSEED][:wWIDTH][:nTRAIN]")
+    ap.add_argument("--models", required=True, help="comma-separated DATASET/ATTACK[/sSEED][/wWIDTH][/nTRAIN][/eEPOCHS]")
     ap.add_argument("--arch", default="preactresnet18")
     ap.add_argument("--defense-size", type=int, default=500)
     ap.add_argument("--json", default=None)
