@@ -146,3 +146,24 @@ def test_retune_tunes_every_weight_on_the_defense_set_plus_five_triggered_images
     b = retune(m, groups, x, y, (0.0,), (1.0,), attack, 0, epochs=1, seed=0)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # seeded
     assert not torch.equal(a.conv1.weight, m.conv1.weight)  # tuned, the input model untouched
+
+
+def test_purification_keeps_the_last_epoch_within_the_tolerance(monkeypatch):
+    """Held-out CA per epoch: 0.9 after epoch 1 (within 1.0 - 0.2), 0.5 after epoch 2 (outside): the model kept
+    is the one after epoch 1, the same as a one-epoch purification."""
+    import onp_fast.repair.purify as purify_mod
+
+    ctx = _ctx("sam+proxy", tolerance=0.2)
+    prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
+    one = ctx.groups.pruned_copy(ctx.model, prune)
+    ctx.cfg.purify_epochs = 1
+    part1 = purify(ctx, one, prune, ca_val_before=0.0, mode="sam+proxy")
+    assert part1["kept_epochs"] == 1
+    values = iter([0.9, 0.5])
+    monkeypatch.setattr(purify_mod, "accuracy_of", lambda *a: next(values))
+    ctx.cfg.purify_epochs = 2
+    two = ctx.groups.pruned_copy(ctx.model, prune)
+    part = purify(ctx, two, prune, ca_val_before=1.0, mode="sam+proxy")
+    assert part["kept"] and part["kept_epochs"] == 1 and part["ca_val_per_epoch"] == [0.9, 0.5]
+    assert part["ca_val_after"] == 0.9
+    assert all(torch.equal(v, two.state_dict()[k]) for k, v in one.state_dict().items())

@@ -126,8 +126,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
                    f"{100 * report['ca_val_after']:.2f}%")
         pur = report["purify"]
         if pur["mode"] != "none":
-            click.echo(f"purification ({pur['mode']}, {pur['epochs']} epochs, {pur['proxy_images_per_epoch']} "
-                       f"proxy-stamped images an epoch): " + ("kept" if pur["kept"] else "undone: it cost more "
-                                                               "than the tolerance on held-out images"))
+            click.echo(f"purification ({pur['mode']}, {pur['proxy_images_per_epoch']} proxy-stamped images an "
+                       f"epoch): " + (f"kept {pur['kept_epochs']} of {pur['epochs']} epochs" if pur["kept"] else
+                                      "undone: every epoch cost more than the tolerance on held-out images"))
         click.echo("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
         click.echo(f"wrote {out}, {masks_p}, {report_p}, {plot_p}")

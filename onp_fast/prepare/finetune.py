@@ -11,15 +11,16 @@ from ..groups import NeuronGroups
 
 def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0, rho: float = 0.0,
-                    label_smoothing: float = 0.0, cosine: bool = False, augment=None) -> nn.Module:
+                    label_smoothing: float = 0.0, cosine: bool = False, augment=None, after_epoch=None) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
     BatchNorm in training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of
     one image are skipped. rho > 0: each step is adaptive sharpness-aware (ASAM, Kwon et al. 2021; FT-SAM's
     step): the gradient is taken at w + e, e_i = rho |w_i|^2 g_i / ||(|w| g)||, then applied at w. cosine: the
     learning rate anneals from lr to 0 over all steps. augment: optional callable (xb, yb, generator) -> (xb', yb')
-    applied to every batch before the step (purification adds proxy-stamped copies there). Returns the model in
-    eval mode, its parameters not requiring grad."""
+    applied to every batch before the step (purification adds proxy-stamped copies there). after_epoch: optional
+    callable(epoch) run after each epoch (1-based), the model in eval mode (purification's held-out check).
+    Returns the model in eval mode, its parameters not requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
     params = [p for p in model.parameters()]
@@ -33,7 +34,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     def loss_of(xb, yb):
         return F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
 
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
@@ -50,6 +51,11 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             if sched is not None:
                 sched.step()
             groups.prune_(model, keep)
+        if after_epoch is not None:
+            model.eval()
+            with torch.no_grad():
+                after_epoch(epoch + 1)
+            model.train()
     for p in params:
         p.requires_grad_(False)
     return model.eval()

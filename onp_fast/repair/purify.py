@@ -20,8 +20,9 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
       class still gets its share; plain SGD;
     - "sam+proxy": both.
     Without proxies (none synthesised), "proxy" and "sam+proxy" run trigger-free SAM, so the backdoor is not left
-    untouched. `purify_epochs` epochs at `purify_lr`. If CA on D_val ends below ca_val_before - tolerance, the
-    model is put back as it was (report "kept": False). -> the report part."""
+    untouched. `purify_epochs` epochs at `purify_lr`. After each epoch CA on D_val is measured; the model kept is
+    the one after the last epoch whose CA stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and
+    "kept": False when none does: the model is put back as it was). -> the report part."""
     cfg = ctx.cfg
     proxies = ctx.proxies if "proxy" in mode else None
     augment = None
@@ -30,14 +31,22 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             family, cls = proxies.sample(yb, gen)
             return torch.cat([xb, proxies.stamp(xb, family, cls)]), torch.cat([yb, yb])
     sam = "sam" in mode or proxies is None
-    saved = copy.deepcopy(model.state_dict())
+    floor = ca_val_before - cfg.tolerance - 1e-12
+    best = {"epoch": 0, "state": copy.deepcopy(model.state_dict()), "ca": None}
+    curve = []
+
+    def check(epoch):  # the last epoch whose held-out CA stays within the tolerance is what purification keeps
+        ca = accuracy_of(model, ctx.x_val, ctx.y_val)
+        curve.append(round(ca, 4))
+        if ca >= floor:
+            best.update(epoch=epoch, state=copy.deepcopy(model.state_dict()), ca=ca)
+
     finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=cfg.purify_epochs, lr=cfg.purify_lr,
-                    seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment)
-    ca_after = accuracy_of(model, ctx.x_val, ctx.y_val)
-    kept = ca_after >= ca_val_before - cfg.tolerance - 1e-12
-    if not kept:
-        model.load_state_dict(saved)
+                    seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check)
+    model.load_state_dict(best["state"])
     return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
             "proxy_images_per_epoch": len(ctx.x_opt) if proxies is not None else 0,
-            "images": len(ctx.x_opt), "epochs": cfg.purify_epochs, "lr": cfg.purify_lr, "ca_val_after": ca_after,
-            "kept": kept}
+            "images": len(ctx.x_opt), "epochs": cfg.purify_epochs, "lr": cfg.purify_lr,
+            "kept_epochs": best["epoch"], "ca_val_per_epoch": curve,
+            "ca_val_after": best["ca"] if best["ca"] is not None else accuracy_of(model, ctx.x_val, ctx.y_val),
+            "kept": best["epoch"] > 0}
