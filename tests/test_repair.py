@@ -111,7 +111,8 @@ def test_cli_repair_purifies_after_pruning_and_reports_it(tiny_ckpt, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "fixed.report.json").read_text())
     assert report["purify"]["mode"] == "sam" and report["purify"]["epochs"] == 1
-    assert "purification (sam, 1 epochs" in res.output
+    assert "purification (sam, 0 proxy-stamped images an epoch): " + (
+        "kept 1 of 1 epochs" if report["purify"]["kept"] else "undone") in res.output
 
 
 @pytest.mark.parametrize("method", ["clp", "fp"])
