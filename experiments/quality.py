@@ -46,7 +46,7 @@ def backdoored(dataset, splits, attack_name, arch, width, epochs, seed, params=N
     seed_everything(seed)
     model = models.build(arch, num_classes=splits.num_classes, in_channels=c, width=width, input_size=h)
     tag = "".join(f"-{k}{v:.4g}" for k, v in sorted((params or {}).items()))
-    sub = f"-n{train_subset}" if train_subset else ""
+    sub = f"-n{train_subset}r{DEFENSE_RESERVE}" if train_subset else ""  # r: defense images held out
     path = CACHE / f"{dataset.replace(':', '_')}{sub}-{attack_name}{tag}-{arch}-w{width}-e{epochs}-s{seed}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -54,7 +54,7 @@ def backdoored(dataset, splits, attack_name, arch, width, epochs, seed, params=N
         t = time.perf_counter()
         part = splits
         if train_subset:
-            idx = stratified_indices(splits.train_y, train_subset, seed)
+            idx = training_subset(splits.train_y, train_subset, seed)
             part = dataclasses.replace(splits, train_x=splits.train_x[idx], train_y=splits.train_y[idx])
         if clean:
             train_classifier(model, part.train_x, part.train_y, epochs=epochs, mean=part.mean, std=part.std,
@@ -65,6 +65,19 @@ def backdoored(dataset, splits, attack_name, arch, width, epochs, seed, params=N
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     return model.eval(), attack
+
+
+DEFENSE_RESERVE = 2000  # training images never used to train a subset model: defense sets are drawn from them
+
+
+def training_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n stratified training indices outside the first DEFENSE_RESERVE of `defense_subset`'s seeded order, so the
+    defense images of any size up to the reserve (same seed) are never training images of the model."""
+    reserve = stratified_indices(y, min(DEFENSE_RESERVE, len(y) - n), seed)
+    rest = torch.ones(len(y), dtype=torch.bool)
+    rest[reserve] = False
+    rest = torch.nonzero(rest).flatten()
+    return rest[stratified_indices(y[rest], n, seed)]
 
 
 def ev(model, splits, attack, target=0):
