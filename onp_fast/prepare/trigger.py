@@ -23,6 +23,16 @@ FAMILIES = ("patch", "additive")
 MAD_FLOOR = 0.05  # the least MAD, as a fraction of the median norm (measurements: docs/design.md)
 
 
+def _patch(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """The patch family's stamp x * (1 - mask) + pattern * mask (broadcast)."""
+    return x * (1 - mask) + pattern * mask
+
+
+def _additive(x: torch.Tensor, delta: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The additive family's stamp clip(x + delta, lo, hi) (broadcast)."""
+    return torch.maximum(torch.minimum(x + delta, hi), lo)
+
+
 @dataclass
 class TriggerProxy:
     """One class's proxy trigger in the model's input space. family "patch": mask [1, H, W] and pattern
@@ -41,8 +51,8 @@ class TriggerProxy:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W] (normalised) -> stamped [N, C, H, W]."""
         if self.family == "additive":
-            return torch.maximum(torch.minimum(x + self.pattern, self.hi), self.lo)
-        return x * (1 - self.mask) + self.pattern * self.mask
+            return _additive(x, self.pattern, self.lo, self.hi)
+        return _patch(x, self.mask, self.pattern)
 
 
 @dataclass
@@ -90,11 +100,8 @@ class ProxySet:
             if not bool(sel.any()):
                 continue
             xs, p = x[sel], self.patterns[name][cls[sel]]
-            if name == "additive":
-                out[sel] = torch.maximum(torch.minimum(xs + p, self.hi), self.lo)
-            else:
-                m = self.masks[cls[sel]]
-                out[sel] = xs * (1 - m) + p * m
+            out[sel] = (_additive(xs, p, self.lo, self.hi) if name == "additive"
+                        else _patch(xs, self.masks[cls[sel]], p))
         return out
 
     def sample(self, y: torch.Tensor, gen: torch.Generator, temperature: float = 1.0
@@ -121,7 +128,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     n, c, h, w = x.shape
     lo = x.amin(dim=(0, 2, 3)).view(1, c, 1, 1)
     hi = x.amax(dim=(0, 2, 3)).view(1, c, 1, 1)
-    span = (hi - lo).view(1, c, 1, 1)
+    span = hi - lo
     mlog = torch.full((num_classes, 1, h, w), -3.0).requires_grad_(True)
     plog = (torch.randn(num_classes, c, h, w, generator=g) * 0.1).requires_grad_(True)
     g_add = torch.Generator().manual_seed(seed + 1)  # its own stream: the patch family is as without it
@@ -142,10 +149,12 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             m, p, d = current()
             parts, penalty = [], 0.0
             if "patch" in families:
+                # _patch's formula with pattern * mask taken before the broadcast (the gradients' summation
+                # order, and so the proxies, stay bit-identical to the earlier releases)
                 parts.append(xb.unsqueeze(0) * (1 - m.unsqueeze(1)) + (p * m).unsqueeze(1))  # [T, b, C, H, W]
                 penalty = penalty + lam * m.mean(dim=(1, 2, 3)).sum()
             if "additive" in families:
-                parts.append(torch.maximum(torch.minimum(xb.unsqueeze(0) + d.unsqueeze(1), hi), lo))
+                parts.append(_additive(xb.unsqueeze(0), d.unsqueeze(1), lo, hi))
                 penalty = penalty + lam_additive * _rms(d / span).sum()
             logits = model(torch.cat(parts).reshape(-1, c, h, w))
             tgt = targets.repeat_interleave(batch).repeat(len(parts))

@@ -54,7 +54,8 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
     """One defense on a prepared context (left unchanged, so `compare` shares one context among methods).
     purify: overrides the purification mode (`purify_mode`). ranked: an earlier result of the same method on
     this context whose scores are taken instead of scoring again (compare's "onp/none" row).
-    report["method_times_s"]: this method's own phases; report["times_s"]: the shared ones and this method's."""
+    report["method_times_s"]: this method's own phases; report["scoring_times_s"]: those of its ranking (taken
+    from `ranked` when given); report["times_s"]: the shared ones and this method's."""
     defense = get(method, method_config)
     mode = purify_mode(ctx, defense, purify)
     if mode not in PURIFY_MODES or mode == "auto":
@@ -65,8 +66,8 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
             scores, details = defense.scores(ctx)
         else:
             scores, details = ranked.scores, copy.deepcopy(ranked.report["details"])
-            own.update({k: v for k, v in ranked.report["method_times_s"].items() if k not in ("select", "apply",
-                                                                                              "purify")})
+            own.update(ranked.report["scoring_times_s"])
+        scoring = dict(own)  # the phases of the ranking, shared with a later run that takes it (`ranked`)
         scores = scores.detach().float()
         if scores.shape != (ctx.groups.num_groups,) or torch.isnan(scores).any():
             raise UserError(f"{defense.name} returned scores of shape {list(scores.shape)} (or NaN); "
@@ -95,6 +96,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
             with ctx.phase("compact"):
                 small, diff = compacted(repaired, ctx.groups, prune, ctx.defense_set()[0][:64])
     report = _report(ctx, defense, scores, choice, repaired, details, own)
+    report["scoring_times_s"] = scoring
     report["purify"] = purified if purified is not None else {"mode": "none"}
     if small is not None:
         report["compact"] = {"parameters_before": _params(repaired), "parameters_after": _params(small),
