@@ -66,7 +66,11 @@ def test_purification_keeps_pruned_groups_at_zero_and_stamps_proxies_of_other_cl
     seen = []
     real = purify_mod.finetune_pruned
 
+    teachers = []
+
     def recording(*a, augment=None, **kw):
+        teachers.append(kw["teacher"])
+
         def spy(xb, yb, gen):
             out = augment(xb, yb, gen)
             seen.append((xb, yb, *out))
@@ -75,7 +79,8 @@ def test_purification_keeps_pruned_groups_at_zero_and_stamps_proxies_of_other_cl
 
     monkeypatch.setattr(purify_mod, "finetune_pruned", recording)
     part = purify(ctx, model, prune, ca_val_before=1.0, mode="sam+proxy")
-    assert part["kept"] and part["sam_rho"] == 2.0 and part["proxy_images_per_epoch"] == len(ctx.x_opt)
+    assert part["kept"] and part["sam_rho"] == ctx.cfg.sam_rho and part["proxy_images_per_epoch"] == len(ctx.x_opt)
+    assert teachers == [ctx.model] and part["distill_temperature"] > 0  # distilled from the model as given
     assert seen and sum(len(s[0]) for s in seen) == 2 * len(ctx.x_opt)  # every D_opt image, 2 epochs
     for xb, yb, xa, ya in seen:
         n = len(xb)
@@ -96,8 +101,33 @@ def test_purification_without_proxies_runs_sam_and_is_undone_when_it_costs_accur
     model = ctx.groups.pruned_copy(ctx.model, prune)
     before = copy.deepcopy(model.state_dict())
     part = purify(ctx, model, prune, ca_val_before=0.0, mode="proxy")
-    assert part["proxy_images_per_epoch"] == 0 and part["sam_rho"] == 2.0  # trigger-free SAM
+    assert part["proxy_images_per_epoch"] == 0 and part["sam_rho"] == ctx.cfg.sam_rho > 0  # trigger-free SAM
     assert not part["kept"] and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_distillation_fits_the_teacher_on_own_images_and_the_labels_on_the_copies():
+    """Planted: the labels y disagree with the teacher everywhere. With a teacher the student learns the teacher's
+    classes on the batch's own images (not y), while the appended copies (a constant offset) learn their labels."""
+    from onp_fast.prepare import finetune_pruned
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    teacher = _tiny(1)
+    with torch.no_grad():
+        t_cls = teacher(x).argmax(1)
+    y = (t_cls + 1) % 4  # never the teacher's class
+    offset = torch.full((1, 1, 8, 8), 3.0)
+    copy_label = lambda xb, yb, gen: (torch.cat([xb, xb + offset]), torch.cat([yb, torch.full_like(yb, 2)]))  # noqa
+    groups = find_groups(_tiny(2), (1, 8, 8))
+    none = torch.zeros(groups.num_groups, dtype=torch.bool)
+    kw = dict(epochs=30, lr=0.05, batch_size=32, augment=copy_label)
+    student = finetune_pruned(_tiny(2), groups, none, x, y, teacher=teacher, **kw)
+    plain = finetune_pruned(_tiny(2), groups, none, x, y, **kw)
+    with torch.no_grad():
+        s_cls, p_cls = student(x).argmax(1), plain(x).argmax(1)
+        s_copy = student(x + offset).argmax(1)
+    assert (s_cls == t_cls).float().mean() > 0.8  # the teacher's classes, not the labels
+    assert (p_cls == y).float().mean() > 0.8  # without a teacher: the labels
+    assert (s_copy == 2).float().mean() > 0.9  # the copies keep their labels
 
 
 def test_repair_reports_purification_and_rejects_an_unknown_mode():

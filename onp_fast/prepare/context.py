@@ -40,8 +40,9 @@ class RepairConfig:
     anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
     purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
     purify_epochs: int = 10
-    purify_lr: float = 0.01
-    sam_rho: float = 2.0  # radius of the adaptive sharpness-aware step (FT-SAM's)
+    purify_lr: float = 0.003
+    sam_rho: float = 0.5  # radius of purification's adaptive sharpness-aware step
+    purify_distill: bool = True  # the defense images' own loss: distillation from the model as given
     finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
     compact: bool = False  # also build the compact model (pruned channels removed)
 

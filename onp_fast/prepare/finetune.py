@@ -11,7 +11,8 @@ from ..groups import NeuronGroups
 
 def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0, rho: float = 0.0,
-                    label_smoothing: float = 0.0, cosine: bool = False, augment=None, after_epoch=None) -> nn.Module:
+                    label_smoothing: float = 0.0, cosine: bool = False, augment=None, after_epoch=None,
+                    teacher: nn.Module | None = None, temperature: float = 2.0) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
     BatchNorm in training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of
@@ -20,6 +21,10 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     learning rate anneals from lr to 0 over all steps. augment: optional callable (xb, yb, generator) -> (xb', yb')
     applied to every batch before the step (purification adds proxy-stamped copies there). after_epoch: optional
     callable(epoch) run after each epoch (1-based), the model in eval mode (purification's held-out check).
+    teacher (an eval-mode model): the loss on the batch's own images is the distillation term
+    T^2 KL(softmax(t / T) || softmax(s / T)) (t: the teacher's logits on x, computed once; s: the model's;
+    T = temperature) in place of their cross-entropy, plus the cross-entropy of the copies `augment` appends
+    weighted by their share of the batch. Without a teacher the loss is the cross-entropy over the whole batch.
     Returns the model in eval mode, its parameters not requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -30,9 +35,21 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     steps = epochs * sum(1 for i in range(0, len(x), batch_size) if min(batch_size, len(x) - i) >= 2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if cosine else None
     keep = ~prune
+    soft = None
+    if teacher is not None:
+        with torch.no_grad():
+            soft = torch.cat([teacher(x[i:i + 256]) for i in range(0, len(x), 256)]).div_(temperature)
+            soft = F.softmax(soft, dim=1)
 
-    def loss_of(xb, yb):
-        return F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
+    def loss_of(xb, yb, sb):
+        out = model(xb)
+        if sb is None:
+            return F.cross_entropy(out, yb, label_smoothing=label_smoothing)
+        n, total = len(sb), len(xb)
+        loss = temperature ** 2 * F.kl_div(F.log_softmax(out[:n] / temperature, dim=1), sb, reduction="batchmean")
+        if total > n:
+            loss = loss + (total - n) / total * F.cross_entropy(out[n:], yb[n:], label_smoothing=label_smoothing)
+        return loss
 
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=g)
@@ -41,12 +58,13 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             if len(idx) < 2:  # BatchNorm in training mode needs two images
                 continue
             xb, yb = x[idx], y[idx]
+            sb = soft[idx] if soft is not None else None
             if augment is not None:
                 xb, yb = augment(xb, yb, g)
             opt.zero_grad(set_to_none=True)
-            loss_of(xb, yb).backward()
+            loss_of(xb, yb, sb).backward()
             if rho > 0:
-                _sharpness_aware_gradient(params, rho, lambda: loss_of(xb, yb))
+                _sharpness_aware_gradient(params, rho, lambda: loss_of(xb, yb, sb))
             opt.step()
             if sched is not None:
                 sched.step()

@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from ..prepare import DefenseContext, accuracy_of, finetune_pruned
 
+DISTILL_TEMPERATURE = 2.0
+
 
 def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_before: float, mode: str) -> dict:
     """Purifies the pruned `model` in place (prune [G] bool) with `mode`:
@@ -42,11 +44,13 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             best.update(epoch=epoch, state=copy.deepcopy(model.state_dict()), ca=ca)
 
     finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=cfg.purify_epochs, lr=cfg.purify_lr,
-                    seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check)
+                    seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check,
+                    teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE)
     model.load_state_dict(best["state"])
     return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
             "proxy_images_per_epoch": len(ctx.x_opt) if proxies is not None else 0,
             "images": len(ctx.x_opt), "epochs": cfg.purify_epochs, "lr": cfg.purify_lr,
+            "distill_temperature": DISTILL_TEMPERATURE if cfg.purify_distill else None,
             "kept_epochs": best["epoch"], "ca_val_per_epoch": curve,
             "ca_val_after": best["ca"] if best["ca"] is not None else accuracy_of(model, ctx.x_val, ctx.y_val),
             "kept": best["epoch"] > 0}
