@@ -63,6 +63,7 @@ class MaskScorer:
             raise UserError(f"unknown reward backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         self.backend, self._engine_args = backend, {"strategy": strategy, "max_memory": max_memory}
         self._engines: dict[str, RewardEngine] = {}
+        self.scored = {"masks": 0, "images": 0}  # masks scored by `terms` so far, and image forwards they took
         self.groups, self.model, self.unlearned = groups, model, unlearned
         self.x, self.y, self.weights = x, y, weights
         self.perturbations = perturbations
@@ -127,7 +128,18 @@ class MaskScorer:
             out.update(self._engine_terms(keep))
         else:
             out.update(self._hooked_terms(keep))
+        self.scored["masks"] += len(keep)
+        self.scored["images"] += len(keep) * self.images_per_mask()
         return out
+
+    def images_per_mask(self) -> int:
+        """Image forwards one mask takes: n for CA_B, n_t for CA_T, n for CA_U, n per perturbation for CA_P
+        (terms that are off take none)."""
+        w, n = self.weights, len(self.x)
+        n_t = len(self.x_t) if w.ca_t and self.x_t is not None else 0
+        n_u = n if w.ca_u and self.unlearned is not None else 0
+        n_p = n * len(self.perturbations) if w.ca_p and self.perturbations is not None else 0
+        return (n if w.ca_b else 0) + n_t + n_u + n_p
 
     def _engine(self, which: str) -> RewardEngine:
         """The RewardEngine of model B (which="b") or U ("u") over the groups' mask points, built once."""
