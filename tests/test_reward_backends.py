@@ -7,6 +7,8 @@ mobilenet_v2 and vit_small at small widths.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -185,3 +187,14 @@ def test_engine_parts_equal_separate_calls(setup):
     with pytest.raises(UserError, match="perturbations"):
         from onp_fast.reward import Perturbations
         eng.score(keep, x, y, Perturbations.random(1, groups.num_groups))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_cuda_masks_every_group_kind(setup):
+    arch, model, _, groups, x, y = setup
+    keep = random_keep(groups, model, 7)
+    want = hooked_logits(groups, model, keep, x)
+    gpu = copy.deepcopy(model).cuda()
+    got = RewardEngine(gpu, GroupPoints(groups)).score(keep.cuda(), x.cuda(), y.cuda(), return_logits=True)
+    scale = float(want.abs().amax())
+    torch.testing.assert_close(got.logits[0, 0], want, rtol=1e-4, atol=1e-4 * scale)
