@@ -98,11 +98,14 @@ def policy(ctx, args):
           f"engine {med['engine']:.1f}s, x{med['hooks'] / med['engine']:.2f}")
     a, b = results["engine"][0], results["hooks"][0]
     ca, cb = a.report["details"]["reward_curve"], b.report["details"]["reward_curve"]
-    same_frac = ca["prune_frac"] == cb["prune_frac"]
-    diff = max(abs(u - v) for u, v in zip(ca["mean"], cb["mean"]))
-    print(f"same sampled masks (pruned fraction per iteration): {same_frac}; max |mean reward diff| {diff:.2e}; "
-          f"max |score diff| {float((a.scores - b.scores).abs().max()):.2e}; same prune set: "
-          f"{torch.equal(a.prune, b.prune)} ({int(a.prune.sum())} vs {int(b.prune.sum())} groups)")
+    first = next((i for i, (u, v) in enumerate(zip(ca["prune_frac"], cb["prune_frac"])) if u != v), None)
+    upto = len(ca["mean"]) if first is None else first
+    before = max((abs(u - v) for u, v in zip(ca["mean"][:upto], cb["mean"][:upto])), default=0.0)
+    print(f"same sampled masks (pruned fraction per iteration): "
+          f"{'all iterations' if first is None else f'iterations 0..{first - 1}, first differs at {first}'}; "
+          f"max |mean reward diff| while the masks agree {before:.2e}; max |score diff| "
+          f"{float((a.scores - b.scores).abs().max()):.2e}; same prune set: {torch.equal(a.prune, b.prune)} "
+          f"({int(a.prune.sum())} vs {int(b.prune.sum())} groups)")
 
 
 def main(argv=None):
