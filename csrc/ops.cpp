@@ -15,7 +15,8 @@ TORCH_LIBRARY(onp_fast, m) {
         "(Tensor edge_index, Tensor edge_weight, Tensor node_layer, Tensor layer_offsets, Tensor node_features)");
   m.def("bn_mask_relu(Tensor x, Tensor scale, Tensor shift, Tensor? index, bool relu) -> Tensor");
   m.def("bn_mask_relu_(Tensor(a!) x, Tensor scale, Tensor shift, bool relu) -> ()");
-  m.def("reward_epilogue(Tensor logits, Tensor labels) -> (Tensor correct, Tensor ce_sum, Tensor counts)");
+  m.def("reward_epilogue(Tensor logits, Tensor labels) -> (Tensor correct, Tensor ce_sum, Tensor counts, "
+        "Tensor prob_sum)");
 }
 
 TORCH_LIBRARY_IMPL(onp_fast, CPU, m) {

@@ -107,7 +107,8 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     configs: {method: its Config} (missing: published defaults). log: optional callable(str) for progress.
     Each row: the method's CA/ASR/RA/DER, its re-activation (`reactivation_epochs` clean epochs, pruned groups
     held at zero; 0: skipped) and the retuning attack (`retune`, `retune_epochs`; 0: skipped).
-    Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "oracle_rule"} (fractions, seconds)."""
+    Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "reward_backend", "oracle_rule"}
+    (fractions, seconds); an ONP row also has "policy_reward" (its policy phase's backend, masks/s, images/s)."""
     cfg = cfg or RepairConfig()
     specs = [method_spec(m) for m in (methods or DEFAULT_METHODS)]
     defenses = [get(name, (configs or {}).get(name)) for name, _ in specs]
@@ -135,6 +136,8 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
                "ca_val": [res.report["ca_val_before"], res.report["ca_val_after"]],
                "times_s": res.report["method_times_s"], "config": res.report["method_config"]}
         own = res.report["details"]
+        if "policy_reward" in own:
+            row["policy_reward"] = own["policy_reward"]
         if "own_rule" in own:
             row["own_rule"] = {"rule": own["own_rule"], "groups": own["own_rule_groups"]}
         if reactivation_epochs > 0:
@@ -151,7 +154,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
         say(f"{label}: CA {100 * after['ca']:.2f} ASR {100 * after['asr']:.2f} in {seconds:.1f}s")
     return {"before": before, "prepare_s": prepare_s, "prepare_times_s": dict(ctx.times), "rows": rows,
             "defense": {"n": len(x), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val), "seed": cfg.seed},
-            "oracle_rule": ORACLE_RULE.format(tol=oracle_tolerance)}
+            "reward_backend": cfg.reward_backend, "oracle_rule": ORACLE_RULE.format(tol=oracle_tolerance)}
 
 
 def format_table(result: dict) -> str:

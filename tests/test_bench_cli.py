@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -56,3 +57,32 @@ def test_run_cases_speedup_and_table():
 def test_preactresnet18_shapes():
     w = bench_graphs.preactresnet18_weights()
     assert len(w) == 21 and tuple(w[0].shape) == (64, 3, 3, 3) and tuple(w[-1].shape) == (10, 512)
+
+
+def test_bench_policy_rows_show_backend_and_throughput(tmp_path, monkeypatch):
+    from onp_fast.bench import policy as bench_policy
+
+    monkeypatch.setattr(bench_policy, "K", 3)
+    monkeypatch.setattr(bench_policy, "N_IMAGES", 20)
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(main, ["bench", "--quick", "--only", "policy", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    entries = json.loads(out.read_text())
+    assert [e["impl"] for e in entries] == ["hooks", "engine"]
+    assert all(e["name"].startswith("repair policy phase") and "digits" in e["name"] for e in entries)
+    hooks, engine = entries
+    assert engine["baseline"] == "hooks" and engine["speedup"] > 0 and hooks["speedup"] is None
+    for e in entries:
+        assert e["backend"] == e["impl"] and e["K"] == 3 and e["images_per_mask"] > 20  # clean + stamped
+        assert e["masks_per_s"] > 0 and e["images_per_s"] == pytest.approx(e["masks_per_s"] * e["images_per_mask"],
+                                                                          rel=0.01)
+    assert "masks/s" in result.output and "engine" in result.output
+
+
+def test_bench_policy_backends_score_the_same_rewards(monkeypatch):
+    from onp_fast.bench import policy as bench_policy
+
+    monkeypatch.setattr(bench_policy, "K", 3)
+    monkeypatch.setattr(bench_policy, "N_IMAGES", 20)
+    hooks, engine = bench_policy.cases(quick=True)
+    torch.testing.assert_close(engine.fn(), hooks.fn(), rtol=0, atol=1e-5)

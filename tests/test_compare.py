@@ -81,6 +81,8 @@ def _without_times(result: dict) -> dict:
     for row in out["rows"]:
         row.pop("seconds")
         row.pop("times_s")
+        for key in ("seconds", "masks_per_s", "images_per_s"):  # the policy phase's throughput is timing too
+            row.get("policy_reward", {}).pop(key, None)
     return out
 
 
@@ -146,13 +148,15 @@ def test_cli_compare_prints_the_table_and_writes_json(backdoored, tmp_path):
     root = backdoored["root"]
     out = tmp_path / "cmp.json"
     res = _run(["compare", str(root / "m.pt"), "--dataset", f"npz:{root / 'data.npz'}", "--attack-spec",
-                str(root / "m.attack.json"), "--methods", "clp,FP,clp", "--json", str(out), *FAST_PARAMS])
+                str(root / "m.attack.json"), "--methods", "clp,FP,clp", "--json", str(out), "--reward-backend", "hooks",
+                *FAST_PARAMS])
     assert res.exit_code == 0, res.output
     assert "oracle" in res.output and "\nclp      |" in res.output and "\nfp       |" in res.output
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["rows"]] == ["clp", "fp"]
     assert data["attack"] == "badnets" and data["target"] == 0 and data["defense"]["n"] == 40
     assert data["rows"][1]["config"]["finetune_epochs"] == 1
+    assert data["reward_backend"] == "hooks"  # --reward-backend reaches the shared config
 
 
 @pytest.mark.parametrize("case", ["unknown_method", "bad_purification", "empty_methods", "missing_spec", "no_target", "bad_param",

@@ -81,7 +81,14 @@ def test_reward_epilogue_matches_reference(dtype):
     assert torch.equal(got.correct, want[0])
     torch.testing.assert_close(got.ce_sum, want[1], rtol=1e-9, atol=1e-9)
     assert torch.equal(got.counts, want[2])
+    torch.testing.assert_close(got.prob_sum, want[3], rtol=1e-9, atol=1e-9)
     assert got.ce_sum.dtype == torch.float64 and got.counts.sum().item() == 5 * 37
+    assert got.prob_sum.dtype == torch.float64
+    # the true-label probability is exp(-CE) per image: one hot row (label logit far above) gives ~1
+    sure = torch.full((1, 1, 10), -30.0)
+    sure[0, 0, 3] = 30.0
+    assert reward_epilogue(sure, torch.tensor([3])).prob_sum.item() == pytest.approx(1.0)
+    assert reward_epilogue(sure, torch.tensor([4])).prob_sum.item() == pytest.approx(0.0, abs=1e-20)
 
 
 def test_reward_epilogue_rejects_bad_labels():
@@ -124,4 +131,5 @@ def test_reward_epilogue_cuda():
     want = reward_epilogue(logits, labels)
     assert torch.equal(got.correct.cpu(), want.correct) and torch.equal(got.counts.cpu(), want.counts)
     torch.testing.assert_close(got.ce_sum.cpu(), want.ce_sum, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(got.prob_sum.cpu(), want.prob_sum, rtol=1e-12, atol=1e-9)
     torch.library.opcheck(torch.ops.onp_fast.reward_epilogue.default, (logits.cuda(), labels.cuda()))

@@ -48,6 +48,32 @@ def test_same_seed_same_masks():
     assert a.report["stopping_rule"]["table"] == b.report["stopping_rule"]["table"]
 
 
+def test_reward_backends_give_the_same_masks_and_rewards():
+    """The engine (default) and the hooked reference: same policy samples, same rewards, same pruned groups; the
+    report names the backend and the policy phase's throughput."""
+    torch.manual_seed(0)
+    m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
+    x, y = torch.randn(24, 1, 8, 8), torch.arange(24) % 4
+    onp = ONPConfig(iterations=3, samples=4)
+    assert RepairConfig().reward_backend == "engine"
+    a = repair(m, x, y, 4, "onp", _tiny_cfg(seed=3, purify="none"), onp, progress=False)
+    b = repair(m, x, y, 4, "onp", _tiny_cfg(seed=3, purify="none", reward_backend="hooks"), onp, progress=False)
+    assert torch.equal(a.prune, b.prune)
+    ca, cb = a.report["details"]["reward_curve"], b.report["details"]["reward_curve"]
+    assert ca["prune_frac"] == cb["prune_frac"]  # the same masks were sampled
+    assert ca["mean"] == pytest.approx(cb["mean"], abs=1e-5) and ca["max"] == pytest.approx(cb["max"], abs=1e-5)
+    for row_a, row_b in zip(a.report["stopping_rule"]["table"], b.report["stopping_rule"]["table"]):
+        assert row_a == pytest.approx(row_b, abs=1e-5)
+    ra, rb = a.report["details"]["policy_reward"], b.report["details"]["policy_reward"]
+    assert (ra["backend"], rb["backend"]) == ("engine", "hooks")
+    assert ra["masks"] == rb["masks"] == 12 and ra["images"] == rb["images"] > 12 * 32 * 0.5
+    assert ra["masks_per_s"] > 0 and ra["images_per_s"] == pytest.approx(ra["masks_per_s"] * ra["images"] / 12,
+                                                                           rel=0.01)
+    assert a.report["config"]["reward_backend"] == "engine"
+    with pytest.raises(UserError, match="reward backend"):
+        _tiny_cfg(reward_backend="fast").check()
+
+
 def test_repair_rejects_bad_defense_sets():
     m = models.build("preactresnet18", num_classes=10, in_channels=1, width=0.125, input_size=8).eval()
     with pytest.raises(UserError, match="fewer than the 10 classes"):
@@ -127,6 +153,21 @@ def test_cli_repair_method_runs_a_baseline_through_the_same_depth_rule(method, t
     assert (tmp_path / "fixed.png").read_bytes()[:4] == b"\x89PNG"
     masks = json.loads((tmp_path / "fixed.masks.json").read_text())
     assert masks["num_pruned"] == report["pruned_groups"]
+
+
+def test_cli_repair_reward_backend_option(tiny_ckpt, tmp_path):
+    out = tmp_path / "fixed.pt"
+    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                    "--defense-size", "60", "--purify", "none", "--reward-backend", "hooks",
+                                    "--iterations", "2", "--samples", "4"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "fixed.report.json").read_text())
+    assert report["config"]["reward_backend"] == "hooks"
+    assert report["details"]["policy_reward"]["backend"] == "hooks"
+    assert "policy reward (hooks): 8 masks, " in res.output
+    bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                    "--reward-backend", "fast", *FAST])
+    assert bad.exit_code == 2 and "fast" in bad.output
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "too_few_images", "wrong_channels", "no_prunable",

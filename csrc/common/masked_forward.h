@@ -20,10 +20,10 @@ ONP_MF_HD float bn_mask_act(float x, float scale, float shift, bool relu) {
   return (relu && y < 0.f) ? 0.f : y;
 }
 
-// One logits row [C] against its label: writes the first argmax (torch.argmax's tie rule) and the
-// cross-entropy logsumexp(row) - row[label], accumulated in double.
+// One logits row [C] against its label: writes the first argmax (torch.argmax's tie rule), the
+// cross-entropy logsumexp(row) - row[label] and the softmax probability of the label, in double.
 template <typename T>
-ONP_MF_HD void row_reward(const T* row, int64_t C, int64_t label, int64_t* argmax, double* ce) {
+ONP_MF_HD void row_reward(const T* row, int64_t C, int64_t label, int64_t* argmax, double* ce, double* prob) {
   int64_t best = 0;
   double mx = static_cast<double>(row[0]);
   for (int64_t c = 1; c < C; ++c) {
@@ -34,6 +34,7 @@ ONP_MF_HD void row_reward(const T* row, int64_t C, int64_t label, int64_t* argma
   for (int64_t c = 0; c < C; ++c) sum += exp(static_cast<double>(row[c]) - mx);
   *argmax = best;
   *ce = mx + log(sum) - static_cast<double>(row[label]);
+  *prob = exp(static_cast<double>(row[label]) - mx) / sum;
 }
 
 }  // namespace mf

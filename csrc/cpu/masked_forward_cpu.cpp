@@ -1,5 +1,6 @@
 // CPU kernels of the masked-forward reward ops: fused eval-BN + mask + ReLU (gathering the surviving
-// channels, channels-last aware, optionally in place) and the logits -> (correct, CE sum, counts) epilogue.
+// channels, channels-last aware, optionally in place) and the logits -> (correct, CE sum, counts,
+// true-label probability sum) epilogue.
 #include "cpu/masked_forward_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -143,7 +144,8 @@ void bn_mask_relu_inplace_cpu(at::Tensor& x, const at::Tensor& scale, const at::
   bn_mask_relu_kernel(a, a.x.mutable_data_ptr<float>(), relu);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cpu(const at::Tensor& logits, const at::Tensor& labels) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cpu(const at::Tensor& logits,
+                                                                               const at::Tensor& labels) {
   reward_epilogue_check(logits, labels);
   const int64_t K = logits.size(0), B = logits.size(1), C = logits.size(2);
   at::Tensor lab = labels.contiguous();
@@ -151,30 +153,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cpu(const at::Ten
   at::Tensor correct = at::zeros({K}, labels.options());
   at::Tensor ce = at::zeros({K}, logits.options().dtype(at::kDouble));
   at::Tensor counts = at::zeros({K, C}, labels.options());
+  at::Tensor prob = at::zeros({K}, logits.options().dtype(at::kDouble));
   at::Tensor lg = logits.contiguous();
   int64_t* pc = correct.mutable_data_ptr<int64_t>();
   double* pe = ce.mutable_data_ptr<double>();
   int64_t* pn = counts.mutable_data_ptr<int64_t>();
+  double* pp = prob.mutable_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lg.scalar_type(), "reward_epilogue_cpu", [&] {
     const scalar_t* L = lg.const_data_ptr<scalar_t>();
     at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         int64_t hits = 0;
-        double sum = 0.0;
+        double sum = 0.0, psum = 0.0;
         for (int64_t b = 0; b < B; ++b) {
           int64_t arg;
-          double l;
-          mf::row_reward(L + (k * B + b) * C, C, y[b], &arg, &l);
+          double l, p;
+          mf::row_reward(L + (k * B + b) * C, C, y[b], &arg, &l, &p);
           hits += arg == y[b];
           sum += l;
+          psum += p;
           pn[k * C + arg] += 1;
         }
         pc[k] = hits;
         pe[k] = sum;
+        pp[k] = psum;
       }
     });
   });
-  return {correct, ce, counts};
+  return {correct, ce, counts, prob};
 }
 
 }  // namespace onp_fast

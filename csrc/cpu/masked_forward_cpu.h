@@ -27,7 +27,9 @@ at::Tensor bn_mask_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const 
                             const std::optional<at::Tensor>& index, bool relu);
 // In place on x [K, B, C, *S] (dense per mask, either layout).
 void bn_mask_relu_inplace_cpu(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu);
-// logits [K, B, C] float, labels [B] int64 -> (correct [K] int64, ce_sum [K] float64, counts [K, C] int64).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cpu(const at::Tensor& logits, const at::Tensor& labels);
+// logits [K, B, C] float, labels [B] int64 -> (correct [K] int64, ce_sum [K] float64, counts [K, C] int64,
+// prob_sum [K] float64: the summed softmax probability of the label).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cpu(const at::Tensor& logits,
+                                                                               const at::Tensor& labels);
 
 }  // namespace onp_fast

@@ -40,7 +40,8 @@ void bn_mask_relu_inplace_cuda(at::Tensor& x, const at::Tensor& scale, const at:
   run_bn_mask(a, a.x.mutable_data_ptr<float>(), relu);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cuda(const at::Tensor& logits, const at::Tensor& labels) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cuda(const at::Tensor& logits,
+                                                                                const at::Tensor& labels) {
   const c10::cuda::CUDAGuard guard(logits.device());
   reward_epilogue_check(logits, labels);
   const int64_t K = logits.size(0), B = logits.size(1), C = logits.size(2);
@@ -49,11 +50,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cuda(const at::Te
   at::Tensor correct = at::zeros({K}, labels.options());
   at::Tensor ce = at::zeros({K}, logits.options().dtype(at::kDouble));
   at::Tensor counts = at::zeros({K, C}, labels.options());
+  at::Tensor prob = at::zeros({K}, logits.options().dtype(at::kDouble));
   check_launch(launch_reward_epilogue(lg.const_data_ptr<float>(), lab.const_data_ptr<int64_t>(), K, B, C,
                                       correct.mutable_data_ptr<int64_t>(), ce.mutable_data_ptr<double>(),
-                                      counts.mutable_data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()),
+                                      counts.mutable_data_ptr<int64_t>(), prob.mutable_data_ptr<double>(),
+                                      at::cuda::getCurrentCUDAStream()),
                "reward_epilogue");
-  return {correct, ce, counts};
+  return {correct, ce, counts, prob};
 }
 
 }  // namespace onp_fast

@@ -10,6 +10,7 @@ namespace onp_fast {
 at::Tensor bn_mask_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                              const std::optional<at::Tensor>& index, bool relu);
 void bn_mask_relu_inplace_cuda(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cuda(const at::Tensor& logits, const at::Tensor& labels);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reward_epilogue_cuda(const at::Tensor& logits,
+                                                                                const at::Tensor& labels);
 
 }  // namespace onp_fast

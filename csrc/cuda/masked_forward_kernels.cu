@@ -43,32 +43,38 @@ constexpr int kEpilogueThreads = 256;
 
 // One block per mask k; fixed-order tree reduction so CE sums are deterministic.
 __global__ void reward_epilogue_kernel(const float* logits, const int64_t* labels, int64_t B, int64_t C,
-                                       int64_t* correct, double* ce_sum, unsigned long long* counts) {
+                                       int64_t* correct, double* ce_sum, unsigned long long* counts,
+                                       double* prob_sum) {
   __shared__ double s_ce[kEpilogueThreads];
+  __shared__ double s_prob[kEpilogueThreads];
   __shared__ long long s_hit[kEpilogueThreads];
   const int64_t k = blockIdx.x;
-  double ce = 0.0;
+  double ce = 0.0, prob = 0.0;
   long long hits = 0;
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     int64_t arg;
-    double l;
-    mf::row_reward(logits + (k * B + b) * C, C, labels[b], &arg, &l);
+    double l, p;
+    mf::row_reward(logits + (k * B + b) * C, C, labels[b], &arg, &l, &p);
     ce += l;
+    prob += p;
     hits += arg == labels[b];
     atomicAdd(counts + k * C + arg, 1ull);
   }
   s_ce[threadIdx.x] = ce;
+  s_prob[threadIdx.x] = prob;
   s_hit[threadIdx.x] = hits;
   __syncthreads();
   for (int step = blockDim.x / 2; step > 0; step >>= 1) {
     if (threadIdx.x < step) {
       s_ce[threadIdx.x] += s_ce[threadIdx.x + step];
+      s_prob[threadIdx.x] += s_prob[threadIdx.x + step];
       s_hit[threadIdx.x] += s_hit[threadIdx.x + step];
     }
     __syncthreads();
   }
   if (threadIdx.x == 0) {
     ce_sum[k] = s_ce[0];
+    prob_sum[k] = s_prob[0];
     correct[k] = s_hit[0];
   }
 }
@@ -89,10 +95,11 @@ cudaError_t launch_bn_mask_act(const float* x, float* out, const float* scale, c
 }
 
 cudaError_t launch_reward_epilogue(const float* logits, const int64_t* labels, int64_t K, int64_t B, int64_t C,
-                                   int64_t* correct, double* ce_sum, int64_t* counts, cudaStream_t stream) {
+                                   int64_t* correct, double* ce_sum, int64_t* counts, double* prob_sum,
+                                   cudaStream_t stream) {
   if (K == 0) return cudaSuccess;
   reward_epilogue_kernel<<<(unsigned)K, kEpilogueThreads, 0, stream>>>(
-      logits, labels, B, C, correct, ce_sum, reinterpret_cast<unsigned long long*>(counts));
+      logits, labels, B, C, correct, ce_sum, reinterpret_cast<unsigned long long*>(counts), prob_sum);
   return cudaGetLastError();
 }
 

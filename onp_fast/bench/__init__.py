@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 from ..atomic import write_text
 
 # Case modules under onp_fast.bench.
-CASE_MODULES = ["graphs", "reward"]
+CASE_MODULES = ["graphs", "reward", "policy"]
 
 
 @dataclass

@@ -47,11 +47,14 @@ def parse_methods(text: str) -> list[str]:
 @click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
               help="Hyper-parameter override, repeatable: e.g. anp.iterations=500, clp.u=2.5, onp.iterations=30, "
                    "repair.tolerance=0.05 (shared).")
+@click.option("--reward-backend", type=click.Choice(["engine", "hooks"]), default=None,
+              help="How masks are scored: the batched reward engine (default) or one hooked forward per mask (the "
+                   "reference); the same as --param repair.reward_backend=...")
 @click.option("--seed", type=int, default=0, show_default=True)
 @checkpoint_options
 @click.option("--quiet", is_flag=True, help="Print the table only.")
 def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs,
-            retune_epochs, params, seed, arch, trust_pickle, quiet):
+            retune_epochs, params, reward_backend, seed, arch, trust_pickle, quiet):
     """Compare defenses on MODEL: each method's depth is chosen on held-out defense images (no test data)."""
     from ..compare import compare, format_table
     from ..data import defense_subset, normalize
@@ -62,7 +65,8 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     from ..repair.output import write_json
 
     names = parse_methods(methods)
-    cfg, configs = apply_params(params, [n.partition("/")[0] for n in names], RepairConfig(seed=seed))
+    base = RepairConfig(seed=seed) if reward_backend is None else RepairConfig(seed=seed, reward_backend=reward_backend)
+    cfg, configs = apply_params(params, [n.partition("/")[0] for n in names], base)
     if defense_size < 1:
         raise UserError("--defense-size must be at least 1")
     if reactivation_epochs < 0 or retune_epochs < 0:

@@ -56,6 +56,9 @@ def _weights(text: str | None):
 @click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_t=1,ca_u=0,ca_p=0,sparsity=0.1")
 @click.option("--tolerance", type=float, default=0.02, show_default=True,
               help="CA drop allowed on the held-out defense images when choosing the depth.")
+@click.option("--reward-backend", type=click.Choice(["engine", "hooks"]), default="engine", show_default=True,
+              help="How masks are scored: the batched reward engine, or one hooked forward per mask (the reference); "
+                   "both give the same rewards.")
 @click.option("--compact", "compact_model", is_flag=True,
               help="Remove pruned channels physically (written as TorchScript: its shapes no longer match the arch).")
 @click.option("--purify", type=click.Choice(["auto", "none", "sam", "proxy", "sam+proxy"]), default="auto",
@@ -69,7 +72,7 @@ def _weights(text: str | None):
 @checkpoint_options
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, method, iterations,
-            samples, algorithm, reward_weights, tolerance, compact_model, purify, purify_epochs, finetune_epochs, seed,
+            samples, algorithm, reward_weights, tolerance, reward_backend, compact_model, purify, purify_epochs, finetune_epochs, seed,
             arch, trust_pickle, quiet):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..data import defense_subset, normalize
@@ -96,7 +99,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
         raise UserError("--defense-size must be at least 1")
     if onp.iterations < 1 or onp.samples < 2:
         raise UserError("--iterations must be >= 1 and --samples >= 2")
-    cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance=tolerance, purify=purify,
+    cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance=tolerance,
+                       reward_backend=reward_backend, purify=purify,
                        purify_epochs=purify_epochs, finetune_epochs=finetune_epochs, compact=compact_model).check()
 
     loaded, splits, mean, std = load_model_and_data(model_path, dataset, arch=arch, trust_pickle=trust_pickle,
@@ -130,4 +134,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
                        f"epoch): " + (f"kept {pur['kept_epochs']} of {pur['epochs']} epochs" if pur["kept"] else
                                       "undone: every epoch cost more than the tolerance on held-out images"))
         click.echo("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+        rate = report["details"].get("policy_reward")
+        if rate is not None:
+            click.echo(f"policy reward ({rate['backend']}): {rate['masks']} masks, {rate['masks_per_s']} masks/s, "
+                       f"{rate['images_per_s']} images/s")
         click.echo(f"wrote {out}, {masks_p}, {report_p}, {plot_p}")

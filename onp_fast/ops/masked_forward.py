@@ -43,7 +43,8 @@ def _bn_mask_relu_inplace_fake(x, scale, shift, relu):
 @torch.library.register_fake("onp_fast::reward_epilogue")
 def _reward_epilogue_fake(logits, labels):
     k, _, c = logits.shape
-    return (labels.new_empty([k]), logits.new_empty([k], dtype=torch.float64), labels.new_empty([k, c]))
+    return (labels.new_empty([k]), logits.new_empty([k], dtype=torch.float64), labels.new_empty([k, c]),
+            logits.new_empty([k], dtype=torch.float64))
 
 
 def bn_mask_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, index: torch.Tensor | None = None,
@@ -68,14 +69,17 @@ def bn_mask_relu_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, rel
 
 
 class EpilogueOut(NamedTuple):
-    """correct [K] int64; ce_sum [K] float64 (summed cross-entropy); counts [K, num_classes] int64 (argmax)."""
+    """correct [K] int64; ce_sum [K] float64 (summed cross-entropy); counts [K, num_classes] int64 (argmax);
+    prob_sum [K] float64 (summed softmax probability of the label)."""
 
     correct: torch.Tensor
     ce_sum: torch.Tensor
     counts: torch.Tensor
+    prob_sum: torch.Tensor
 
 
 def reward_epilogue(logits: torch.Tensor, labels: torch.Tensor) -> EpilogueOut:
     """Per-mask reduction of logits [K, B, num_classes] (float) against labels [B] int64: number correct
-    (argmax, first index on ties), summed cross-entropy (in float64), and argmax counts per class."""
+    (argmax, first index on ties), summed cross-entropy (in float64), argmax counts per class, and the summed
+    softmax probability of the label (in float64)."""
     return EpilogueOut(*torch.ops.onp_fast.reward_epilogue(logits, labels))

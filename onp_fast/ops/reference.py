@@ -145,10 +145,12 @@ def bn_mask_relu_reference(x, scale, shift, index=None, relu=True):
 
 
 def reward_epilogue_reference(logits, labels):
-    """logits [K, B, C], labels [B] -> (correct [K] int64, ce_sum [K] float64, counts [K, C] int64)."""
+    """logits [K, B, C], labels [B] -> (correct [K] int64, ce_sum [K] float64, counts [K, C] int64,
+    prob_sum [K] float64: the summed softmax probability of the label)."""
     K, B, C = logits.shape
     pred = logits.argmax(-1)
     correct = (pred == labels).sum(1)
     ce = F.cross_entropy(logits.double().reshape(K * B, C), labels.repeat(K), reduction="none").view(K, B).sum(1)
     counts = torch.zeros(K, C, dtype=torch.int64, device=pred.device).scatter_add_(1, pred, torch.ones_like(pred))
-    return correct, ce, counts
+    prob = logits.double().softmax(-1).gather(2, labels.view(1, B, 1).expand(K, B, 1)).view(K, B).sum(1)
+    return correct, ce, counts, prob

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..data import stratified_split
 from ..errors import UserError
 from ..groups import NeuronGroups, find_groups
-from ..reward import MaskScorer, RewardWeights
+from ..reward import BACKENDS, MaskScorer, RewardWeights
 from .perturb import adversarial_perturbations
 from .trigger import ProxySet, TriggerProxy, synthesize_proxies
 from .unlearn import unlearn
@@ -34,6 +34,7 @@ class RepairConfig:
     slack: float | None = None  # depth rule margin below the best D_val reward; None: one standard error
     val_fraction: float = 0.2
     reward_batch: int = 128  # images of D_opt scored per reward call (a fixed seeded subset)
+    reward_backend: str = "engine"  # engine (batched RewardEngine) or hooks (one hooked forward per mask; reference)
     perturbations: int = 2  # adversarial neuron perturbations for CA_P (when its weight is not 0)
     perturb_eps: float = 0.4
     unlearn_lr: float = 0.01
@@ -48,6 +49,8 @@ class RepairConfig:
 
     def check(self) -> "RepairConfig":
         """UserError (one line) for a setting no repair can run with; checked before any work."""
+        if self.reward_backend not in BACKENDS:
+            raise UserError(f"unknown reward backend {self.reward_backend!r}: use one of {', '.join(BACKENDS)}")
         if self.purify not in PURIFY_MODES:
             raise UserError(f"unknown purification {self.purify!r}: use one of {', '.join(PURIFY_MODES)}")
         if self.purify_epochs < 0 or self.finetune_epochs < 0:
@@ -105,7 +108,7 @@ class DefenseContext:
 
     def scorer(self, on: str = "opt") -> MaskScorer:
         """The reward (onp.md section 5) on the fixed seeded D_opt subset of `reward_batch` images (on="opt") or
-        on all of D_val (on="val")."""
+        on all of D_val (on="val"), computed by the `reward_backend`."""
         if on == "val":
             x, y = self.x_val, self.y_val
         else:
@@ -113,7 +116,7 @@ class DefenseContext:
             sub = torch.randperm(len(self.x_opt), generator=gen)[: self.cfg.reward_batch]
             x, y = self.x_opt[sub], self.y_opt[sub]
         return MaskScorer(self.groups, self.model, x, y, self.cfg.weights, self.unlearned, self.perturbations,
-                          self.trigger)
+                          self.trigger, backend=self.cfg.reward_backend)
 
 
 def check_defense_set(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:

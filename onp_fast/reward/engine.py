@@ -1,11 +1,15 @@
 """The batched masked-forward reward engine: score K masks on M models x (1 + P) perturbation settings.
 
-Per call: the unmasked prefix runs once per model; the masks' BN scale/shift (mask and perturbation folded
-into eval-mode BN) are computed for all K at once; then either
+What is masked: a NeuronSet (BN channels, masks [K, N]) or GroupPoints (every mask point of neuron groups: BN
+and LayerNorm outputs, coupled residual-stream groups at every member point, conv/linear outputs no norm
+follows, attention heads; masks are group masks [K, G]). Per call: the unmasked prefix runs once per model;
+the masks' BN scale/shift (mask and perturbation folded into eval-mode BN) and the other sites' channel masks
+are computed for all K at once; then either
   sliced  (CPU default): one mask at a time, zeroed channels skipped (sliced conv weights, fused
           BN + mask + ReLU gathering the survivors), channels-last; or
   batched (CUDA default): chunks of masks folded into the batch, fused BN + mask + ReLU in place;
-and the logits of a chunk go through the fused (correct, CE sum, per-class counts) epilogue.
+and the logits of a chunk go through the fused epilogue (correct, CE sum, per-class counts, true-label
+probability sum), per image part when the images are given in parts (`score_parts`).
 K is chunked so the activations stay under `max_memory`.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn as nn
 from ..errors import UserError
 from ..ops.masked_forward import reward_epilogue
 from .memory import chunk_size, parse_memory
-from .neurons import NeuronSet, bn_neurons
+from .neurons import GroupPoints, NeuronSet, bn_neurons
 from .plan import ChunkContext, ModelPlan
 from .result import Perturbations, RewardResult
 
@@ -28,14 +32,15 @@ STRATEGIES = ("auto", "sliced", "batched")
 class RewardEngine:
     """Compiles each model once; `score` reuses the plans.
 
-    models:     one nn.Module or several with the same maskable BN layout (e.g. the model and its unlearned
-                copy), float32, on one device; they take normalised images.
-    neurons:    the maskable units (default: every BN channel of models[0], module order).
+    models:     one nn.Module or several with the same mask sites (e.g. the model and its unlearned copy),
+                float32, on one device; they take normalised images.
+    neurons:    what is masked: a NeuronSet (default: every BN channel of models[0], module order) or
+                GroupPoints (the mask points of neuron groups; masks are group masks).
     max_memory: activation budget in bytes or a size string ("512MB"); K is chunked to stay under it.
     strategy:   "sliced", "batched" or "auto" (sliced on CPU, batched on CUDA).
     """
 
-    def __init__(self, models: nn.Module | Sequence[nn.Module], neurons: NeuronSet | None = None, *,
+    def __init__(self, models: nn.Module | Sequence[nn.Module], neurons: NeuronSet | GroupPoints | None = None, *,
                  max_memory: int | str = "1GB", strategy: str = "auto"):
         models = [models] if isinstance(models, nn.Module) else list(models)
         if not models:
@@ -43,7 +48,11 @@ class RewardEngine:
         if strategy not in STRATEGIES:
             raise UserError(f"unknown reward strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
         self.neurons = neurons or bn_neurons(models[0])
-        self.plans = [ModelPlan(m, self.neurons) for m in models]
+        sites = [self.neurons.sites(m) for m in models]
+        if any(s != sites[0] for s in sites[1:]):
+            raise UserError("the models do not share the same mask sites")
+        self.sites = sites[0]
+        self.plans = [ModelPlan(m, self.sites) for m in models]
         params = [p for m in models for p in m.parameters()]
         self.device = params[0].device if params else torch.device("cpu")
         if any(p.device != self.device for p in params) or any(p.dtype != torch.float32 for p in params):
@@ -78,56 +87,64 @@ class RewardEngine:
             self._mem_cache[key] = (shared * images.shape[0], per * images.shape[0])
         return self._mem_cache[key]
 
-    @torch.no_grad()
     def score(self, masks: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
               perturbations: Perturbations | None = None, return_logits: bool = False) -> RewardResult:
         """Scores every (model, setting, mask).
 
-        masks:  [K, N] float (0/1 or soft in [0, 1]), N = the neuron set's size.
+        masks:  [K, N] float, N = the neuron set's size (NeuronSet: 0/1 or soft in [0, 1]; GroupPoints: group
+                keep factors >= 0).
         images: [B, C, H, W] float32, normalised. labels: [B] int64.
-        perturbations: optional P perturbations; setting 0 is unperturbed, 1..P perturbed.
+        perturbations: optional P perturbations (NeuronSet only); setting 0 is unperturbed, 1..P perturbed.
         Returns a RewardResult with [M, 1 + P, K, ...] tensors (logits only when return_logits).
         """
+        return self.score_parts(masks, [(images, labels)], perturbations, return_logits)[0]
+
+    @torch.no_grad()
+    def score_parts(self, masks: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    perturbations: Perturbations | None = None, return_logits: bool = False) -> list[RewardResult]:
+        """`score` on several image sets in one pass: parts [(images [B_i, ...], labels [B_i])] run as one
+        batch (one forward per chunk of masks), each part reduced by its own epilogue. Empty parts are allowed
+        (zero counts). Returns one RewardResult per part."""
+        sizes = [len(x) for x, _ in parts]
+        if not parts or sum(sizes) == 0:
+            raise UserError("the reward engine needs at least one image")
+        images = torch.cat([x for x, _ in parts]) if len(parts) > 1 else parts[0][0]
+        labels = torch.cat([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
         masks, images, labels = self._check(masks, images, labels, perturbations)
-        K, B = masks.shape[0], images.shape[0]
+        K = masks.shape[0]
         settings = 1 + (perturbations.count if perturbations is not None else 0)
         M = len(self.plans)
         kc = self.chunk(K, images)
-        module_masks = self.neurons.module_masks(masks, self.channels)
-        keep = {name: _keep_sets(m) for name, m in module_masks.items()} if self.strategy == "sliced" else None
+        site_masks = self.neurons.site_masks(masks, self.sites)
+        bn_masks = {name: site_masks[(name, "out")] for name in self.plans[0].bns}
+        other = {key: m.contiguous() for key, m in site_masks.items() if key[0] not in bn_masks}
+        keep = {name: _keep_sets(m) for name, m in bn_masks.items()} if self.strategy == "sliced" else None
         factors = self._perturbation_factors(perturbations)
         if self.strategy == "sliced" and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
-        correct = torch.zeros(M, settings, K, dtype=torch.int64)
-        ce = torch.zeros(M, settings, K, dtype=torch.float64)
-        counts = None
-        logits_out = None
+        bounds = [0]
+        for n in sizes:
+            bounds.append(bounds[-1] + n)
+        out = [_Accumulator(M, settings, K, n, return_logits) for n in sizes]
         for mi, plan in enumerate(self.plans):
             with _eval(plan.model):
                 static = plan.run_static(images)
                 for si in range(settings):
-                    scale, shift = self._scale_shift(plan, module_masks, factors, si)
+                    scale, shift = self._scale_shift(plan, bn_masks, factors, si)
                     for k0 in range(0, K, kc):
                         k1 = min(K, k0 + kc)
                         ctx = ChunkContext({n: t[k0:k1] for n, t in scale.items()},
                                            {n: t[k0:k1] for n, t in shift.items()},
-                                           {n: v[k0:k1] for n, v in keep.items()} if keep is not None else {})
+                                           {n: v[k0:k1] for n, v in keep.items()} if keep is not None else {},
+                                           {key: m[k0:k1] for key, m in other.items()})
                         if self.strategy == "sliced":
                             logits = torch.stack([plan.run_sliced(static, ctx, k) for k in range(k1 - k0)])
                         else:
                             logits = plan.run_batched(static, ctx, k1 - k0)
-                        out = reward_epilogue(logits, labels)
-                        if counts is None:
-                            counts = torch.zeros(M, settings, K, logits.shape[-1], dtype=torch.int64)
-                            if return_logits:
-                                logits_out = torch.zeros(M, settings, K, B, logits.shape[-1])
-                        correct[mi, si, k0:k1] = out.correct.cpu()
-                        ce[mi, si, k0:k1] = out.ce_sum.cpu()
-                        counts[mi, si, k0:k1] = out.counts.cpu()
-                        if return_logits:
-                            logits_out[mi, si, k0:k1] = logits.float().cpu()
+                        for acc, b0, b1 in zip(out, bounds[:-1], bounds[1:]):
+                            acc.add(mi, si, k0, logits[:, b0:b1], labels[b0:b1])
                 del static
-        return RewardResult(correct, ce, counts, logits_out)
+        return [acc.result() for acc in out]
 
     def _check(self, masks, images, labels, perturbations):
         N = self.neurons.size
@@ -136,11 +153,14 @@ class RewardEngine:
         if images.dim() < 2 or labels.dim() != 1 or labels.shape[0] != images.shape[0] or images.shape[0] < 1:
             raise UserError(f"images [B, ...] and labels [B] must match, got {tuple(images.shape)} and "
                             f"{tuple(labels.shape)}")
+        if perturbations is not None and not isinstance(self.neurons, NeuronSet):
+            raise UserError("perturbations apply to a BN neuron set; with group masks, fold them into the masks")
         if perturbations is not None and perturbations.d_gamma.shape[1] != N:
             raise UserError(f"perturbations must be [P, {N}], got {tuple(perturbations.d_gamma.shape)}")
         masks = masks.to(self.device, torch.float32)
-        if not bool(((masks >= 0) & (masks <= 1)).all()):
-            raise UserError("mask values must lie in [0, 1]")
+        top = self.neurons.max_value
+        if not bool(((masks >= 0) & (masks <= top)).all()):
+            raise UserError("mask values must lie in [0, 1]" if top == 1 else "mask values must be finite and >= 0")
         return masks, images.to(self.device, torch.float32), labels.to(self.device, torch.int64)
 
     def _perturbation_factors(self, perturbations):
@@ -190,6 +210,38 @@ def _keep_sets(m: torch.Tensor, multiple: int = 8, dense_above: float = 0.8) -> 
         order = torch.argsort((~nz[k]).to(torch.int8), stable=True)  # survivors first, then pruned
         out.append(order[:want].sort().values)
     return out
+
+
+class _Accumulator:
+    """One image part's RewardResult, filled chunk by chunk: add(model, setting, first mask, logits [Kc, B, c],
+    labels [B]) runs the fused epilogue (nothing for B = 0)."""
+
+    def __init__(self, models: int, settings: int, k: int, images: int, keep_logits: bool):
+        self.shape, self.images, self.keep_logits = (models, settings, k), images, keep_logits
+        self.correct = torch.zeros(self.shape, dtype=torch.int64)
+        self.ce = torch.zeros(self.shape, dtype=torch.float64)
+        self.prob = torch.zeros(self.shape, dtype=torch.float64)
+        self.counts = self.logits = None
+
+    def add(self, mi: int, si: int, k0: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        classes = logits.shape[-1]
+        if self.counts is None:
+            self.counts = torch.zeros(*self.shape, classes, dtype=torch.int64)
+            if self.keep_logits:
+                self.logits = torch.zeros(*self.shape, self.images, classes)
+        if self.images == 0:
+            return
+        k1 = k0 + logits.shape[0]
+        out = reward_epilogue(logits, labels)
+        self.correct[mi, si, k0:k1] = out.correct.cpu()
+        self.ce[mi, si, k0:k1] = out.ce_sum.cpu()
+        self.counts[mi, si, k0:k1] = out.counts.cpu()
+        self.prob[mi, si, k0:k1] = out.prob_sum.cpu()
+        if self.keep_logits:
+            self.logits[mi, si, k0:k1] = logits.float().cpu()
+
+    def result(self) -> RewardResult:
+        return RewardResult(self.correct, self.ce, self.counts, self.logits, self.prob)
 
 
 class _eval:

@@ -1,21 +1,27 @@
 """A model compiled once (torch.fx) into a masked-forward plan, and its interpreter.
 
-The traced graph splits into a static prefix (nodes no maskable BN reaches: run once per call, shared by all
-masks) and dynamic steps. Dynamic steps are specialised:
+The mask sites (neurons.MaskSite) are put into the traced graph: a BatchNorm output site stays the BN node (run
+fused, below); any other site whose module is a graph node gets a `mask` node after its output (site "out") or
+before its input (site "in"); a site inside a leaf module (an attention head slice inside an attention block)
+is masked by a hook on that submodule while the leaf runs. The graph splits into a static prefix (nodes no
+mask reaches: run once per call, shared by all masks) and dynamic steps. Dynamic steps are specialised:
   bn     a masked BN (+ the ReLU that follows it, fused): the bn_mask_relu op, in place where the input is a
          fresh single-use tensor; with a hard (or sparse soft) mask it emits only the kept channels (the
          survivors padded to a multiple of 8, see engine._keep_sets) as a `_Sparse` value when every
          consumer can use that;
+  mask   any other site: the activation times the site's mask along its channel dim;
   conv   Conv2d (groups 1, zero padding): a sparse input slices the weight to the surviving input channels
          (fewer FLOPs); a conv whose only consumer is a masked BN computes only that BN's surviving rows;
   linear nn.Linear on a sparse [B, C] input: weight columns sliced;
   pass   channel-wise ops with f(0) = 0 (ReLU, max/avg pooling) apply to the surviving channels only;
-  call   anything else: sparse inputs are scattered back to dense, then the node runs as traced.
+  call   anything else (with site hooks when a leaf holds sites): sparse inputs are scattered back to dense,
+         then the node runs as traced.
 Two ways to run: `run_sliced` (one mask at a time, channel skipping; the CPU path) and `run_batched`
-(a chunk of masks folded into the batch dimension, fused ops, no skipping; the GPU path).
+(a chunk of masks folded into the batch dimension, fused ops, no skipping; no Python loop over masks).
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 
@@ -27,13 +33,27 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..groups.trace import trace
 from ..ops.masked_forward import bn_mask_relu, bn_mask_relu_
-from .neurons import NeuronSet
+from .neurons import MaskSite
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
 _PASS_FUNCS = _RELU_FUNCS | {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.max_pool2d}
 _PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _FRESH_FUNCS = {operator.add, torch.add}
 _INPLACE_FUNCS = {operator.iadd, operator.imul, operator.isub, torch.relu_}
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _mask_point(x: torch.Tensor, key: tuple) -> torch.Tensor:
+    """Marker of a mask site in the traced graph (key: the site's (module, site)); the identity when the graph
+    runs outside the plan's interpreters (e.g. the memory estimate's unmasked pass)."""
+    return x
+
+
+def _mask_values(x: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
+    """x [Kx, B, ...] (Kx in {1, K}) times m [K, C] along x's dim `dim` + 1 (C channels there) -> [K, B, ...]."""
+    shape = [m.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim + 1] = m.shape[1]
+    return x * m.view(shape)
 
 
 class _Sparse:
@@ -64,10 +84,12 @@ def _dense(v):
 @dataclass
 class _Step:
     node: fx.Node
-    kind: str                      # bn | conv | linear | pass | call
+    kind: str                      # bn | mask | conv | linear | pass | call
     out: fx.Node                   # the env key the result is stored under (the fused ReLU for bn+relu)
     module: nn.Module | None = None
     unit: str | None = None        # bn: its module name; conv with row slicing: the consuming BN's name
+    site: MaskSite | None = None   # mask: the site it applies
+    hooks: list = field(default_factory=list)  # call: the MaskSites inside this leaf module
     relu: bool = False             # bn: ReLU fused
     sparse_out: bool = False       # bn: may emit a _Sparse value
     inplace_in: bool = False       # bn: its input is a fresh single-use tensor (safe to overwrite)
@@ -79,11 +101,13 @@ class _Step:
 @dataclass
 class ChunkContext:
     """Per-call tensors the interpreter reads. scale/shift: {bn name: [Kc, C] float32} (mask and perturbation
-    folded in); keep: {bn name: list of Kc ([C'] int64 surviving channels, or None = no skipping)}."""
+    folded in); keep: {bn name: list of Kc ([C'] int64 surviving channels, or None = no skipping)};
+    mask: {(module, site): [Kc, C] float32} for the sites that are not fused BNs."""
 
     scale: dict
     shift: dict
     keep: dict
+    mask: dict = field(default_factory=dict)
 
 
 def _is_relu(node: fx.Node, modules: dict) -> bool:
@@ -111,21 +135,24 @@ def _mutates(node: fx.Node, modules: dict) -> bool:
 
 
 class ModelPlan:
-    """`model` traced once; BN modules of `neurons` are the masked units. Reads the model's parameters and
-    buffers at run time (weight updates are seen). Raises UserError when the model cannot be traced."""
+    """`model` traced once, masked at `sites`. Reads the model's parameters and buffers at run time (weight
+    updates are seen). Raises UserError when the model cannot be traced or a site is not in its graph."""
 
-    def __init__(self, model: nn.Module, neurons: NeuronSet):
+    def __init__(self, model: nn.Module, sites: list[MaskSite]):
         self.model = model
-        self.neurons = neurons
         self.flops: int | None = None  # set to 0 to count the conv FLOPs the sliced path executes
-        self.bns = neurons.validate(model)
         gm = trace(model)
         self.gm = gm
         self.modules = dict(gm.named_modules())
+        self.bns: dict[str, nn.Module] = {}     # fused BN sites: name -> module
+        self.mask_nodes: dict = {}               # inserted mask node -> MaskSite
+        self.hooked: dict = {}                   # leaf node -> [MaskSite] inside it
+        self._place_sites(sites)
         nodes = list(gm.graph.nodes)
         dyn: set = set()
         for n in nodes:
-            if (n.op == "call_module" and n.target in self.bns) or any(a in dyn for a in n.all_input_nodes):
+            site = (n in self.mask_nodes or n in self.hooked or (n.op == "call_module" and n.target in self.bns))
+            if site or any(a in dyn for a in n.all_input_nodes):
                 dyn.add(n)
         out_node = nodes[-1]
         if out_node.op != "output" or out_node not in dyn:
@@ -147,6 +174,40 @@ class ModelPlan:
         self.steps = self._compile([n for n in nodes if n in dyn and n.op != "output"], dyn)
 
     # ---- compilation -------------------------------------------------------------------------------
+    def _place_sites(self, sites: list[MaskSite]) -> None:
+        """Fills bns / mask_nodes / hooked: each site becomes a fused BN, a mask node in the graph, or a hook
+        on a submodule of a leaf node."""
+        graph = self.gm.graph
+        calls: dict = {}
+        for n in list(graph.nodes):
+            if n.op == "call_module":
+                calls.setdefault(n.target, []).append(n)
+        named = dict(self.model.named_modules())
+        for site in sites:
+            mod = named.get(site.module)
+            if mod is None:
+                raise UserError(f"mask site {site.module!r} is not a module of the model")
+            if site.module in calls:
+                if site.site == "out" and site.dim == 1 and isinstance(mod, _BN_TYPES):
+                    self.bns[site.module] = self.modules[site.module]
+                    continue
+                for n in calls[site.module]:
+                    if site.site == "out":
+                        with graph.inserting_after(n):
+                            m = graph.call_function(_mask_point, (n, site.key))
+                        n.replace_all_uses_with(m, delete_user_cb=lambda u, m=m: u is not m)
+                    else:
+                        with graph.inserting_before(n):
+                            m = graph.call_function(_mask_point, (n.args[0], site.key))
+                        n.update_arg(0, m)
+                    self.mask_nodes[m] = site
+                continue
+            leaves = [t for t in calls if site.module.startswith(t + ".")]
+            if not leaves:
+                raise UserError(f"mask site {site.module!r} is not reached by the traced graph")
+            for n in calls[max(leaves, key=len)]:
+                self.hooked.setdefault(n, []).append(site)
+
     def _compile(self, dyn_nodes: list, dyn: set) -> list:
         mods = self.modules
         fused: dict = {}
@@ -180,7 +241,10 @@ class ModelPlan:
         for n in dyn_nodes:
             if n in fused_relus:
                 continue
-            if n.op == "call_module" and n.target in self.bns:
+            if n in self.mask_nodes:
+                step = _Step(n, "mask", n, site=self.mask_nodes[n])
+                producer_kind[n] = "fresh"
+            elif n.op == "call_module" and n.target in self.bns:
                 out = fused.get(n, n)
                 src = n.args[0]
                 fresh = producer_kind.get(src) in ("conv", "linear", "fresh") and len(src.users) == 1
@@ -202,7 +266,7 @@ class ModelPlan:
             else:
                 step = _Step(n, "call", n, mods.get(n.target) if n.op == "call_module" else None,
                              static_args=any(a not in dyn for a in n.all_input_nodes),
-                             mutates=_mutates(n, mods))
+                             mutates=_mutates(n, mods), hooks=self.hooked.get(n, []))
                 if n.op == "call_function" and n.target in _FRESH_FUNCS:
                     producer_kind[n] = "fresh"
             steps.append(step)
@@ -254,6 +318,9 @@ class ModelPlan:
             n = s.node
             if s.kind == "bn":
                 env[s.out] = self._bn_sliced(s, env[n.args[0]], ctx, k)
+            elif s.kind == "mask":
+                x = _dense(env[n.args[0]]).unsqueeze(0)
+                env[n] = _mask_values(x, ctx.mask[s.site.key][k:k + 1], s.site.dim)[0]
             elif s.kind == "conv":
                 env[n] = self._conv_sliced(s, env[n.args[0]], ctx, k)
             elif s.kind == "linear" and isinstance(env[n.args[0]], _Sparse) and env[n.args[0]].data.dim() == 2:
@@ -265,10 +332,37 @@ class ModelPlan:
                 env[n] = _Sparse(self._call(n, env, lambda a: v.data if a is n.args[0] else env[a]), v.idx,
                                  v.channels)
             else:
-                env[n] = self._call(n, env, self._fetch_dense(s, env, static))
+                with self._site_hooks(s.hooks, ctx, slice(k, k + 1)):
+                    env[n] = self._call(n, env, self._fetch_dense(s, env, static))
             for key in s.free:
                 env.pop(key, None)
         return _dense(env[self.output])
+
+    @contextlib.contextmanager
+    def _site_hooks(self, sites: list, ctx: ChunkContext, rows: slice):
+        """Within the block, the submodules of `sites` multiply their output ("out") or first input ("in") by
+        ctx.mask[site][rows] ([Kc', C]); their activations carry Kc' masks folded into the batch dim."""
+        if not sites:
+            yield
+            return
+        named = dict(self.model.named_modules())
+        handles = []
+        for site in sites:
+            m = ctx.mask[site.key][rows]
+
+            def scale(t, m=m, dim=site.dim):
+                return _mask_values(t.unflatten(0, (m.shape[0], -1)), m, dim).flatten(0, 1)
+
+            if site.site == "out":
+                handles.append(named[site.module].register_forward_hook(lambda mod, inp, out, f=scale: f(out)))
+            else:
+                handles.append(named[site.module].register_forward_pre_hook(
+                    lambda mod, inp, f=scale: (f(inp[0]),) + tuple(inp[1:])))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _fetch_dense(self, s: _Step, env: dict, static: dict):
         def fetch(a):
@@ -335,8 +429,13 @@ class ModelPlan:
                         env[s.out] = v
                     else:
                         env[s.out] = bn_mask_relu(x, scale, shift, None, s.relu).flatten(0, 1)
+            elif s.kind == "mask":
+                v = env[n.args[0]]
+                x = v.unsqueeze(0) if n.args[0] in static else v.unflatten(0, (kc, -1))
+                env[n] = _mask_values(x, ctx.mask[s.site.key], s.site.dim).flatten(0, 1)
             else:
-                env[n] = self._call(n, env, fetch)
+                with self._site_hooks(s.hooks, ctx, slice(None)):
+                    env[n] = self._call(n, env, fetch)
             for key in s.free:
                 env.pop(key, None)
                 repeated.pop(key, None)

@@ -76,9 +76,9 @@ def _score(models, neurons, masks, images, labels, perturbations, return_logits,
     logits = torch.stack([torch.stack(r) for r in results])                   # [M, S, K, B, classes]
     M, classes = logits.shape[0], logits.shape[-1]
     flat = logits.reshape(M * S * K, -1, classes)
-    correct, ce, counts = reward_epilogue_reference(flat, labels)
+    correct, ce, counts, prob = reward_epilogue_reference(flat, labels)
     return RewardResult(correct.view(M, S, K), ce.view(M, S, K), counts.view(M, S, K, classes),
-                        logits if return_logits else None)
+                        logits if return_logits else None, prob.view(M, S, K))
 
 
 def loop_reference(models: nn.Module | Sequence[nn.Module], masks: torch.Tensor, images: torch.Tensor,

@@ -14,12 +14,14 @@ class RewardResult:
     ce_sum:       [M, S, K] float64, summed cross-entropy.
     class_counts: [M, S, K, num_classes] int64, how many images are predicted as each class.
     logits:       [M, S, K, B, num_classes] float32 when asked for, else None.
+    prob_sum:     [M, S, K] float64, summed softmax probability of the label (None where not computed).
     """
 
     correct: torch.Tensor
     ce_sum: torch.Tensor
     class_counts: torch.Tensor
     logits: torch.Tensor | None = None
+    prob_sum: torch.Tensor | None = None
 
 
 @dataclass

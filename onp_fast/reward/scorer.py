@@ -8,6 +8,10 @@ CA_B: accuracy of the given model B with mask m; CA_U: accuracy of the unlearned
 backdoor neurons of U restores its clean accuracy: RNP); CA_P: accuracy of B with m under fixed adversarial
 neuron perturbations found on B (removing backdoor neurons makes B robust to them: ANP); sparsity: the
 fraction of neurons (weight rows) pruned.
+
+Two backends compute the same terms: "engine" (RewardEngine on the groups' mask points: all K masks of a call in
+one batched pass per model, CA_B and CA_T images in one forward, the fused epilogue returning counts and
+true-label probability sums) and "hooks" (the reference: one hooked forward per mask, `NeuronGroups.masked`).
 """
 from __future__ import annotations
 
@@ -16,9 +20,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
 from ..groups import NeuronGroups
+from .engine import RewardEngine
+from .neurons import GroupPoints
 
 TERMS = ("ca_b", "ca_t", "ca_u", "ca_p", "sparsity")
+BACKENDS = ("engine", "hooks")
 
 
 @dataclass
@@ -42,12 +50,21 @@ class MaskScorer:
     """Scores prune masks [K, G] bool on fixed data (x [B, C, H, W] normalised, y [B] int64).
 
     Models: B, and optionally U (unlearned) and perturbations [P, G] (multiplicative keep factors 1 + delta).
-    Terms whose weight is 0 are not computed. The evaluation is the per-mask loop with hooks
-    (`NeuronGroups.masked`)."""
+    Terms whose weight is 0 are not computed. backend: "engine" (RewardEngine over GroupPoints(groups), with
+    `strategy` and `max_memory` passed on; "batched" by default, also on CPU: the masks the policy and the depth
+    rule score prune too few channels for the sliced path's skipping to pay) or "hooks" (the per-mask loop with hooks, `NeuronGroups.masked`,
+    in batches of `batch_size` images); both give the same terms up to float rounding. `standard_error`
+    (one mask, per-image values) always runs the hooked forward."""
 
     def __init__(self, groups: NeuronGroups, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  weights: RewardWeights, unlearned: nn.Module | None = None,
-                 perturbations: torch.Tensor | None = None, trigger=None, batch_size: int = 512):
+                 perturbations: torch.Tensor | None = None, trigger=None, batch_size: int = 512,
+                 backend: str = "engine", strategy: str = "batched", max_memory: int | str = "1GB"):
+        if backend not in BACKENDS:
+            raise UserError(f"unknown reward backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        self.backend, self._engine_args = backend, {"strategy": strategy, "max_memory": max_memory}
+        self._engines: dict[str, RewardEngine] = {}
+        self.scored = {"masks": 0, "images": 0}  # masks scored by `terms` so far, and image forwards they took
         self.groups, self.model, self.unlearned = groups, model, unlearned
         self.x, self.y, self.weights = x, y, weights
         self.perturbations = perturbations
@@ -106,9 +123,61 @@ class MaskScorer:
     def terms(self, prune: torch.Tensor) -> dict[str, torch.Tensor]:
         """prune [K, G] bool -> {term: [K] float32}."""
         keep = (~prune).float()
-        k = len(keep)
-        out = {t: torch.zeros(k) for t in TERMS}
+        out = {t: torch.zeros(len(keep)) for t in TERMS}
         out["sparsity"] = prune.float() @ self.group_size
+        if self.backend == "engine":
+            out.update(self._engine_terms(keep))
+        else:
+            out.update(self._hooked_terms(keep))
+        self.scored["masks"] += len(keep)
+        self.scored["images"] += len(keep) * self.images_per_mask()
+        return out
+
+    def images_per_mask(self) -> int:
+        """Image forwards one mask takes: n for CA_B, n_t for CA_T, n for CA_U, n per perturbation for CA_P
+        (terms that are off take none)."""
+        w, n = self.weights, len(self.x)
+        n_t = len(self.x_t) if w.ca_t and self.x_t is not None else 0
+        n_u = n if w.ca_u and self.unlearned is not None else 0
+        n_p = n * len(self.perturbations) if w.ca_p and self.perturbations is not None else 0
+        return (n if w.ca_b else 0) + n_t + n_u + n_p
+
+    def _engine(self, which: str) -> RewardEngine:
+        """The RewardEngine of model B (which="b") or U ("u") over the groups' mask points, built once."""
+        if which not in self._engines:
+            model = self.model if which == "b" else self.unlearned
+            self._engines[which] = RewardEngine(model, GroupPoints(self.groups), **self._engine_args)
+        return self._engines[which]
+
+    def _engine_terms(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """keep [K, G] float -> {term: [K] float32} for the model terms that are on, by the engine: CA_B (clean
+        correct / n) and CA_T (true-label probability sum / n_t on the stamped images) from one forward,
+        CA_U on U, CA_P as the K x P masks keep * perturbation, averaged over P."""
+        w, k = self.weights, len(keep)
+        with_t = bool(w.ca_t) and self.x_t is not None and len(self.x_t) > 0
+        out = {}
+        if w.ca_b or with_t:
+            empty = (self.x[:0], self.y[:0])
+            clean, stamped = self._engine("b").score_parts(
+                keep, [(self.x, self.y) if w.ca_b else empty, (self.x_t, self.y_t) if with_t else empty])
+            if w.ca_b:
+                out["ca_b"] = _mean(clean.correct[0, 0], len(self.x))
+            if with_t:
+                out["ca_t"] = _mean(stamped.prob_sum[0, 0], len(self.x_t))
+        if w.ca_u and self.unlearned is not None:
+            out["ca_u"] = _mean(self._engine("u").score(keep, self.x, self.y).correct[0, 0], len(self.x))
+        if w.ca_p and self.perturbations is not None:
+            p = self.perturbations.to(keep)
+            masks = (keep.unsqueeze(1) * p.unsqueeze(0)).reshape(k * len(p), -1)
+            correct = self._engine("b").score(masks, self.x, self.y).correct[0, 0].view(k, len(p))
+            out["ca_p"] = _mean(correct.sum(1), len(self.x) * len(p))
+        return out
+
+    def _hooked_terms(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """keep [K, G] float -> {term: [K] float32} for the model terms that are on: one hooked forward per
+        mask (and per perturbation for CA_P)."""
+        k = len(keep)
+        out = {t: torch.zeros(k) for t in ("ca_b", "ca_t", "ca_u", "ca_p")}
         w = self.weights
         for i in range(k):
             for name, v in zip(("ca_b", "ca_t"), self._b_t(keep[i])):
@@ -137,3 +206,8 @@ class MaskScorer:
 
     def __call__(self, prune: torch.Tensor) -> torch.Tensor:
         return self.weights.combine(self.terms(prune))
+
+
+def _mean(total: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-mask sums [K] over n images -> means [K] float32 (0 on no images)."""
+    return (total.double() / n).float() if n else torch.zeros(len(total))

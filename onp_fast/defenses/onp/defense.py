@@ -29,9 +29,18 @@ class ONPConfig:
     init_prune_prob: float = 0.02
 
 
+def policy_throughput(scorer, seconds: float) -> dict:
+    """The policy phase's reward work: backend, masks and image forwards scored (`MaskScorer.scored`), the
+    phase's seconds, masks/s and images/s over it."""
+    masks, images = scorer.scored["masks"], scorer.scored["images"]
+    rate = (lambda n: round(n / seconds, 1)) if seconds > 0 else (lambda n: None)
+    return {"backend": scorer.backend, "masks": masks, "images": images, "seconds": seconds,
+            "masks_per_s": rate(masks), "images_per_s": rate(images)}
+
+
 def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]:
-    """-> (the trained policy's prune probabilities [G] in (0, 1), the report part: feature names, graph size,
-    reward curve)."""
+    """-> (the trained policy's prune probabilities [G] in (0, 1), the report part: the policy phase's reward
+    throughput, feature names, graph size, reward curve)."""
     seed = ctx.cfg.seed
     with ctx.phase("features"):
         feats = exposure_features(ctx.model, ctx.unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, seed=seed,
@@ -56,6 +65,7 @@ def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]
     with torch.no_grad():
         prob = torch.sigmoid(policy(graph))
     return prob, {
+        "policy_reward": policy_throughput(scorer, ctx.times["policy"]),
         "features": FEATURE_NAMES,
         "graph": {"nodes": int(graph.x.shape[0]), "edges": int(graph.edge_index.shape[1])},
         "reward_curve": {"mean": hist["reward_mean"], "max": hist["reward_max"], "prune_frac": hist["prune_frac"]},
