@@ -62,12 +62,7 @@ def setup(request):
     return arch, model, unlearned, groups, x, y
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def kinds_of(groups, model) -> dict[str, torch.Tensor]:

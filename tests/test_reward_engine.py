@@ -63,12 +63,7 @@ COMBOS = [(1, "hard", True), (1, "soft", False), (7, "hard", False), (7, "soft",
           (32, "soft", False)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("k,kind,perturbed", COMBOS)
