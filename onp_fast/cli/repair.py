@@ -72,7 +72,8 @@ def _weights(text: str | None):
 @checkpoint_options
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, method, iterations,
-            samples, algorithm, reward_weights, tolerance, reward_backend, compact_model, purify, purify_epochs, finetune_epochs, seed,
+            samples, algorithm, reward_weights, tolerance, reward_backend, compact_model, purify, purify_epochs,
+            finetune_epochs, seed,
             arch, trust_pickle, quiet):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..data import defense_subset, normalize

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..data import stratified_split
 from ..errors import UserError
 from ..groups import NeuronGroups, find_groups
-from ..reward import BACKENDS, MaskScorer, RewardWeights
+from ..reward import MaskScorer, RewardWeights, check_backend
 from .perturb import adversarial_perturbations
 from .trigger import ProxySet, TriggerProxy, synthesize_proxies
 from .unlearn import unlearn
@@ -49,8 +49,7 @@ class RepairConfig:
 
     def check(self) -> "RepairConfig":
         """UserError (one line) for a setting no repair can run with; checked before any work."""
-        if self.reward_backend not in BACKENDS:
-            raise UserError(f"unknown reward backend {self.reward_backend!r}: use one of {', '.join(BACKENDS)}")
+        check_backend(self.reward_backend)
         if self.purify not in PURIFY_MODES:
             raise UserError(f"unknown purification {self.purify!r}: use one of {', '.join(PURIFY_MODES)}")
         if self.purify_epochs < 0 or self.finetune_epochs < 0:

@@ -15,8 +15,8 @@ from .engine import STRATEGIES, RewardEngine
 from .memory import format_bytes, parse_memory
 from .neurons import GroupPoints, MaskSite, NeuronSet, NeuronUnit, bn_neurons, expand_groups
 from .result import Perturbations, RewardResult
-from .scorer import BACKENDS, TERMS, MaskScorer, RewardWeights
+from .scorer import BACKENDS, TERMS, MaskScorer, RewardWeights, check_backend
 
-__all__ = ["MaskScorer", "RewardWeights", "TERMS", "BACKENDS", "RewardEngine", "RewardResult", "Perturbations",
-           "NeuronSet", "NeuronUnit", "GroupPoints", "MaskSite", "bn_neurons", "expand_groups", "parse_memory",
+__all__ = ["MaskScorer", "RewardWeights", "TERMS", "BACKENDS", "check_backend", "RewardEngine", "RewardResult",
+           "Perturbations", "NeuronSet", "NeuronUnit", "GroupPoints", "MaskSite", "bn_neurons", "expand_groups", "parse_memory",
            "format_bytes", "STRATEGIES"]

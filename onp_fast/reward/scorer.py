@@ -29,6 +29,13 @@ TERMS = ("ca_b", "ca_t", "ca_u", "ca_p", "sparsity")
 BACKENDS = ("engine", "hooks")
 
 
+def check_backend(backend: str) -> str:
+    """backend, or UserError (one line) when it is not one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown reward backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    return backend
+
+
 @dataclass
 class RewardWeights:
     ca_b: float = 1.0
@@ -52,17 +59,16 @@ class MaskScorer:
     Models: B, and optionally U (unlearned) and perturbations [P, G] (multiplicative keep factors 1 + delta).
     Terms whose weight is 0 are not computed. backend: "engine" (RewardEngine over GroupPoints(groups), with
     `strategy` and `max_memory` passed on; "batched" by default, also on CPU: the masks the policy and the depth
-    rule score prune too few channels for the sliced path's skipping to pay) or "hooks" (the per-mask loop with hooks, `NeuronGroups.masked`,
-    in batches of `batch_size` images); both give the same terms up to float rounding. `standard_error`
-    (one mask, per-image values) always runs the hooked forward."""
+    rule score prune too few channels for the sliced path's skipping to pay) or "hooks" (the per-mask loop with
+    hooks, `NeuronGroups.masked`, in batches of `batch_size` images); both give the same terms up to float
+    rounding. `standard_error` (one mask, per-image values) always runs the hooked forward."""
 
     def __init__(self, groups: NeuronGroups, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  weights: RewardWeights, unlearned: nn.Module | None = None,
                  perturbations: torch.Tensor | None = None, trigger=None, batch_size: int = 512,
                  backend: str = "engine", strategy: str = "batched", max_memory: int | str = "1GB"):
-        if backend not in BACKENDS:
-            raise UserError(f"unknown reward backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        self.backend, self._engine_args = backend, {"strategy": strategy, "max_memory": max_memory}
+        self.backend = check_backend(backend)
+        self._engine_args = {"strategy": strategy, "max_memory": max_memory}
         self._engines: dict[str, RewardEngine] = {}
         self.scored = {"masks": 0, "images": 0}  # masks scored by `terms` so far, and image forwards they took
         self.groups, self.model, self.unlearned = groups, model, unlearned
