@@ -197,3 +197,30 @@ def test_purification_keeps_the_last_epoch_within_the_tolerance(monkeypatch):
     assert part["kept"] and part["kept_epochs"] == 1 and part["ca_val_per_epoch"] == [0.9, 0.5]
     assert part["ca_val_after"] == 0.9
     assert all(torch.equal(v, two.state_dict()[k]) for k, v in one.state_dict().items())
+
+
+def test_gradient_clipping_rescales_the_step_to_the_largest_norm():
+    """Planted: labels the model gets badly wrong, so the gradient's norm is far above the clip. One SGD step from
+    fresh momentum (lr 1) moves the weights by -(g' + wd w): g' is the clipped gradient, along g with norm clip."""
+    from onp_fast.prepare import finetune_pruned
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8) * 5
+    with torch.no_grad():
+        y = (_tiny()(x).argmax(1) + 1) % 4
+    groups = find_groups(_tiny(), (1, 8, 8))
+    none = torch.zeros(groups.num_groups, dtype=torch.bool)
+
+    def step(clip):
+        m = _tiny()
+        w0 = [p.detach().clone() for p in m.parameters()]
+        finetune_pruned(m, groups, none, x, y, epochs=1, lr=1.0, batch_size=16, max_grad_norm=clip)
+        return [w - p - 5e-4 * w for p, w in zip(m.parameters(), w0)]  # g' for each parameter
+
+    def norm(ts):
+        return float(torch.sqrt(sum((t * t).sum() for t in ts)))
+
+    plain, clipped = step(None), step(0.5)
+    assert norm(plain) > 2  # the planted gradient is large
+    assert norm(clipped) == pytest.approx(0.5, rel=1e-3)
+    scale = 0.5 / norm(plain)
+    assert all(torch.allclose(c, p * scale, atol=1e-5) for c, p in zip(clipped, plain))  # same direction

@@ -66,6 +66,9 @@ def _weights(text: str | None):
               help="After pruning: sharpness-aware fine-tuning (sam), unlearning the trigger proxies (proxy), both, "
                    "or none; auto: the method's default (onp: sam+proxy; the baselines: none).")
 @click.option("--purify-epochs", type=int, default=10, show_default=True, help="Purification epochs on D_opt.")
+@click.option("--purify-lr", type=float, default=None, help="Purification learning rate [default: RepairConfig's].")
+@click.option("--purify-clip", type=float, default=None,
+              help="Largest gradient norm of a purification step, 0 for none [default: RepairConfig's].")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True,
               help="Clean fine-tuning on the defense set afterwards, pruned channels held at zero.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -73,7 +76,7 @@ def _weights(text: str | None):
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, method, iterations,
             samples, algorithm, reward_weights, tolerance, reward_backend, compact_model, purify, purify_epochs,
-            finetune_epochs, seed,
+            purify_lr, purify_clip, finetune_epochs, seed,
             arch, trust_pickle, quiet):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..data import defense_subset, normalize
@@ -100,9 +103,10 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
         raise UserError("--defense-size must be at least 1")
     if onp.iterations < 1 or onp.samples < 2:
         raise UserError("--iterations must be >= 1 and --samples >= 2")
+    given_purify = {k: v for k, v in (("purify_lr", purify_lr), ("purify_clip", purify_clip)) if v is not None}
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance=tolerance,
-                       reward_backend=reward_backend, purify=purify,
-                       purify_epochs=purify_epochs, finetune_epochs=finetune_epochs, compact=compact_model).check()
+                       reward_backend=reward_backend, purify=purify, purify_epochs=purify_epochs, **given_purify,
+                       finetune_epochs=finetune_epochs, compact=compact_model).check()
 
     loaded, splits, mean, std = load_model_and_data(model_path, dataset, arch=arch, trust_pickle=trust_pickle,
                                                     seed=seed)

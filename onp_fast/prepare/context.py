@@ -43,6 +43,7 @@ class RepairConfig:
     purify_epochs: int = 10
     purify_lr: float = 0.003
     sam_rho: float = 0.5  # radius of purification's adaptive sharpness-aware step
+    purify_clip: float = 5.0  # largest gradient norm of a purification step (0: not clipped)
     purify_distill: bool = True  # the defense images' own loss: distillation from the model as given
     finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
     compact: bool = False  # also build the compact model (pruned channels removed)
@@ -54,6 +55,8 @@ class RepairConfig:
             raise UserError(f"unknown purification {self.purify!r}: use one of {', '.join(PURIFY_MODES)}")
         if self.purify_epochs < 0 or self.finetune_epochs < 0:
             raise UserError("purification and fine-tuning epochs must not be negative")
+        if not self.purify_lr > 0 or not self.purify_clip >= 0:
+            raise UserError("the purification learning rate must be positive and its gradient clip not negative")
         return self
 
     def to_dict(self) -> dict:

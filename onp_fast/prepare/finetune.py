@@ -12,7 +12,8 @@ from ..groups import NeuronGroups
 def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0, rho: float = 0.0,
                     label_smoothing: float = 0.0, cosine: bool = False, augment=None, after_epoch=None,
-                    teacher: nn.Module | None = None, temperature: float = 2.0) -> nn.Module:
+                    teacher: nn.Module | None = None, temperature: float = 2.0,
+                    max_grad_norm: float | None = None) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
     BatchNorm in training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of
@@ -25,7 +26,8 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     T^2 KL(softmax(t / T) || softmax(s / T)) (t: the teacher's logits on x, computed once; s: the model's;
     T = temperature) in place of their cross-entropy, plus the cross-entropy of the copies `augment` appends
     weighted by their share of the batch. Without a teacher the loss is the cross-entropy over the whole batch.
-    Returns the model in eval mode, its parameters not requiring grad."""
+    max_grad_norm: each step's gradient (after the sharpness-aware step, before weight decay and momentum) is
+    rescaled to at most this L2 norm over all parameters. Returns the model in eval mode, its parameters not requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
     params = [p for p in model.parameters()]
@@ -65,6 +67,8 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             loss_of(xb, yb, sb).backward()
             if rho > 0:
                 _sharpness_aware_gradient(params, rho, lambda: loss_of(xb, yb, sb))
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             if sched is not None:
                 sched.step()
