@@ -27,7 +27,8 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     T = temperature) in place of their cross-entropy, plus the cross-entropy of the copies `augment` appends
     weighted by their share of the batch. Without a teacher the loss is the cross-entropy over the whole batch.
     max_grad_norm: each step's gradient (after the sharpness-aware step, before weight decay and momentum) is
-    rescaled to at most this L2 norm over all parameters. Returns the model in eval mode, its parameters not requiring grad."""
+    rescaled to at most this L2 norm over all parameters.
+    Returns the model in eval mode, its parameters not requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
     params = [p for p in model.parameters()]
