@@ -22,10 +22,12 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
       class still gets its share; plain SGD;
     - "sam+proxy": both.
     Without proxies (none synthesised), "proxy" and "sam+proxy" run trigger-free SAM, so the backdoor is not left
-    untouched. `purify_epochs` epochs at `purify_lr`, each step's gradient clipped to norm `purify_clip`. After each epoch CA on D_val is measured; the model kept is
-    the one after the last epoch whose CA stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and
-    "kept": False when none does: the model is put back as it was). -> the report part."""
+    untouched. `purify_epochs` epochs at `purify_lr`, each step's gradient clipped to norm `purify_clip` (0: not
+    clipped). After each epoch CA on D_val is measured; the model kept is the one after the last epoch whose CA
+    stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and "kept": False when none does: the model is
+    put back as it was). -> the report part."""
     cfg = ctx.cfg
+    clip = cfg.purify_clip or None
     proxies = ctx.proxies if "proxy" in mode else None
     augment = None
     if proxies is not None:
@@ -46,12 +48,12 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=cfg.purify_epochs, lr=cfg.purify_lr,
                     seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check,
                     teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE,
-                    max_grad_norm=cfg.purify_clip or None)
+                    max_grad_norm=clip)
     model.load_state_dict(best["state"])
     return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
             "proxy_images_per_epoch": len(ctx.x_opt) if proxies is not None else 0,
             "images": len(ctx.x_opt), "epochs": cfg.purify_epochs, "lr": cfg.purify_lr,
-            "grad_clip": cfg.purify_clip or None,
+            "grad_clip": clip,
             "distill_temperature": DISTILL_TEMPERATURE if cfg.purify_distill else None,
             "kept_epochs": best["epoch"], "ca_val_per_epoch": curve,
             "ca_val_after": best["ca"] if best["ca"] is not None else accuracy_of(model, ctx.x_val, ctx.y_val),

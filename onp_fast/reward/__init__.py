@@ -18,5 +18,5 @@ from .result import Perturbations, RewardResult
 from .scorer import BACKENDS, TERMS, MaskScorer, RewardWeights, check_backend
 
 __all__ = ["MaskScorer", "RewardWeights", "TERMS", "BACKENDS", "check_backend", "RewardEngine", "RewardResult",
-           "Perturbations", "NeuronSet", "NeuronUnit", "GroupPoints", "MaskSite", "bn_neurons", "expand_groups", "parse_memory",
-           "format_bytes", "STRATEGIES"]
+           "Perturbations", "NeuronSet", "NeuronUnit", "GroupPoints", "MaskSite", "bn_neurons", "expand_groups",
+           "parse_memory", "format_bytes", "STRATEGIES"]
