@@ -8,10 +8,12 @@ Formats `load_model` reads (and `save_model` writes back in the same format):
   weights_only=True plus an allow-list of numpy's array reconstruction globals;
 - "state_dict": a bare state_dict (or {"state_dict"|"model_state_dict"|"model"|"net": state_dict}) with arch;
 - "safetensors": a .safetensors file with arch (or our metadata in its header);
-- "torchscript": a TorchScript archive (torch.jit.load runs no pickled Python);
+- "torchscript": a TorchScript archive (torch.jit.load runs no pickled Python); ours carry an extra file
+  onp_fast.json with the input shape, mean and std;
 - "pickle": a fully pickled nn.Module, only with trust_pickle=True.
 For state_dict / safetensors the build kwargs (width, in_channels, num_classes, ...) are read from the
-weights' shapes unless given. Every problem is a one-line UserError.
+weights' shapes unless given. A bare state_dict or a pickle cannot record the preprocessing (mean, std, input
+size): the caller supplies it. Every problem is a one-line UserError.
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ class LoadedModel:
     say (use the data set's). format: one of "onp-fast", "backdoorbench", "state_dict", "safetensors",
     "torchscript", "pickle". extra: plain JSON-able metadata. source: what the file held besides the
     weights (e.g. BackdoorBench's dict with its numpy arrays), used by save_model to keep the format.
+    input_known: the input size came from the file, the weights (a ViT's position embeddings) or the caller;
+    False: input_shape's H, W are an assumption (take the data's). norm_source: where mean/std came from, set
+    by whoever decides them (None: from the file, or not decided yet).
     """
 
     model: nn.Module
@@ -59,6 +64,8 @@ class LoadedModel:
     format: str
     extra: dict = dataclasses.field(default_factory=dict)
     source: Any = dataclasses.field(default=None, repr=False)
+    input_known: bool = False
+    norm_source: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -104,22 +111,44 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _is_plain_pickle(path: Path) -> bool:
+    """A pickle.dump file (protocol 2+), not torch.save's archive (zip, or the legacy format whose first pickle
+    is torch's magic number, a LONG1 opcode)."""
+    with open(path, "rb") as f:
+        head = f.read(3)
+    return head[:1] == b"\x80" and head[2:3] != b"\x8a" and not zipfile.is_zipfile(path)
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    plain = _is_plain_pickle(path)
     try:
-        with torch.serialization.safe_globals(numpy_safe_globals()):
+        with torch.serialization.safe_globals(numpy_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        refusal = _refusal(exc, path)
-        if refusal is None:
-            raise UserError(f"cannot read {path}: truncated or not a model file ({_first_line(exc)})") from None
-        if not trust_pickle:
-            raise refusal from None
     except Exception as exc:  # noqa: BLE001 - weights_only loading is safe; any failure means a bad file
-        raise UserError(f"cannot read {path}: truncated or not a model file ({_first_line(exc)})") from None
+        refusal = _refusal(exc, path) if isinstance(exc, pickle.UnpicklingError) else None
+        if not trust_pickle:
+            if refusal is not None:
+                raise refusal from None
+            if plain:
+                raise UserError(f"{path} is a plain Python pickle (pickle.dump), which runs code when loaded: pass "
+                                f"--trust-pickle only if you trust this file (or save it with torch.save)") from None
+            raise _unreadable(path, exc) from None
+        if refusal is None and not plain:
+            raise _unreadable(path, exc) from None
     try:  # the user vouched for this file
+        if plain:
+            with open(path, "rb") as f:
+                return pickle.load(f)
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - arbitrary pickles fail arbitrarily
         raise UserError(f"cannot unpickle {path}: {_first_line(exc)}") from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> UserError:
+    why = _first_line(exc)
+    return UserError(f"cannot read {path}: truncated or not a model file"
+                     + (f" ({why})" if any(c.isalpha() for c in why) else ""))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -199,6 +228,13 @@ def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: b
     path = Path(path)
     _check_file(path)
     given = dict(num_classes=num_classes, in_channels=in_channels, width=width, input_size=input_size)
+    lm = _load_any(path, arch, trust_pickle, given)
+    if input_size is not None or lm.arch.startswith("vit"):  # the caller, or the position embeddings, tell
+        lm.input_known = True
+    return lm
+
+
+def _load_any(path: Path, arch: str | None, trust_pickle: bool, given: dict) -> LoadedModel:
     if path.suffix == ".safetensors":
         return _load_safetensors(path, arch, given)
     if _is_torchscript(path):
@@ -238,7 +274,7 @@ def _from_ours(obj: dict, path: Path) -> LoadedModel:
     shape = tuple(int(s) for s in obj.get("input_shape") or _input_shape(kwargs))
     return LoadedModel(model.eval(), model.onp_arch, model.onp_arch_kwargs, int(obj.get("num_classes", kwargs["num_classes"])),
                        shape, _tuple_or_none(obj.get("mean")), _tuple_or_none(obj.get("std")), "onp-fast",
-                       dict(obj.get("extra") or {}))
+                       dict(obj.get("extra") or {}), input_known=True)
 
 
 def _from_backdoorbench(obj: dict, path: Path, arch: str | None, given: dict) -> LoadedModel:
@@ -257,7 +293,8 @@ def _from_backdoorbench(obj: dict, path: Path, arch: str | None, given: dict) ->
     model, arch_, kwargs = _build_from_state_dict(sd, arch, path, given, "BackdoorBench")
     extra = {k: obj[k] for k in ("model_name", "data_path") if isinstance(obj.get(k), str)}
     return LoadedModel(model, arch_, kwargs, kwargs["num_classes"], _input_shape(kwargs), None, None,
-                       "backdoorbench", extra, dict(wrapper=obj, key="model", prefixed=prefixed))
+                       "backdoorbench", extra, dict(wrapper=obj, key="model", prefixed=prefixed),
+                       input_known=given.get("input_size") is not None)
 
 
 def _from_module(obj: nn.Module, path: Path, arch: str | None, given: dict) -> LoadedModel:
@@ -266,7 +303,7 @@ def _from_module(obj: nn.Module, path: Path, arch: str | None, given: dict) -> L
     kwargs.update({k: v for k, v in given.items() if v is not None})
     check_finite(obj.state_dict(), path)
     return LoadedModel(obj.eval(), arch_, kwargs, int(kwargs.get("num_classes") or _out_features(obj) or 0),
-                       _input_shape(kwargs), None, None, "pickle", {})
+                       _input_shape(kwargs), None, None, "pickle", {}, input_known="input_size" in kwargs)
 
 
 def _out_features(model: nn.Module) -> int | None:
@@ -298,16 +335,21 @@ def _load_safetensors(path: Path, arch: str | None, given: dict) -> LoadedModel:
     shape = tuple(info.get("input_shape") or _input_shape(kwargs))
     return LoadedModel(model, arch_, kwargs, kwargs["num_classes"], shape, _tuple_or_none(info.get("mean")),
                        _tuple_or_none(info.get("std")), "safetensors", dict(info.get("extra") or {}),
-                       dict(prefixed=prefixed))
+                       dict(prefixed=prefixed), input_known=bool(info.get("input_shape")))
 
 
 def _load_torchscript(path: Path, arch: str | None, given: dict) -> LoadedModel:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            script = torch.jit.load(str(path), map_location="cpu")
+            files = {_SCRIPT_INFO: ""}
+            script = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
     except Exception as exc:  # noqa: BLE001 - the TorchScript loader raises plain RuntimeErrors
         raise UserError(f"cannot read TorchScript archive {path}: {_first_line(exc)}") from None
+    try:
+        info = json.loads(files[_SCRIPT_INFO]) if files[_SCRIPT_INFO] else {}
+    except ValueError:
+        info = {}
     sd = {k: v for k, v in script.state_dict().items()}
     if arch is not None:  # rebuild as our (prunable) module
         model, arch_, kwargs = _build_from_state_dict(sd, arch, path, given, "TorchScript")
@@ -315,8 +357,13 @@ def _load_torchscript(path: Path, arch: str | None, given: dict) -> LoadedModel:
         check_finite(sd, path)
         model, arch_, kwargs = script.eval(), "torchscript", {k: v for k, v in given.items() if v is not None}
         kwargs.setdefault("num_classes", _out_features_sd(sd))
-    return LoadedModel(model, arch_, kwargs, int(kwargs.get("num_classes") or 0), _input_shape(kwargs), None, None,
-                       "torchscript", {})
+    shape = tuple(int(v) for v in info.get("input_shape") or _input_shape(kwargs))
+    return LoadedModel(model, arch_, kwargs, int(kwargs.get("num_classes") or 0), shape,
+                       _tuple_or_none(info.get("mean")), _tuple_or_none(info.get("std")), "torchscript",
+                       dict(info.get("extra") or {}), input_known=bool(info.get("input_shape")))
+
+
+_SCRIPT_INFO = "onp_fast.json"  # what a TorchScript archive we write records beside the code: input shape, mean, std
 
 
 def _out_features_sd(sd: dict) -> int | None:
@@ -389,7 +436,8 @@ def save_model(loaded_or_model: LoadedModel | nn.Module, path: str | os.PathLike
                 warnings.simplefilter("ignore", DeprecationWarning)
                 script = lm.model if isinstance(lm.model, torch.jit.ScriptModule) else \
                     torch.jit.trace(lm.model.eval(), torch.zeros(1, *lm.input_shape))
-                torch.jit.save(script, str(tmp))
+                info = _plain(dict(input_shape=lm.input_shape, mean=lm.mean, std=lm.std, extra=extra))
+                torch.jit.save(script, str(tmp), _extra_files={_SCRIPT_INFO: json.dumps(info)})
         elif lm.format == "pickle":
             torch.save(lm.model, tmp)
         else:
@@ -422,7 +470,7 @@ def check_model_fits(loaded: LoadedModel, data) -> None:
     one-line UserError."""
     x = data.train_x[:2] if hasattr(data, "train_x") else data[:2]
     num_classes = getattr(data, "num_classes", None)
-    name = getattr(data, "name", "the data")
+    name = getattr(data, "name", None) or "the data"
     want_c = loaded.input_shape[0] if loaded.input_shape else None
     if want_c is not None and x.shape[1] != want_c:
         raise UserError(f"model {loaded.arch} takes {want_c}-channel input but {name} has {x.shape[1]} channels")

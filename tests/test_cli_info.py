@@ -47,7 +47,7 @@ def test_info_ours(files):
     result = _run(files["ours"])
     assert result.exit_code == 0, result.output
     for text in ("arch:             preactresnet18", "format:           onp-fast", "parameters:       700,762",
-                 "prunable neurons: 848", "input shape:      3x32x32"):
+                 "prunable:         720 neuron groups over 848 neurons", "input:            3 channels, 32x32 pixels"):
         assert text in result.output
 
 

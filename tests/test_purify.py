@@ -224,3 +224,28 @@ def test_gradient_clipping_rescales_the_step_to_the_largest_norm():
     assert norm(clipped) == pytest.approx(0.5, rel=1e-3)
     scale = 0.5 / norm(plain)
     assert all(torch.allclose(c, p * scale, atol=1e-5) for c, p in zip(clipped, plain))  # same direction
+
+
+def test_hard_label_share_mixes_the_true_labels_into_the_distillation():
+    """Planted: the teacher disagrees with the labels everywhere. hard_weight 0 is pure distillation (the default
+    purification fits the teacher's classes); hard_weight 1 is the labels' cross-entropy alone, step for step the
+    same training as no teacher at all (no copies appended); 0.5 lies between (the mix is used)."""
+    from onp_fast.prepare import finetune_pruned
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    teacher = _tiny(1)
+    with torch.no_grad():
+        y = (teacher(x).argmax(1) + 1) % 4
+    groups = find_groups(_tiny(2), (1, 8, 8))
+    none = torch.zeros(groups.num_groups, dtype=torch.bool)
+    kw = dict(epochs=3, lr=0.05, batch_size=32)
+    hard = finetune_pruned(_tiny(2), groups, none, x, y, teacher=teacher, hard_weight=1.0, **kw)
+    plain = finetune_pruned(_tiny(2), groups, none, x, y, **kw)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(hard.state_dict().values(),
+                                                                 plain.state_dict().values()))
+    soft = finetune_pruned(_tiny(2), groups, none, x, y, teacher=teacher, **kw)
+    half = finetune_pruned(_tiny(2), groups, none, x, y, teacher=teacher, hard_weight=0.5, **kw)
+    dist = lambda a, b: sum(float((p - q).abs().sum()) for p, q in zip(a.parameters(), b.parameters()))  # noqa
+    assert dist(half, soft) > 0 and dist(half, hard) > 0
+    with pytest.raises(UserError, match="purify_hard"):
+        RepairConfig(purify_hard=1.5).check()

@@ -18,7 +18,7 @@ from onp_fast.io import save_model
 from onp_fast.defenses import ONPConfig
 from onp_fast.repair import RepairConfig, repair
 
-FAST = ["--iterations", "2", "--samples", "4", "--quiet"]
+FAST = ["--iterations", "2", "--samples", "4", "--quiet", "--skip-accuracy-check"]  # tiny_ckpt is untrained
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +133,13 @@ def test_cli_repair_purifies_after_pruning_and_reports_it(tiny_ckpt, tmp_path):
     out = tmp_path / "fixed.pt"
     res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
                                     "--defense-size", "60", "--method", "clp", "--purify", "sam",
-                                    "--purify-epochs", "1", "--purify-lr", "0.002", "--purify-clip", "3"])
+                                    "--purify-epochs", "1", "--purify-lr", "0.002", "--purify-clip", "3",
+                                    "--skip-accuracy-check"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "fixed.report.json").read_text())
     assert report["purify"]["mode"] == "sam" and report["purify"]["epochs"] == 1
     assert report["purify"]["lr"] == 0.002 and report["purify"]["grad_clip"] == 3
-    assert "purification (sam, 0 proxy-stamped images an epoch): " + (
+    assert "purification (sharpness-aware fine-tuning): " + (
         "kept 1 of 1 epochs" if report["purify"]["kept"] else "undone") in res.output
 
 
@@ -146,7 +147,8 @@ def test_cli_repair_purifies_after_pruning_and_reports_it(tiny_ckpt, tmp_path):
 def test_cli_repair_method_runs_a_baseline_through_the_same_depth_rule(method, tiny_ckpt, tmp_path):
     out = tmp_path / "fixed.pt"
     res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
-                                    "--defense-size", "60", "--method", method, "--quiet"])
+                                    "--defense-size", "60", "--method", method, "--quiet",
+                                    "--skip-accuracy-check"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "fixed.report.json").read_text())
     assert report["method"] == method and "reward_curve" not in report["details"]
@@ -160,7 +162,7 @@ def test_cli_repair_reward_backend_option(tiny_ckpt, tmp_path):
     out = tmp_path / "fixed.pt"
     res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
                                     "--defense-size", "60", "--purify", "none", "--reward-backend", "hooks",
-                                    "--iterations", "2", "--samples", "4"])
+                                    "--iterations", "2", "--samples", "4", "--skip-accuracy-check"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "fixed.report.json").read_text())
     assert report["config"]["reward_backend"] == "hooks"
@@ -210,7 +212,7 @@ def test_ctrl_c_leaves_no_output(tiny_ckpt, tmp_path):
     out = tmp_path / "int.pt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "onp_fast.cli", "repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
-         "--defense-size", "60", "--iterations", "500", "--samples", "4"],
+         "--defense-size", "60", "--iterations", "500", "--samples", "4", "--skip-accuracy-check"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     seen = ""

@@ -23,6 +23,7 @@ _COMMAND_MODULES = [
     "demo",
     "repair",
     "compare",
+    "scan",
 ]
 
 
@@ -35,8 +36,8 @@ class _Group(click.Group):
             return super().main(*args, standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "standalone_mode"})
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            exc.show()
+        except click.ClickException as exc:  # usage errors too: one line, not click's Usage/Try/Error block
+            click.echo(f"error: {_one_line_text(exc.format_message())}", err=True)
             sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code or 2)
         except click.exceptions.Abort:
             click.echo("error: interrupted", err=True)
@@ -60,6 +61,10 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, FileNotFoundError) and exc.filename:
         text = f"file not found: {exc.filename}"
+    return _one_line_text(text)
+
+
+def _one_line_text(text: str) -> str:
     return " ".join(text.split())
 
 

@@ -8,29 +8,33 @@ from pathlib import Path
 import click
 
 from ..attacks import parse_params
-from ..errors import UserError
+from .options import data_files
 
 
 @click.command("attack")
 @click.option("--dataset", "dataset", required=True, help="Data set spec: digits, shapes, cifar10:PATH, ...")
 @click.option("--attack", "attack_name", required=True, help="Attack name: badnets, blended, sig, wanet.")
 @click.option("--arch", required=True, help="Architecture, e.g. preactresnet18.")
-@click.option("--width", type=float, default=1.0, show_default=True, help="Channel width multiplier.")
-@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--width", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Channel width multiplier.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--poison-rate", type=float, default=0.1, show_default=True, help="Fraction of the training set, (0, 1].")
 @click.option("--target", type=int, default=0, show_default=True, help="Target class (all-to-one).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default: the training loop's).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate (default: the training loop's).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Attack parameter, repeatable (e.g. --param alpha=0.1).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (model.pt).")
+@click.option("--force", is_flag=True, help="Replace the checkpoint and its attack spec if they exist.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(dataset, attack_name, arch, width, epochs, poison_rate, target, seed, batch_size, lr, params, out,
-            quiet):
+            force, threads, quiet):
     """Train ARCH on the poisoned DATASET; write the checkpoint and OUT's .attack.json beside it."""
     from .. import attacks, models
-    from ..atomic import write_text
+    from ..atomic import check_outputs, write_text
     from ..data import load_dataset
     from ..evaluate import SPEC_FORMAT, attack_spec_path, evaluate
     from ..io import save_model
@@ -39,11 +43,12 @@ def command(dataset, attack_name, arch, width, epochs, poison_rate, target, seed
 
     attacks.get(attack_name)  # unknown name: fail before loading anything
     rate = check_rate(poison_rate)
-    if epochs < 1:
-        raise UserError(f"epochs must be >= 1, got {epochs}")
     out_path = Path(out)
-    if not out_path.parent.is_dir():
-        raise UserError(f"output folder does not exist: {out_path.parent}")
+    check_outputs({"--out": out_path, "attack spec": attack_spec_path(out_path)}, data_files(dataset), force)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     splits = load_dataset(dataset, seed=seed)
     target = check_target(target, splits.num_classes)
     c, h, w = splits.input_shape

@@ -2,12 +2,11 @@
 seed; one table of CA, ASR, RA, DER, seconds and re-activation ASR, and an "oracle" table apart."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..errors import UserError
-from .options import checkpoint_options, load_model_and_data
+from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, data_files,
+                      defense_images, load_model_and_data)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -38,11 +37,12 @@ def parse_methods(text: str) -> list[str]:
               help="Comma-separated defenses; METHOD/PURIFY runs a method with that purification (onp/none: ONP "
                    "pruning only, its ranking shared with the onp row).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
-@click.option("--defense-size", type=int, default=500, show_default=True, help="Clean images the defenses share.")
+@click.option("--defense-size", type=click.IntRange(min=1), default=None,
+              help="Clean images the defenses share [default: every one available, up to 500].")
 @click.option("--target", type=int, default=None, help="Target class (overrides the spec's).")
-@click.option("--reactivation-epochs", type=int, default=10, show_default=True,
+@click.option("--reactivation-epochs", type=click.IntRange(min=0), default=10, show_default=True,
               help="Clean fine-tuning epochs (pruned channels held at zero) for the re-activation ASR; 0: skip.")
-@click.option("--retune-epochs", type=int, default=5, show_default=True,
+@click.option("--retune-epochs", type=click.IntRange(min=0), default=5, show_default=True,
               help="Retuning attack (Min et al.): all weights tuned on the defense images + 5 poisoned; 0: skip.")
 @click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
               help="Hyper-parameter override, repeatable: e.g. anp.iterations=500, clp.u=2.5, onp.iterations=30, "
@@ -50,14 +50,17 @@ def parse_methods(text: str) -> list[str]:
 @click.option("--reward-backend", type=click.Choice(["engine", "hooks"]), default=None,
               help="How masks are scored: the batched reward engine (default) or one hooked forward per mask (the "
                    "reference); the same as --param repair.reward_backend=...")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace the --json file if it exists.")
 @checkpoint_options
+@accuracy_check_option
 @click.option("--quiet", is_flag=True, help="Print the table only.")
 def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs,
-            retune_epochs, params, reward_backend, seed, arch, trust_pickle, quiet):
+            retune_epochs, params, reward_backend, seed, force, skip_accuracy_check, quiet, **model_opts):
     """Compare defenses on MODEL: each method's depth is chosen on held-out defense images (no test data)."""
+    from ..atomic import check_outputs
     from ..compare import compare, format_table
-    from ..data import defense_subset, normalize
+    from ..data import normalize
     from ..defenses import apply_params
     from ..evaluate import load_attack_spec
     from ..poison import check_target
@@ -67,15 +70,10 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     names = parse_methods(methods)
     base = RepairConfig(seed=seed) if reward_backend is None else RepairConfig(seed=seed, reward_backend=reward_backend)
     cfg, configs = apply_params(params, [n.partition("/")[0] for n in names], base)
-    if defense_size < 1:
-        raise UserError("--defense-size must be at least 1")
-    if reactivation_epochs < 0 or retune_epochs < 0:
-        raise UserError("--reactivation-epochs and --retune-epochs must not be negative")
-    if json_path is not None and not Path(json_path).resolve().parent.is_dir():
-        raise UserError(f"--json folder does not exist: {Path(json_path).parent}")
+    check_outputs({"--json": json_path}, {"model": model_path, "attack spec": spec_path, **data_files(dataset)},
+                  force)
     spec = load_attack_spec(spec_path)
-    loaded, splits, mean, std = load_model_and_data(model_path, dataset, arch=arch, trust_pickle=trust_pickle,
-                                                    seed=seed)
+    loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, **model_opts)
     target = spec.target if target is None else target
     if target is None:
         raise UserError("the attack spec has no target class; pass --target")
@@ -83,7 +81,10 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     if tuple(spec.attack.image_shape) != tuple(splits.input_shape):
         raise UserError(f"the attack spec is for images {list(spec.attack.image_shape)}, "
                         f"{dataset} has {list(splits.input_shape)}")
-    x, y = defense_subset(splits, defense_size, seed=seed)  # train split only
+    x, y = defense_images(splits, defense_size, seed)  # train split only
+    cfg = cfg.for_defense_set(y, splits.num_classes)
+    check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check,
+                           echo=None if quiet else lambda s: click.echo(s, err=True))
     result = compare(loaded.model, normalize(x, mean, std), y, splits.num_classes, test_x=splits.test_x,
                      test_y=splits.test_y, mean=mean, std=std, attack=spec.attack, target=target, methods=names,
                      cfg=cfg, configs=configs, reactivation_epochs=reactivation_epochs,

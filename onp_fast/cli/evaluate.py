@@ -16,17 +16,17 @@ from .options import checkpoint_options, load_model_and_data
               help="Attack spec JSON (MODEL.attack.json from `onp-fast attack`, or a bare attack spec).")
 @click.option("--target", type=int, default=None, help="Target class (overrides the spec's).")
 @checkpoint_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated data sets.")
-@click.option("--batch-size", type=int, default=512, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed for generated data sets.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(model_path, dataset, spec_path, target, arch, trust_pickle, seed, batch_size, as_json):
+def command(model_path, dataset, spec_path, target, seed, batch_size, as_json, **model_opts):
     """Evaluate MODEL on DATASET's test split."""
     from ..evaluate import evaluate, load_attack_spec
     from ..poison import check_target
 
     spec = load_attack_spec(spec_path) if spec_path else None
-    loaded, splits, mean, std = load_model_and_data(model_path, dataset, arch=arch, trust_pickle=trust_pickle,
-                                                    seed=seed)
+    loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, **model_opts)
     attack = None
     if spec is not None:
         target = spec.target if target is None else target
@@ -36,7 +36,8 @@ def command(model_path, dataset, spec_path, target, arch, trust_pickle, seed, ba
         attack = spec.attack
     result = evaluate(loaded.model, splits.test_x, splits.test_y, mean, std, attack=attack, target=target,
                       batch_size=batch_size)
-    result = {"model": str(model_path), "dataset": dataset,
+    result = {"model": str(model_path), "dataset": dataset, "preprocessing": {
+                  "mean": list(mean), "std": list(std), "source": loaded.norm_source},
               **({"attack": attack.name, "target": target} if attack else {}), **result}
     if as_json:
         click.echo(json.dumps(result))

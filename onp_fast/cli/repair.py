@@ -2,21 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import click
 
 from ..errors import UserError
-from .options import checkpoint_options, load_model_and_data
+from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, data_files,
+                      defense_images, load_model_and_data)
 
 
 def _default(out: Path, suffix: str) -> Path:
     return out.with_name(out.stem + suffix)
-
-
-def _check_folder(path: Path | None, what: str) -> None:
-    if path is not None and not path.resolve().parent.is_dir():
-        raise UserError(f"{what} folder does not exist: {path.parent}")
 
 
 def _weights(text: str | None):
@@ -30,16 +27,20 @@ def _weights(text: str | None):
         if key.strip() not in w.to_dict():
             raise UserError(f"unknown reward term {key.strip()!r}: use {', '.join(w.to_dict())}")
         try:
-            setattr(w, key.strip(), float(val))
+            value = float(val)
         except ValueError:
             raise UserError(f"reward weight {item!r} is not KEY=NUMBER") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"reward weight {item!r} must be a finite number >= 0")
+        setattr(w, key.strip(), value)
     return w
 
 
 @click.command("repair")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("--dataset", required=True, help="Where the clean defense images come from (train split only).")
-@click.option("--defense-size", type=int, default=500, show_default=True, help="Clean images used by the defense.")
+@click.option("--defense-size", type=click.IntRange(min=1), default=None,
+              help="Clean images used by the defense [default: every one available, up to 500].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Repaired model (default MODEL.repaired.EXT), in the input's format.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
@@ -48,14 +49,19 @@ def _weights(text: str | None):
               help="Pruned groups as JSON (default OUT.masks.json).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG: reward curve and pruned fraction per layer (default OUT.png).")
+@click.option("--trigger-image", "trigger_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG: the recovered trigger proxies beside clean and stamped images, per-class anomaly, as "
+                   "`onp-fast scan --image` draws them (default OUT.trigger.png; not written without proxies).")
 @click.option("--method", default="onp", show_default=True,
               help="Pruning defense: onp (ours), fp, anp, rnp or clp; every one uses the same held-out depth rule.")
-@click.option("--iterations", type=int, default=None, help="ONP: RL iterations [default: 60].")
-@click.option("--samples", type=int, default=None, help="ONP: masks scored per iteration (K) [default: 16].")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="ONP: RL iterations [default: 60].")
+@click.option("--samples", type=click.IntRange(min=2), default=None,
+              help="ONP: masks scored per iteration (K) [default: 16].")
 @click.option("--algorithm", type=click.Choice(["ppo", "reinforce"]), default=None, help="ONP: [default: ppo].")
 @click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_t=1,ca_u=0,ca_p=0,sparsity=0.1")
-@click.option("--tolerance", type=float, default=0.02, show_default=True,
-              help="CA drop allowed on the held-out defense images when choosing the depth.")
+@click.option("--tolerance", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help="Accuracy drop (a fraction) allowed on the held-out defense images when choosing the depth "
+                   "[default: 0.02, raised to one held-out image when there are fewer than 50].")
 @click.option("--reward-backend", type=click.Choice(["engine", "hooks"]), default="engine", show_default=True,
               help="How masks are scored: the batched reward engine, or one hooked forward per mask (the reference); "
                    "both give the same rewards.")
@@ -65,53 +71,57 @@ def _weights(text: str | None):
               show_default=True,
               help="After pruning: sharpness-aware fine-tuning (sam), unlearning the trigger proxies (proxy), both, "
                    "or none; auto: the method's default (onp: sam+proxy; the baselines: none).")
-@click.option("--purify-epochs", type=int, default=10, show_default=True, help="Purification epochs on D_opt.")
+@click.option("--purify-epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Purification epochs on D_opt.")
 @click.option("--purify-lr", type=float, default=None, help="Purification learning rate [default: RepairConfig's].")
 @click.option("--purify-clip", type=float, default=None,
               help="Largest gradient norm of a purification step, 0 for none [default: RepairConfig's].")
-@click.option("--finetune-epochs", type=int, default=0, show_default=True,
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Clean fine-tuning on the defense set afterwards, pruned channels held at zero.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace output files that exist.")
 @checkpoint_options
+@accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, method, iterations,
+def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
+            iterations,
             samples, algorithm, reward_weights, tolerance, reward_backend, compact_model, purify, purify_epochs,
-            purify_lr, purify_clip, finetune_epochs, seed,
-            arch, trust_pickle, quiet):
+            purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet, **model_opts):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
-    from ..data import defense_subset, normalize
+    from ..atomic import check_outputs
+    from ..data import normalize
     from ..defenses import ONPConfig
     from ..defenses import get as get_defense
     from ..io import save_model
     from ..repair import RepairConfig, repair
-    from ..repair.output import masks_json, write_json, write_plot
+    from ..repair.output import masks_json, write_json, write_plot, write_trigger_png
 
     src = Path(model_path)
     out = Path(out_path) if out_path else src.with_name(src.stem + ".repaired" + (src.suffix or ".pt"))
     report_p = Path(report_path) if report_path else _default(out, ".report.json")
     masks_p = Path(masks_path) if masks_path else _default(out, ".masks.json")
     plot_p = Path(plot_path) if plot_path else _default(out, ".png")
-    for p, what in ((out, "output"), (report_p, "report"), (masks_p, "masks"), (plot_p, "plot")):
-        _check_folder(p, what)
+    trigger_p = Path(trigger_path) if trigger_path else _default(out, ".trigger.png")
+    check_outputs({"output": out, "report": report_p, "masks": masks_p, "plot": plot_p, "trigger image": trigger_p},
+                  {"model": src, **data_files(dataset)}, force)
     method = get_defense(method).name  # unknown name: fail before loading anything
     onp_options = {"iterations": iterations, "samples": samples, "algorithm": algorithm}
     given = [f"--{k}" for k, v in onp_options.items() if v is not None]
     if given and method != "onp":
         raise UserError(f"{', '.join(given)} set ONP's policy training; --method {method} has none")
     onp = ONPConfig(**{k: v for k, v in onp_options.items() if v is not None})
-    if defense_size < 1:
-        raise UserError("--defense-size must be at least 1")
-    if onp.iterations < 1 or onp.samples < 2:
-        raise UserError("--iterations must be >= 1 and --samples >= 2")
-    given_purify = {k: v for k, v in (("purify_lr", purify_lr), ("purify_clip", purify_clip)) if v is not None}
-    cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance=tolerance,
-                       reward_backend=reward_backend, purify=purify, purify_epochs=purify_epochs, **given_purify,
+    given = {k: v for k, v in (("purify_lr", purify_lr), ("purify_clip", purify_clip), ("tolerance", tolerance))
+             if v is not None}
+    cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,
+                       reward_backend=reward_backend, purify=purify, purify_epochs=purify_epochs, **given,
                        finetune_epochs=finetune_epochs, compact=compact_model).check()
 
-    loaded, splits, mean, std = load_model_and_data(model_path, dataset, arch=arch, trust_pickle=trust_pickle,
-                                                    seed=seed)
+    loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, **model_opts)
     # Only the train split is read (defense images); the test split stays untouched.
-    x, y = defense_subset(splits, defense_size, seed=seed)
+    x, y = defense_images(splits, defense_size, seed)
+    cfg = cfg.for_defense_set(y, splits.num_classes)  # too small for the tolerance: fail before any work
+    check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check,
+                           echo=None if quiet else lambda s: click.echo(s, err=True))
     result = repair(loaded.model, normalize(x, mean, std), y, splits.num_classes, method,
                     cfg, onp if method == "onp" else None, progress=not quiet)
     report = dict(result.report)
@@ -119,28 +129,59 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
         loaded = dataclasses.replace(loaded, model=result.compact, format="torchscript", source=None)
     else:
         loaded.model = result.model
-    report.update(model=str(src), dataset=dataset, output=str(out))
+    report.update(model=str(src), dataset=dataset, output=str(out),
+                  preprocessing={"mean": list(mean), "std": list(std), "source": loaded.norm_source,
+                                 "input_shape": list(loaded.input_shape)})
     save_model(loaded, out, extra={"onp_repair": {"method": method, "pruned_groups": report["pruned_groups"],
                                                   "seed": seed}})
     write_json(masks_p, masks_json(result.groups, result.prune))
     write_plot(plot_p, report)
+    wrote = [out, masks_p, report_p, plot_p]
+    if write_trigger_png(trigger_p, report, normalize(x, mean, std), y, mean, std):
+        wrote.append(trigger_p)
     write_json(report_p, report)
     if not quiet:
-        t = report["times_s"]
-        click.echo(f"pruned {report['pruned_groups']} of {report['groups']['count']} neuron groups "
-                   f"(depth rule: {report['stopping_rule']['rule']})")
-        for name, n in report["pruned_per_layer"].items():
-            click.echo(f"  {name:<28} {n:>5} / {report['layer_sizes'][name]}")
-        click.echo(f"CA on held-out defense images: {100 * report['ca_val_before']:.2f}% -> "
-                   f"{100 * report['ca_val_after']:.2f}%")
-        pur = report["purify"]
-        if pur["mode"] != "none":
-            click.echo(f"purification ({pur['mode']}, {pur['proxy_images_per_epoch']} proxy-stamped images an "
-                       f"epoch): " + (f"kept {pur['kept_epochs']} of {pur['epochs']} epochs" if pur["kept"] else
-                                      "undone: every epoch cost more than the tolerance on held-out images"))
-        click.echo("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
-        rate = report["details"].get("policy_reward")
-        if rate is not None:
-            click.echo(f"policy reward ({rate['backend']}): {rate['masks']} masks, {rate['masks_per_s']} masks/s, "
-                       f"{rate['images_per_s']} images/s")
-        click.echo(f"wrote {out}, {masks_p}, {report_p}, {plot_p}")
+        click.echo(summary(report, asked_tolerance=tolerance))
+        click.echo("wrote " + ", ".join(str(p) for p in wrote))
+    if loaded.format in ("state_dict", "backdoorbench", "pickle") and not quiet:
+        click.echo(f"note: a {loaded.format} file cannot record preprocessing; the report does (mean "
+                   f"{list(mean)}, std {list(std)}): pass the same --mean/--std when you load {out}", err=True)
+
+
+def summary(report: dict, asked_tolerance: float | None = None) -> str:
+    """What the repair did, in a defender's words (the report holds the numbers)."""
+    d, pur, tp = report["defense"], report["purify"], report.get("trigger_proxy")
+    lines = []
+    if tp is not None:
+        lines.append(f"trigger search: class {tp['target']} stands out (anomaly index {tp['anomaly_index']:.2f}, "
+                     f"{tp['family']} trigger), so pruning favours what it uses" if tp["flagged"] else
+                     f"trigger search: no class stands out (largest anomaly index {tp['anomaly_index']:.2f} < "
+                     f"{report['config']['anomaly_threshold']}); pruning and purification run trigger-free")
+    n, total = report["pruned_groups"], report["groups"]["count"]
+    lines.append(f"pruned {n} of {total} neuron groups (a group: channels that must go together, e.g. across a "
+                 f"residual connection)")
+    for name, k in report["pruned_per_layer"].items():
+        lines.append(f"  {name:<28} {k:>5} of {report['layer_sizes'][name]}")
+    from ..repair import RepairConfig
+
+    tol, default = d["tolerance"], RepairConfig.tolerance
+    raised = f" (raised from {100 * default:.1f}: one of the {d['n_val']} images)" \
+        if asked_tolerance is None and tol > default + 1e-12 else ""
+    lines.append(f"how deep: the smallest cut that scores about as well as the best one, among the cuts that lose at "
+                 f"most {100 * tol:.1f} points{raised} on {d['n_val']} defense images kept aside: accuracy there "
+                 f"{100 * report['ca_val_before']:.1f}% -> {100 * report['ca_val_after']:.1f}%")
+    if pur["mode"] != "none":
+        what = {"sam": "sharpness-aware fine-tuning", "proxy": "fine-tuning on trigger-stamped copies with their "
+                "true labels", "sam+proxy": "sharpness-aware fine-tuning on clean and trigger-stamped copies with "
+                "their true labels"}[pur["mode"]]
+        lines.append(f"purification ({what}): " + (
+            f"kept {pur['kept_epochs']} of {pur['epochs']} epochs, accuracy on the kept-aside images "
+            f"{100 * pur['ca_val_after']:.1f}%" if pur["kept"] else
+            "undone: every epoch cost more than the allowed drop on the kept-aside images"))
+    t = report["times_s"]
+    lines.append("seconds per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    rate = report["details"].get("policy_reward")
+    if rate is not None:
+        lines.append(f"policy reward ({rate['backend']}): {rate['masks']} masks, {rate['masks_per_s']} masks/s, "
+                     f"{rate['images_per_s']} images/s")
+    return "\n".join(lines)

@@ -44,6 +44,8 @@ def load_npz(path: str, seed: int = 0) -> DataSplits:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"npz file not found: {path}")
+    if not zipfile.is_zipfile(p):  # np.load would take it for a pickle and advise allow_pickle
+        raise UserError(f"{p} is not an .npz archive (numpy.savez): truncated or another kind of file")
     try:
         with np.load(p, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..groups import NeuronGroups
 from ..prepare import DefenseContext
+from ..progress import bar
 from ..torchutil import frozen
 from .base import Defense, register
 
@@ -47,9 +48,9 @@ def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
 
 
 def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig | None = None,
-              seed: int = 0) -> dict[str, torch.Tensor]:
+              seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
     """Optimises ANP's masks on (x [N, C, H, W] normalised, y [N] int64) -> {norm layer: mask [C] in [0, 1]}.
-    The model's weights are not changed."""
+    The model's weights are not changed. progress: a bar of the iterations on stderr (onp_fast.progress.bar)."""
     cfg = cfg or ANPConfig()
     g = torch.Generator().manual_seed(seed)
     layers = norm_layers(model)
@@ -74,7 +75,7 @@ def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig
     was_training = model.training
     model.eval()
     try:
-        with frozen(model):
+        with frozen(model), bar(cfg.iterations, "anp masks", progress) as shown:
             for _ in range(cfg.iterations):
                 idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
                 xb, yb = x[idx], y[idx]
@@ -102,6 +103,7 @@ def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig
                 with torch.no_grad():
                     for m in masks.values():
                         m.clamp_(0, 1)
+                shown.update(1)
     finally:
         for h in handles:
             h.remove()
@@ -126,7 +128,7 @@ class ANP(Defense):
         """-> [G] in [0, 1] (1 - the lowest mask of the group's norm channels), -inf where a group has none."""
         c = self.config
         with ctx.phase("anp masks"):
-            masks = anp_masks(ctx.model, ctx.x_opt, ctx.y_opt, c, seed=ctx.cfg.seed)
+            masks = anp_masks(ctx.model, ctx.x_opt, ctx.y_opt, c, seed=ctx.cfg.seed, progress=ctx.progress)
         scores = group_scores(ctx.groups, masks)
         all_m = torch.cat(list(masks.values())) if masks else torch.zeros(0)
         return scores, {"norm_layers": len(masks), "channels": int(all_m.numel()),

@@ -106,5 +106,5 @@ class FP(Defense):
         if c.finetune_epochs > 0:
             with ctx.phase("fp finetune"):
                 finetune_pruned(model, ctx.groups, prune, x, y, epochs=c.finetune_epochs, lr=c.finetune_lr,
-                                batch_size=c.batch_size, seed=ctx.cfg.seed)
+                                batch_size=c.batch_size, seed=ctx.cfg.seed, progress=ctx.progress)
         return {"finetune": {"epochs": c.finetune_epochs, "lr": c.finetune_lr, "images": len(x)}}

@@ -44,5 +44,6 @@ class FTSAM(Defense):
         x, y = ctx.defense_set()
         with ctx.phase("ftsam finetune"):
             finetune_pruned(model, ctx.groups, prune, x, y, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
-                            seed=ctx.cfg.seed, rho=c.rho, label_smoothing=c.label_smoothing, cosine=True)
+                            seed=ctx.cfg.seed, rho=c.rho, label_smoothing=c.label_smoothing, cosine=True,
+                            progress=ctx.progress)
         return {"finetune": {"epochs": c.epochs, "lr": c.lr, "rho": c.rho, "images": len(x)}}

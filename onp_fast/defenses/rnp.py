@@ -12,19 +12,22 @@ import torch.nn.functional as F
 
 from ..groups import NeuronGroups
 from ..prepare import DefenseContext, unlearn
+from ..progress import bar
 from ..torchutil import frozen
 from .base import Defense, register
 
 
 def rnp_scores(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0.2,
-               epochs: int = 20, alpha: float = 0.2, batch_size: int = 128, seed: int = 0) -> torch.Tensor:
+               epochs: int = 20, alpha: float = 0.2, batch_size: int = 128, seed: int = 0,
+               progress: bool = False) -> torch.Tensor:
     """RNP's recovery step over groups: masks m in [0, 1]^G, initialised at 1, trained by SGD (momentum 0.9,
     clipped to [0, 1]) to minimise alpha * CE of U with m on (x [N, C, H, W] normalised, y [N]).
-    Returns prune scores [G] float32 = 1 - m: higher = prune first."""
+    Returns prune scores [G] float32 = 1 - m: higher = prune first. progress: a bar of the steps on stderr
+    (onp_fast.progress.bar)."""
     g = torch.Generator().manual_seed(seed)
     m = torch.ones(groups.num_groups, requires_grad=True)
     opt = torch.optim.SGD([m], lr=lr, momentum=0.9)
-    with frozen(unlearned):
+    with frozen(unlearned), bar(epochs * -(-len(x) // batch_size), "rnp recover", progress) as shown:
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), batch_size):
@@ -36,6 +39,7 @@ def rnp_scores(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: t
                 opt.step()
                 with torch.no_grad():
                     m.clamp_(0, 1)
+                shown.update(1)
     return (1 - m.detach()).float()
 
 
@@ -75,11 +79,12 @@ class RNP(Defense):
             with ctx.phase("rnp unlearn"):
                 unlearned, info = unlearn(ctx.model, ctx.x_opt, ctx.y_opt, lr=c.unlearn_lr,
                                           target_acc=c.unlearn_target, max_epochs=c.unlearn_epochs,
-                                          batch_size=c.batch_size, seed=ctx.cfg.seed)
+                                          batch_size=c.batch_size, seed=ctx.cfg.seed, progress=ctx.progress)
             shared = False
         with ctx.phase("rnp recover"):
             scores = rnp_scores(unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, lr=c.recover_lr,
-                                epochs=c.recover_epochs, alpha=c.alpha, batch_size=c.batch_size, seed=ctx.cfg.seed)
+                                epochs=c.recover_epochs, alpha=c.alpha, batch_size=c.batch_size, seed=ctx.cfg.seed,
+                                progress=ctx.progress)
         return scores, {"unlearn": {**info, "shared_with_prepare": shared},
                         "own_rule": f"mask < {c.threshold:g}",
                         "own_rule_groups": int((scores > 1 - c.threshold).sum())}

@@ -8,8 +8,10 @@ defense may call on a pruned model (fine-tuning with pruned groups held at zero)
 from .context import DefenseContext, Phase, RepairConfig, check_defense_set, prepare
 from .finetune import finetune_pruned
 from .perturb import adversarial_perturbations
+from .scan import scan, scan_with_proxies, summarize
 from .trigger import FAMILIES, ProxySet, TriggerProxy, synthesize_proxies, synthesize_trigger
 from .unlearn import accuracy_of, unlearn
 
 __all__ = ["FAMILIES", "DefenseContext", "Phase", "ProxySet", "RepairConfig", "TriggerProxy", "accuracy_of",
-           "adversarial_perturbations", "check_defense_set", "finetune_pruned", "prepare", "synthesize_proxies", "synthesize_trigger", "unlearn"]
+           "adversarial_perturbations", "check_defense_set", "finetune_pruned", "prepare", "scan", "scan_with_proxies", "summarize",
+           "synthesize_proxies", "synthesize_trigger", "unlearn"]

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..data import stratified_split
 from ..errors import UserError
 from ..groups import NeuronGroups, find_groups
+from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
 from .perturb import adversarial_perturbations
 from .trigger import ProxySet, TriggerProxy, synthesize_proxies
@@ -30,7 +31,8 @@ class RepairConfig:
 
     seed: int = 0
     weights: RewardWeights = field(default_factory=RewardWeights)
-    tolerance: float = 0.02  # CA_B drop allowed on D_val by the depth rule
+    tolerance: float = 0.02  # CA_B drop allowed on D_val by the depth rule (and purification's guard)
+    tolerance_auto: bool = True  # raise the tolerance to one D_val image when D_val is too small to resolve it
     slack: float | None = None  # depth rule margin below the best D_val reward; None: one standard error
     val_fraction: float = 0.2
     reward_batch: int = 128  # images of D_opt scored per reward call (a fixed seeded subset)
@@ -45,6 +47,7 @@ class RepairConfig:
     sam_rho: float = 0.5  # radius of purification's adaptive sharpness-aware step
     purify_clip: float = 5.0  # largest gradient norm of a purification step (0: not clipped)
     purify_distill: bool = True  # the defense images' own loss: distillation from the model as given
+    purify_hard: float = 0.0  # share of the true labels' cross-entropy mixed into that distillation loss
     finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
     compact: bool = False  # also build the compact model (pruned channels removed)
 
@@ -55,9 +58,38 @@ class RepairConfig:
             raise UserError(f"unknown purification {self.purify!r}: use one of {', '.join(PURIFY_MODES)}")
         if self.purify_epochs < 0 or self.finetune_epochs < 0:
             raise UserError("purification and fine-tuning epochs must not be negative")
+        if not 0 <= self.purify_hard <= 1:
+            raise UserError(f"purify_hard is a share in [0, 1]: got {self.purify_hard}")
         if not self.purify_lr > 0 or not self.purify_clip >= 0:
             raise UserError("the purification learning rate must be positive and its gradient clip not negative")
+        if not (math.isfinite(self.tolerance) and self.tolerance <= 1):  # negative: no change is allowed at all
+            raise UserError(f"the tolerance is a drop in accuracy, a fraction up to 1: got {self.tolerance}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"the held-out fraction must lie in (0, 1): got {self.val_fraction}")
+        if not all(math.isfinite(v) for v in self.weights.to_dict().values()):
+            raise UserError(f"reward weights must be finite: got {self.weights.to_dict()}")
         return self
+
+    def for_defense_set(self, y: torch.Tensor, num_classes: int) -> "RepairConfig":
+        """Checks the defense set (labels y [N]) and returns the config with the tolerance its held-out part can
+        resolve (`resolve_tolerance`); what `prepare` runs first, and what a caller runs to fail before any
+        work."""
+        check_defense_set(y, num_classes)
+        _, i_val = stratified_split(y, self.val_fraction, self.seed)
+        return self.resolve_tolerance(len(i_val))
+
+    def resolve_tolerance(self, n_val: int) -> "RepairConfig":
+        """The config the depth rule can honour on `n_val` held-out images: one image changes their accuracy by
+        1 / n_val, so a tolerance between 0 and that is silently the same as 0. tolerance_auto: raised to
+        1 / n_val (the report says so); else a UserError naming the defense size that resolves it."""
+        step = 1.0 / max(n_val, 1)
+        if self.tolerance >= step - 1e-12 or self.tolerance <= 0:  # 0 (or less): no image may be lost, exactly
+            return self
+        if not self.tolerance_auto:
+            need = math.ceil(1 / max(self.tolerance, 1e-9) / self.val_fraction)
+            raise UserError(f"{n_val} held-out defense images cannot resolve a tolerance of {self.tolerance} (one "
+                            f"image is {step:.4f}): use about {need} defense images or a tolerance >= {step:.4f}")
+        return replace(self, tolerance=step)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -121,11 +153,13 @@ class DefenseContext:
                           self.trigger, backend=self.cfg.reward_backend)
 
 
-def check_defense_set(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
-    if len(x) == 0:
+def check_defense_set(y: torch.Tensor, num_classes: int) -> None:
+    """UserError for a defense set (labels y [N]) no defense can run on: empty, fewer images than classes, or
+    labels out of range."""
+    if len(y) == 0:
         raise UserError("the defense set is empty")
-    if len(x) < num_classes:
-        raise UserError(f"the defense set has {len(x)} images, fewer than the {num_classes} classes")
+    if len(y) < num_classes:
+        raise UserError(f"the defense set has {len(y)} images, fewer than the {num_classes} classes")
     if y.min() < 0 or y.max() >= num_classes:
         raise UserError(f"defense labels must lie in [0, {num_classes - 1}]")
 
@@ -137,8 +171,9 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     The trigger proxies are synthesised when CA_T has weight or purification may use them; the suspect is flagged
     (steers the reward) only when its class stands out by `anomaly_threshold` (Neural Cleanse's rule);
     perturbations are found when CA_P has weight."""
-    cfg = (cfg or RepairConfig()).check()
-    check_defense_set(x, y, num_classes)
+    if len(x) != len(y):
+        raise UserError(f"the defense set has {len(x)} images but {len(y)} labels")
+    cfg = (cfg or RepairConfig()).check().for_defense_set(y, num_classes)
     torch.manual_seed(cfg.seed)
     times: dict[str, float] = {}
     model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -148,22 +183,24 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     with Phase("groups", times, progress):
         groups = find_groups(model, tuple(x.shape[1:]))
     with Phase("unlearn", times, progress):
-        unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, seed=cfg.seed)
+        unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, seed=cfg.seed, progress=progress)
     with Phase("trigger", times, progress):
         need = cfg.weights.ca_t or cfg.purify != "none"
-        proxies = synthesize_proxies(model, x_opt, y_opt, num_classes, seed=cfg.seed) if need else None
+        proxies = (synthesize_proxies(model, x_opt, y_opt, num_classes, seed=cfg.seed, progress=progress)
+                   if need else None)
     proxy = proxies.suspect() if proxies is not None else None
     trigger = proxy if proxy is not None and proxy.anomaly_index >= cfg.anomaly_threshold else None
     with Phase("perturbations", times, progress):
-        perts = adversarial_perturbations(model, groups, x_opt, y_opt, count=cfg.perturbations,
-                                          eps=cfg.perturb_eps, seed=cfg.seed) if cfg.weights.ca_p else None
+        perts = (adversarial_perturbations(model, groups, x_opt, y_opt, count=cfg.perturbations,
+                                           eps=cfg.perturb_eps, seed=cfg.seed, progress=progress)
+                 if cfg.weights.ca_p else None)
     return DefenseContext(model, num_classes, cfg, x_opt, y_opt, x_val, y_val, groups, unlearned, unlearn_info,
                           trigger, perts, times, progress, proxy, proxies)
 
 
 class Phase:
-    """`with Phase(name, times, progress):` prints "[onp] name ..." (when progress) and records the block's
-    seconds in times[name]."""
+    """`with Phase(name, times, progress):` prints "[onp] name ..." on stderr (when progress; above any progress
+    bar, onp_fast.progress.note) and records the block's seconds in times[name]."""
 
     def __init__(self, name: str, times: dict, progress: bool):
         self.name, self.times, self.progress = name, times, progress
@@ -171,7 +208,7 @@ class Phase:
     def __enter__(self):
         self.t0 = time.perf_counter()
         if self.progress:
-            tqdm.write(f"[onp] {self.name} ...")
+            note(f"[onp] {self.name} ...")
         return self
 
     def __exit__(self, *exc):

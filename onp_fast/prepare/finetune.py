@@ -7,13 +7,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..groups import NeuronGroups
+from ..progress import bar
 
 
 def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0, rho: float = 0.0,
                     label_smoothing: float = 0.0, cosine: bool = False, augment=None, after_epoch=None,
                     teacher: nn.Module | None = None, temperature: float = 2.0,
-                    max_grad_norm: float | None = None) -> nn.Module:
+                    max_grad_norm: float | None = None, hard_weight: float = 0.0,
+                    progress: bool = False) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
     BatchNorm in training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of
@@ -25,9 +27,11 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     teacher (an eval-mode model): the loss on the batch's own images is the distillation term
     T^2 KL(softmax(t / T) || softmax(s / T)) (t: the teacher's logits on x, computed once; s: the model's;
     T = temperature) in place of their cross-entropy, plus the cross-entropy of the copies `augment` appends
-    weighted by their share of the batch. Without a teacher the loss is the cross-entropy over the whole batch.
+    weighted by their share of the batch; hard_weight = a in [0, 1] mixes the batch's own true labels in:
+    (1 - a) KD + a CE(s, y) on its own images. Without a teacher the loss is the cross-entropy over the whole batch.
     max_grad_norm: each step's gradient (after the sharpness-aware step, before weight decay and momentum) is
-    rescaled to at most this L2 norm over all parameters.
+    rescaled to at most this L2 norm over all parameters. progress: a bar of the steps on stderr
+    (onp_fast.progress.bar).
     Returns the model in eval mode, its parameters not requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -50,10 +54,14 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             return F.cross_entropy(out, yb, label_smoothing=label_smoothing)
         n, total = len(sb), len(xb)
         loss = temperature ** 2 * F.kl_div(F.log_softmax(out[:n] / temperature, dim=1), sb, reduction="batchmean")
+        if hard_weight:
+            loss = (1 - hard_weight) * loss + hard_weight * F.cross_entropy(out[:n], yb[:n],
+                                                                            label_smoothing=label_smoothing)
         if total > n:
             loss = loss + (total - n) / total * F.cross_entropy(out[n:], yb[n:], label_smoothing=label_smoothing)
         return loss
 
+    shown = bar(steps, "fine-tune", progress)
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
@@ -74,11 +82,13 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             if sched is not None:
                 sched.step()
             groups.prune_(model, keep)
+            shown.update(1)
         if after_epoch is not None:
             model.eval()
             with torch.no_grad():
                 after_epoch(epoch + 1)
             model.train()
+    shown.close()
     for p in params:
         p.requires_grad_(False)
     return model.eval()

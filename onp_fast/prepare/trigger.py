@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..progress import bar
 from ..torchutil import frozen
 
 FAMILIES = ("patch", "additive")
@@ -119,11 +120,11 @@ class ProxySet:
 
 def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
                        batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1,
-                       seed: int = 0, families: tuple[str, ...] = FAMILIES) -> ProxySet:
+                       seed: int = 0, families: tuple[str, ...] = FAMILIES, progress: bool = False) -> ProxySet:
     """x [N, C, H, W] normalised clean images, y [N] int64 -> every class's proxy in every family of `families`.
     `steps` Adam steps (lr) on `batch` images per class per step, all families in one forward; lam weighs the
     mean mask value, lam_additive the relative RMS of D_t, against the cross-entropy (the defaults'
-    measurements: docs/design.md)."""
+    measurements: docs/design.md). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = x.shape
     lo = x.amin(dim=(0, 2, 3)).view(1, c, 1, 1)
@@ -142,7 +143,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
         d = span * torch.tanh(dlog)
         return m, p, d
 
-    with frozen(model):
+    with frozen(model), bar(steps, "trigger proxies", progress) as shown:
         for _ in range(steps):
             idx = torch.randint(0, n, (batch,), generator=g)
             xb, yb = x[idx], y[idx]
@@ -164,6 +165,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            shown.update(1)
     with torch.no_grad():
         m, p, d = current()
         patterns, norms = {}, {}

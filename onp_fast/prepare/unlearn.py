@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..progress import bar
+
 
 @torch.no_grad()
 def accuracy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
@@ -18,11 +20,13 @@ def accuracy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
 
 
 def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0.01, target_acc: float = 0.2,
-            max_epochs: int = 20, batch_size: int = 128, seed: int = 0) -> tuple[nn.Module, dict]:
+            max_epochs: int = 20, batch_size: int = 128, seed: int = 0,
+            progress: bool = False) -> tuple[nn.Module, dict]:
     """Returns (U, info): a copy of `model` trained to *maximise* CE on (x, y) until its accuracy on (x, y)
     is <= target_acc (checked after every step), at most `max_epochs` epochs. BN statistics stay frozen
     (eval mode); weights, BN scales and shifts move. x: [N, C, H, W] normalised; y: [N] int64.
-    info: steps, epochs, final accuracy."""
+    info: steps, epochs, final accuracy. progress: a bar on stderr (onp_fast.progress.bar) of the most steps
+    it may take, max_epochs x batches per epoch (its ETA is an upper bound; it ends early at target_acc)."""
     u = copy.deepcopy(model).eval()
     for p in u.parameters():
         p.requires_grad_(True)
@@ -30,20 +34,22 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
     g = torch.Generator().manual_seed(seed)
     steps, acc = 0, accuracy_of(u, x, y)
     epoch = 0
-    while acc > target_acc and epoch < max_epochs:
-        epoch += 1
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
-            loss = -F.cross_entropy(u(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(u.parameters(), 20.0)
-            opt.step()
-            steps += 1
-            acc = accuracy_of(u, x, y)
-            if acc <= target_acc:
-                break
+    with bar(max_epochs * -(-len(x) // batch_size), "unlearn", progress) as shown:
+        while acc > target_acc and epoch < max_epochs:
+            epoch += 1
+            order = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                idx = order[i:i + batch_size]
+                loss = -F.cross_entropy(u(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(u.parameters(), 20.0)
+                opt.step()
+                steps += 1
+                acc = accuracy_of(u, x, y)
+                shown.update(1)
+                if acc <= target_acc:
+                    break
     for p in u.parameters():
         p.requires_grad_(False)
     return u, {"steps": steps, "epochs": epoch, "accuracy": acc}

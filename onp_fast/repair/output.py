@@ -1,4 +1,5 @@
-"""What repair writes: the masks as JSON, the report as JSON, the plot as PNG — all atomically."""
+"""What repair writes: the masks as JSON, the report as JSON, the plot as PNG, the trigger-proxy picture as PNG
+(write_trigger_png, from scan_plot: the picture `onp-fast scan --image` draws) — all atomically."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,9 @@ import torch
 
 from ..atomic import atomic_path, write_text
 from ..groups import NeuronGroups
+from .scan_plot import write_trigger_png
+
+__all__ = ["masks_json", "write_json", "write_plot", "write_trigger_png"]
 
 
 def masks_json(groups: NeuronGroups, prune: torch.Tensor) -> dict:
@@ -32,11 +36,14 @@ def write_plot(path, report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.6))
     curve = report["details"].get("reward_curve")
     if curve:
         a.plot(curve["mean"], label="mean reward")
         a.plot(curve["max"], label="best mask", alpha=0.7)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.set_xlabel("RL iteration")
         a.set_ylabel("reward on D_opt")
         a.set_title("policy training")
@@ -45,6 +52,7 @@ def write_plot(path, report: dict) -> None:
         a.plot([r["depth"] for r in table], [r["reward"] for r in table], marker=".", label="reward")
         a.plot([r["depth"] for r in table], [r["ca_b"] for r in table], marker=".", label="CA_B")
         a.axvline(report["stopping_rule"]["depth"], color="k", lw=0.8, label="chosen depth")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.set_xlabel("pruning depth (groups)")
         a.set_ylabel("on held-out D_val")
         a.set_title(f"depth rule ({report.get('method', '')})")
@@ -55,8 +63,9 @@ def write_plot(path, report: dict) -> None:
     b.bar(range(len(names)), frac)
     b.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     b.set_ylabel("pruned fraction")
-    b.set_title(f"pruned per layer ({report['pruned_groups']} groups)")
-    fig.tight_layout()
+    n = report["pruned_groups"]
+    b.set_title(f"pruned per layer ({n} group{'' if n == 1 else 's'})")
+    fig.tight_layout()  # makes room for the rotated layer names, so none is clipped
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

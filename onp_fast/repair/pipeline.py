@@ -11,9 +11,10 @@ import torch.nn as nn
 from ..defenses import Defense, get
 from ..errors import UserError
 from ..groups import NeuronGroups, compact
-from ..prepare import DefenseContext, RepairConfig, accuracy_of, finetune_pruned, prepare
+from ..prepare import DefenseContext, RepairConfig, accuracy_of, finetune_pruned, prepare, summarize
 from ..prepare.context import PURIFY_MODES
 from .purify import purify as purify_model
+from .scan_plot import picture_data
 from .select import choose_depth
 
 KINDS = ("channel", "coupled", "head")
@@ -78,7 +79,8 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
             raise UserError(f"{defense.name} found no neuron group it can score in this model")
         else:
             with ctx.phase("select"), torch.no_grad():
-                choice = choose_depth(scores, ctx.scorer("val"), tolerance=ctx.cfg.tolerance, slack=ctx.cfg.slack)
+                choice = choose_depth(scores, ctx.scorer("val"), tolerance=ctx.cfg.tolerance, slack=ctx.cfg.slack,
+                                      progress=ctx.progress)
         prune = choice["prune"]
         with ctx.phase("apply"):
             repaired = ctx.groups.pruned_copy(ctx.model, prune)
@@ -90,7 +92,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
         if ctx.cfg.finetune_epochs > 0:
             with ctx.phase("finetune"):
                 finetune_pruned(repaired, ctx.groups, prune, *ctx.defense_set(), epochs=ctx.cfg.finetune_epochs,
-                                seed=ctx.cfg.seed)
+                                seed=ctx.cfg.seed, progress=ctx.progress)
         small = None
         if ctx.cfg.compact:
             with ctx.phase("compact"):
@@ -128,6 +130,13 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _scan_parts(ctx: DefenseContext) -> dict:
+    """The trigger_proxy part's "scan" (what `onp-fast scan` reports for these proxies) and "picture" (what
+    OUT.trigger.png draws: scan_plot.picture_data)."""
+    result = summarize(ctx.proxies, ctx.cfg.anomaly_threshold)
+    return {"scan": result, "picture": picture_data(result, ctx.proxies)}
+
+
 def _report(ctx: DefenseContext, defense: Defense, scores: torch.Tensor, choice: dict, repaired: nn.Module,
             details: dict, own_times: dict) -> dict:
     groups, proxy = ctx.groups, ctx.proxy
@@ -139,7 +148,8 @@ def _report(ctx: DefenseContext, defense: Defense, scores: torch.Tensor, choice:
         "method": defense.name,
         "method_config": defense.config_dict(),
         "config": ctx.cfg.to_dict(),
-        "defense": {"n": len(ctx.x_opt) + len(ctx.x_val), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val)},
+        "defense": {"n": len(ctx.x_opt) + len(ctx.x_val), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val),
+                    "tolerance": ctx.cfg.tolerance},
         "groups": {"count": groups.num_groups, "layers": len(groups.layers),
                    "kinds": {k: sum(g.kind == k for g in groups.groups) for k in KINDS}},
         "candidates": int(torch.isfinite(scores).sum()),
@@ -148,7 +158,8 @@ def _report(ctx: DefenseContext, defense: Defense, scores: torch.Tensor, choice:
             "target": proxy.target, "family": proxy.family, "anomaly_index": round(proxy.anomaly_index, 3),
             "flagged": ctx.trigger is not None,
             "anomaly_per_family": {f: round(v, 3) for f, v in ctx.proxies.anomaly().items()},
-            "norms_per_family": {f: [round(float(v), 4) for v in n] for f, n in ctx.proxies.norms.items()}},
+            "norms_per_family": {f: [round(float(v), 4) for v in n] for f, n in ctx.proxies.norms.items()},
+            **_scan_parts(ctx)},
         "details": details,
         "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "margin": choice["margin"],
                           "table": choice["table"]},

@@ -25,7 +25,7 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     untouched. `purify_epochs` epochs at `purify_lr`, each step's gradient clipped to norm `purify_clip` (0: not
     clipped). After each epoch CA on D_val is measured; the model kept is the one after the last epoch whose CA
     stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and "kept": False when none does: the model is
-    put back as it was). -> the report part."""
+    put back as it was). A bar of its steps on stderr when ctx.progress. -> the report part."""
     cfg = ctx.cfg
     clip = cfg.purify_clip or None
     proxies = ctx.proxies if "proxy" in mode else None
@@ -48,13 +48,15 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=cfg.purify_epochs, lr=cfg.purify_lr,
                     seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check,
                     teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE,
-                    max_grad_norm=clip)
+                    hard_weight=cfg.purify_hard,
+                    max_grad_norm=clip, progress=ctx.progress)
     model.load_state_dict(best["state"])
     return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
             "proxy_images_per_epoch": len(ctx.x_opt) if proxies is not None else 0,
             "images": len(ctx.x_opt), "epochs": cfg.purify_epochs, "lr": cfg.purify_lr,
             "grad_clip": clip,
             "distill_temperature": DISTILL_TEMPERATURE if cfg.purify_distill else None,
+            "hard_label_share": cfg.purify_hard if cfg.purify_distill else None,
             "kept_epochs": best["epoch"], "ca_val_per_epoch": curve,
             "ca_val_after": best["ca"] if best["ca"] is not None else accuracy_of(model, ctx.x_val, ctx.y_val),
             "kept": best["epoch"] > 0}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..progress import bar
 from ..reward import MaskScorer
 
 
@@ -21,12 +22,14 @@ def depth_grid(max_depth: int) -> list[int]:
 
 
 def choose_depth(scores: torch.Tensor, scorer: MaskScorer, *, tolerance: float = 0.02,
-                 slack: float | None = None, max_depth: int | None = None, chunk: int = 16) -> dict:
+                 slack: float | None = None, max_depth: int | None = None, chunk: int = 16,
+                 progress: bool = False) -> dict:
     """scores [G] float, higher = prune first; -inf marks a group never to prune (only the n finite ones are
     candidates). Depths are scanned on `depth_grid(max_depth)`, by default up to min(n, max(32, twice the
     candidates above 0.5, n // 10)). slack None: one standard error of the best depth's reward
     (`scorer.standard_error(prune [G] bool) -> float`). Returns {"depth", "prune" [G] bool, "table":
-    [{depth, reward, ca_b, ...}], "ca_b_before", "rule", "margin"}; the table is what the report prints."""
+    [{depth, reward, ca_b, ...}], "ca_b_before", "rule", "margin"}; the table is what the report prints.
+    progress: a bar of the depths scored on stderr (onp_fast.progress.bar), when they take more than one chunk."""
     order = torch.argsort(scores, descending=True, stable=True)
     g = len(scores)
     n = int(torch.isfinite(scores).sum())
@@ -37,14 +40,17 @@ def choose_depth(scores: torch.Tensor, scorer: MaskScorer, *, tolerance: float =
     for i, d in enumerate(depths):
         masks[i, order[:d]] = True
     rows = []
+    shown = bar(len(depths), "depth rule", progress and len(depths) > chunk, unit="depth")
     for s in range(0, len(depths), chunk):
         terms = scorer.terms(masks[s:s + chunk])
         rewards = scorer.weights.combine(terms)
         for j in range(len(rewards)):
             rows.append({"depth": depths[s + j], "reward": float(rewards[j]),
                          **{k: float(v[j]) for k, v in terms.items()}})
+        shown.update(len(rewards))
+    shown.close()
     base = rows[0]["ca_b"]
-    allowed = [r for r in rows if r["ca_b"] >= base - tolerance - 1e-12]
+    allowed = [r for r in rows if r["ca_b"] >= base - tolerance - 1e-12 or r["depth"] == 0]
     top = max(allowed, key=lambda r: r["reward"])
     if slack is None:
         margin = scorer.standard_error(masks[depths.index(top["depth"])])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ...prepare import DefenseContext
+from ...progress import bar
 from ..base import Defense, register
 from .features import FEATURE_NAMES, exposure_features
 from .graph import build_policy_graph
@@ -54,14 +54,15 @@ def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]
                          init_prune_prob=cfg.init_prune_prob)
     ppo = PPOConfig(iterations=cfg.iterations, samples=cfg.samples, algorithm=cfg.algorithm, seed=seed)
     with ctx.phase("policy"):
-        bar = tqdm(total=cfg.iterations, desc="policy (RL)", disable=not ctx.progress, leave=False)
+        shown = bar(cfg.iterations, "policy (RL)", ctx.progress, unit="it")
 
         def tick(it, hist):
-            bar.update(1)
-            bar.set_postfix(reward=f"{hist['reward_mean'][-1]:.3f}", pruned=f"{hist['prune_frac'][-1]:.3f}")
+            shown.set_postfix(reward=f"{hist['reward_mean'][-1]:.3f}", pruned=f"{hist['prune_frac'][-1]:.3f}",
+                              refresh=False)  # drawn by update, at the bar's redraw interval
+            shown.update(1)
 
-        hist = train_policy(policy, graph, scorer, ppo, progress=tick)
-        bar.close()
+        with shown:
+            hist = train_policy(policy, graph, scorer, ppo, progress=tick)
     with torch.no_grad():
         prob = torch.sigmoid(policy(graph))
     return prob, {
