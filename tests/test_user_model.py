@@ -280,3 +280,25 @@ def test_repair_summary_is_in_words(norm_model, tmp_path):
     assert "how deep: the smallest cut that scores about as well as the best one" in res.output
     assert "purification (sharpness-aware fine-tuning)" in res.output
     assert "shallowest depth in" not in res.output  # the rule's formula stays in the report
+
+
+def test_the_repair_plot_has_whole_iterations_every_layer_name_and_singular_words():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from onp_fast.repair.output import plot_figure
+
+    layers = {f"layer{i}.block{j}.conv{k}": 64 for i in range(4) for j in range(2) for k in range(3)}
+    report = {"details": {"reward_curve": {"mean": [0.1, 0.2, 0.3], "max": [0.2, 0.3, 0.4]}},
+              "layer_sizes": layers, "pruned_per_layer": {next(iter(layers)): 1}, "pruned_groups": 1}
+    fig = plot_figure(report)
+    curve, bars = fig.axes
+    assert bars.get_title() == "pruned per layer (1 group)"
+    ticks = [t for t in curve.get_xticks() if curve.get_xlim()[0] <= t <= curve.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    fig.canvas.draw()
+    box = fig.bbox
+    for label in bars.get_xticklabels():
+        ext = label.get_window_extent()
+        assert ext.y0 >= box.y0 - 0.5 and ext.x0 >= box.x0 - 0.5 and ext.x1 <= box.x1 + 0.5, label.get_text()
+    assert len(bars.get_xticklabels()) == len(layers)

@@ -84,9 +84,9 @@ def _weights(text: str | None):
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
-            iterations,
-            samples, algorithm, reward_weights, tolerance, reward_backend, compact_model, purify, purify_epochs,
-            purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet, **model_opts):
+            iterations, samples, algorithm, reward_weights, tolerance, reward_backend, compact_model, purify,
+            purify_epochs, purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet,
+            **model_opts):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..atomic import check_outputs
     from ..data import normalize

@@ -14,17 +14,10 @@ from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_
 EXIT_FLAGGED = 3
 
 
-def verdict(result: dict) -> str:
-    """The one-line verdict of a scan result."""
-    if result["flagged"]:
-        return (f"backdoor suspected: class {result['target']} (family {result['family']}, anomaly index "
-                f"{result['anomaly_index']:.2f} >= gate {result['gate']:g})")
-    return (f"no class stands out (largest anomaly index {result['suspect']['anomaly_index']:.2f} < gate "
-            f"{result['gate']:g})")
-
-
 def format_scan(result: dict) -> str:
-    """Per family a table (class, proxy size, anomaly index; the most anomalous class marked), then verdict()."""
+    """Per family a table (class, proxy size, anomaly index; the most anomalous class marked), then the verdict."""
+    from ..repair.scan_plot import verdict
+
     lines = []
     for f, fam in result["families"].items():
         lines.append(f"{f} family (proxy size: {'mask L1, pixels' if f == 'patch' else 'relative RMS of the delta'})")

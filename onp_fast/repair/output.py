@@ -29,8 +29,19 @@ def write_json(path, obj: dict) -> None:
 
 
 def write_plot(path, report: dict) -> None:
+    """plot_figure(report), written as PNG atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(report)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_figure(report: dict):
     """Two panels: the RL reward curve (mean and best of each iteration's K masks; for a method without RL, the
-    depth rule's reward on D_val per depth) and the pruned fraction per layer."""
+    depth rule's reward on D_val per depth; integer ticks) and the pruned fraction per layer (every layer named,
+    none clipped). -> the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,6 +77,4 @@ def write_plot(path, report: dict) -> None:
     n = report["pruned_groups"]
     b.set_title(f"pruned per layer ({n} group{'' if n == 1 else 's'})")
     fig.tight_layout()  # makes room for the rotated layer names, so none is clipped
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    return fig

@@ -74,13 +74,13 @@ def pick_examples(x: torch.Tensor, y: torch.Tensor, avoid: int, k: int = EXAMPLE
     return x[picked]
 
 
-def headline(result: dict) -> str:
-    """The picture's title in plain words."""
+def verdict(result: dict, digits: int = 2) -> str:
+    """A scan result's verdict in one line (`onp-fast scan`'s last line; the picture's title with digits=1)."""
     if result["flagged"]:
-        return (f"class {result['target']} stands out: anomaly index {result['anomaly_index']:.1f} "
-                f"(gate {result['gate']:g}, {result['family']} trigger)")
-    return (f"no class stands out: largest anomaly index {result['suspect']['anomaly_index']:.1f} "
-            f"(gate {result['gate']:g})")
+        return (f"backdoor suspected: class {result['target']} (family {result['family']}, anomaly index "
+                f"{result['anomaly_index']:.{digits}f} >= gate {result['gate']:g})")
+    return (f"no class stands out (largest anomaly index {result['suspect']['anomaly_index']:.{digits}f} < gate "
+            f"{result['gate']:g})")
 
 
 def write_scan_png(path, scan_result: dict, proxies: ProxySet, x_examples: torch.Tensor,
@@ -136,7 +136,7 @@ def _show(ax, img: torch.Tensor, title: str = "") -> None:
 
 def _draw(path, result: dict, shown: dict[str, TriggerProxy], x: torch.Tensor, mean, std) -> None:
     """One row per family in `shown` (its trigger, the k clean images, the k stamped ones), then the bar chart
-    of result["families"][f]["z_scores"] per class with the gate line; headline() on top."""
+    of result["families"][f]["z_scores"] per class with the gate line; verdict() on top."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,7 +170,7 @@ def _draw(path, result: dict, shown: dict[str, TriggerProxy], x: torch.Tensor, m
     bars.set_title("how far each class's trigger proxy is smaller than the median (above the gate: flagged)",
                    fontsize=9)
     bars.legend(fontsize=7)
-    fig.suptitle(headline(result), fontsize=11)
+    fig.suptitle(verdict(result, digits=1), fontsize=11)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
