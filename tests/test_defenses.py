@@ -241,19 +241,25 @@ def test_rnp_unlearning_stops_at_the_accuracy_threshold(trained, monkeypatch):
         return acc
 
     monkeypatch.setattr(unlearn_mod, "accuracy_of", recording)
-    # Other settings than prepare's: RNP unlearns on its own and must stop at the first step at or below the
-    # threshold (0.3 here: with 4 balanced classes a model that collapses to one class still scores 0.25).
-    res = run(ctx, "rnp", RNPConfig(unlearn_lr=0.05, unlearn_target=0.3, recover_epochs=1))
+    # stop_check "step" (our earlier unlearning, prepare's; the official checks once per epoch, see
+    # test_faithful_baselines.py) with other settings than prepare's: RNP unlearns on its own and must stop at the
+    # first step at or below the threshold (0.3 here: with 4 balanced classes a model that collapses to one class
+    # still scores 0.25).
+    res = run(ctx, "rnp", RNPConfig(unlearn_lr=0.05, unlearn_target=0.3, recover_epochs=1, stop_check="step"))
     info = res.report["details"]["unlearn"]
     assert not info["shared_with_prepare"]
     assert len(seen) >= 3 and seen[0] > 0.9
     assert all(a > 0.3 for a in seen[:-1]) and seen[-1] <= 0.3
     assert info["accuracy"] == seen[-1] and info["steps"] == len(seen) - 1
-    # The published defaults are prepare's own unlearning: reused, not repeated.
+    # prepare's own unlearning settings with stop_check "step": reused, not repeated.
     seen.clear()
-    res = run(ctx, "rnp", RNPConfig(recover_epochs=1))
+    res = run(ctx, "rnp", RNPConfig(recover_epochs=1, stop_check="step"))
     assert res.report["details"]["unlearn"]["shared_with_prepare"] and not seen
     assert res.report["details"]["unlearn"]["steps"] == ctx.unlearn_info["steps"]
+    # The published defaults (the official per-epoch loop) are not prepare's: RNP unlearns on its own.
+    res = run(ctx, "rnp", RNPConfig(recover_epochs=1))
+    info = res.report["details"]["unlearn"]
+    assert not info["shared_with_prepare"] and info["stop_check"] == "epoch" and not seen
 
 
 class _HalfDefense(Defense):

@@ -1,16 +1,39 @@
-"""Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021).
+"""Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021), step by step as the official code
+(github.com/csdongxian/ANP_backdoor, commit ec7b179: optimize_mask_cifar.py, models/anp_batchnorm.py).
 
-Every affine norm channel (BatchNorm; LayerNorm / GroupNorm alike) gets a mask m in [0, 1] on its scale and,
-while perturbed, the scale becomes gamma * (m + delta) and the shift beta * (1 + delta_b), |delta|, |delta_b|
-<= eps. Each iteration draws a batch (with replacement) from D_opt, starts the noise uniformly in [-eps, eps],
-takes `noise_steps` gradient-ascent steps on the clean loss (SGD, lr eps / noise_steps, clipped), then one SGD
-step (momentum 0.9) on the masks for alpha * CE(clean) + (1 - alpha) * CE(perturbed), clipped to [0, 1].
-Applied with forward hooks on a frozen model in eval mode (BN statistics are not updated, unlike ANP's
-train-mode loop). A channel's score is 1 - m; a group's is the max over its norm channels (-inf for a group
-with none: ANP cannot prune it).
+Every affine norm channel (BatchNorm as in the official NoisyBatchNorm2d; LayerNorm / GroupNorm alike) gets a
+mask m in [0, 1] (`neuron_mask`, init 1) and two noises, delta on the scale and delta_b on the shift
+(`neuron_noise`, `neuron_noise_bias`). Perturbed, the layer's affine part is gamma * (m + delta) and
+beta * (1 + delta_b); clean, gamma * m and beta. Each of `iterations` iterations:
+  1. a batch of `batch_size` drawn with replacement from D_opt (the official RandomSampler(replacement=True));
+  2. if eps > 0: delta, delta_b drawn uniformly in [-eps, eps] (`reset(rand_init=True)`), then `noise_steps`
+     steps of SGD with lr eps / noise_steps on -CE(perturbed) whose gradient is replaced by its sign
+     (`sign_grad`): delta <- delta + eps / noise_steps * sign(dCE / d delta). The official code does not clamp
+     the noise after the step, so it ends anywhere in [-2 eps, 2 eps]; neither do we;
+  3. one SGD step (lr mask_lr, momentum 0.9) on the masks for alpha * CE(clean) + (1 - alpha) * CE(perturbed),
+     then the masks clipped to [0, 1] (`clip_mask`).
+The official model runs in train mode throughout (`model.train()`: BN normalises with batch statistics and
+updates its running statistics). We do the same on a deep copy, so the caller's model, its weights and running
+statistics are never touched. A channel's score is 1 - m; a group's is the max over its norm channels (-inf
+for a group with none: ANP cannot prune it). ANP's own rule (prune_neuron_cifar.py, `evaluate_by_threshold`:
+a channel is pruned when its mask <= the threshold; 0.2 in the paper) is reported beside the shared rule.
+
+ANPConfig fields (official value / behaviour first):
+  eps          0.4    (--anp-eps) the noise budget of the random start.
+  alpha        0.2    (--anp-alpha) the weight of the clean loss; 1 - alpha on the perturbed one.
+  iterations   2000   (--nb-iter; 4 x --print-every 500 batches).
+  mask_lr      0.2    (--lr) SGD, momentum 0.9, on the masks.
+  batch_size   128    (--batch-size), drawn with replacement.
+  noise_steps  1      (--anp-steps).
+  threshold    0.2    ANP's own rule: prune channels whose mask <= threshold (reported only).
+  noise_step   "sign" official: delta moves by eps / noise_steps * sign(grad), not clamped.
+               "grad" ours before: delta moves by eps / noise_steps * grad, clamped to [-eps, eps].
+  bn_mode      "train" official: the (copied) model in train mode, BN on batch statistics.
+               "eval"  ours before: eval mode, BN on its running statistics.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +44,6 @@ from ..errors import UserError
 from ..groups import NeuronGroups
 from ..prepare import DefenseContext
 from ..progress import bar
-from ..torchutil import frozen
 from .base import Defense, register
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -29,13 +51,15 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 @dataclass
 class ANPConfig:
-    eps: float = 0.4  # perturbation budget on the norm scale and shift
+    eps: float = 0.4  # perturbation budget of the noise's random start
     alpha: float = 0.2  # weight of the clean loss; 1 - alpha on the perturbed loss
     iterations: int = 2000
     mask_lr: float = 0.2
     batch_size: int = 128
     noise_steps: int = 1
-    threshold: float = 0.2  # ANP's own rule: prune masks below it (reported beside the shared rule)
+    threshold: float = 0.2  # ANP's own rule: prune masks <= it (reported beside the shared rule)
+    noise_step: str = "sign"  # "sign" (official) | "grad" (ours before: eps/steps * grad, clamped to [-eps, eps])
+    bn_mode: str = "train"  # "train" (official, on a copy) | "eval" (ours before)
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
@@ -47,68 +71,115 @@ def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
     return out
 
 
-def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig | None = None,
-              seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Optimises ANP's masks on (x [N, C, H, W] normalised, y [N] int64) -> {norm layer: mask [C] in [0, 1]}.
-    The model's weights are not changed. progress: a bar of the iterations on stderr (onp_fast.progress.bar)."""
-    cfg = cfg or ANPConfig()
-    g = torch.Generator().manual_seed(seed)
-    layers = norm_layers(model)
-    if not layers:
-        raise UserError("anp: the model has no affine norm layer (ANP perturbs BatchNorm channels)")
-    names = [n for n, _, _ in layers]
-    masks = {n: torch.ones(m.weight.shape[0], requires_grad=True) for n, m, _ in layers}
-    noise = {n: torch.zeros(m.weight.shape[0]) for n, m, _ in layers}
-    noise_b = {n: torch.zeros(m.weight.shape[0]) for n, m, _ in layers}
-    state = {"perturbed": False}
+def check_mode(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{field} must be one of {', '.join(allowed)}, not {value!r}")
 
-    def hook(mod, inp, out, name, dim):
+
+class Perturbation:
+    """ANP's NoisyBatchNorm2d as forward hooks on `model`'s affine norm layers: masks [C] (leaves, init 1),
+    noise and noise_b [C] (init 0). While `perturbed`, a layer's affine part is gamma * (mask + noise) and
+    beta * (1 + noise_b); otherwise gamma * mask and beta. Use as a context manager (hooks removed on exit)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = norm_layers(model)
+        if not self.layers:
+            raise UserError("anp: the model has no affine norm layer (ANP perturbs BatchNorm channels)")
+        self.names = [n for n, _, _ in self.layers]
+        self.masks = {n: torch.ones(m.weight.shape[0], device=m.weight.device, requires_grad=True)
+                      for n, m, _ in self.layers}
+        self.noise = {n: torch.zeros_like(self.masks[n]).detach() for n in self.names}
+        self.noise_b = {n: torch.zeros_like(self.masks[n]).detach() for n in self.names}
+        self.perturbed = False
+        self.handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: self._hook(mod, o, n, d))
+                        for n, m, d in self.layers]
+
+    def _hook(self, mod, out, name, dim):
         shape = [1] * out.dim()
         shape[dim] = -1
         beta = mod.bias.view(shape) if mod.bias is not None else 0.0
-        scale = masks[name] + noise[name] if state["perturbed"] else masks[name]
-        shift = beta * (1 + noise_b[name].view(shape)) if state["perturbed"] else beta
-        return (out - beta) * scale.view(shape) + shift
+        if self.perturbed:
+            return (out - beta) * (self.masks[name] + self.noise[name]).view(shape) \
+                + beta * (1 + self.noise_b[name].view(shape))
+        return (out - beta) * self.masks[name].view(shape) + beta
 
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: hook(mod, i, o, n, d)) for n, m, d in layers]
-    opt = torch.optim.SGD(list(masks.values()), lr=cfg.mask_lr, momentum=0.9)
-    was_training = model.training
-    model.eval()
-    try:
-        with frozen(model), bar(cfg.iterations, "anp masks", progress) as shown:
-            for _ in range(cfg.iterations):
-                idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
-                xb, yb = x[idx], y[idx]
-                loss_rob = torch.zeros(())
-                if cfg.eps > 0:
-                    for n in names:
-                        noise[n] = (torch.rand(len(noise[n]), generator=g) * 2 - 1) * cfg.eps
-                        noise_b[n] = (torch.rand(len(noise[n]), generator=g) * 2 - 1) * cfg.eps
-                    state["perturbed"] = True
-                    for _ in range(cfg.noise_steps):
-                        noisy = [noise[n].requires_grad_(True) for n in names] + [noise_b[n].requires_grad_(True)
-                                                                                  for n in names]
-                        grads = torch.autograd.grad(-F.cross_entropy(model(xb), yb), noisy)
-                        step = cfg.eps / cfg.noise_steps
-                        for i, n in enumerate(names):  # SGD on -CE: ascent on the clean loss
-                            noise[n] = (noise[n].detach() - step * grads[i]).clamp(-cfg.eps, cfg.eps)
-                            noise_b[n] = (noise_b[n].detach() - step * grads[len(names) + i]).clamp(-cfg.eps,
-                                                                                                    cfg.eps)
-                    loss_rob = F.cross_entropy(model(xb), yb)
-                state["perturbed"] = False
-                loss = cfg.alpha * F.cross_entropy(model(xb), yb) + (1 - cfg.alpha) * loss_rob
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for m in masks.values():
-                        m.clamp_(0, 1)
-                shown.update(1)
-    finally:
-        for h in handles:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
             h.remove()
-        model.train(was_training)
-    return {n: m.detach().clone() for n, m in masks.items()}
+
+
+def random_start(p: Perturbation, eps: float, g: torch.Generator) -> None:
+    """The official `reset(rand_init=True)`: noise and noise_b uniform in [-eps, eps]."""
+    for n in p.names:
+        p.noise[n] = ((torch.rand(len(p.noise[n]), generator=g) * 2 - 1) * eps).to(p.noise[n].device)
+        p.noise_b[n] = ((torch.rand(len(p.noise[n]), generator=g) * 2 - 1) * eps).to(p.noise[n].device)
+
+
+def noise_step(model: nn.Module, p: Perturbation, xb: torch.Tensor, yb: torch.Tensor, cfg: ANPConfig) -> None:
+    """One step of the official noise optimiser: SGD (lr eps / noise_steps) on -CE(perturbed), its gradient
+    replaced by the sign ("sign", not clamped afterwards, as `sign_grad` + `noise_opt.step()`), or ours before
+    ("grad": the raw gradient, the noise clamped to [-eps, eps])."""
+    p.perturbed = True
+    noisy = [p.noise[n].requires_grad_(True) for n in p.names] + [p.noise_b[n].requires_grad_(True)
+                                                                  for n in p.names]
+    grads = torch.autograd.grad(-F.cross_entropy(model(xb), yb), noisy, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(noisy, grads)]  # e.g. a norm without shift
+    lr = cfg.eps / cfg.noise_steps
+    k = len(p.names)
+    for i, n in enumerate(p.names):
+        for store, gr in ((p.noise, grads[i]), (p.noise_b, grads[k + i])):
+            if cfg.noise_step == "sign":
+                store[n] = store[n].detach() - lr * torch.sign(gr)
+            else:
+                store[n] = (store[n].detach() - lr * gr).clamp(-cfg.eps, cfg.eps)
+
+
+def working_copy(model: nn.Module, bn_mode: str) -> nn.Module:
+    """A deep copy of `model`, its parameters frozen, in train mode ("train") or eval mode ("eval")."""
+    work = copy.deepcopy(model)
+    for q in work.parameters():
+        q.requires_grad_(False)
+    return work.train(bn_mode == "train")
+
+
+def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig | None = None,
+              seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Optimises ANP's masks on (x [N, C, H, W] normalised, y [N] int64) -> {norm layer: mask [C] in [0, 1]}.
+    Works on a deep copy: the model's weights and BN statistics are not changed. progress: a bar of the
+    iterations on stderr (onp_fast.progress.bar)."""
+    cfg = cfg or ANPConfig()
+    check_mode("anp.noise_step", cfg.noise_step, ("sign", "grad"))
+    check_mode("anp.bn_mode", cfg.bn_mode, ("train", "eval"))
+    if cfg.bn_mode == "train" and cfg.batch_size < 2 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise UserError("anp: bn_mode 'train' needs batch_size >= 2 (BatchNorm on batch statistics)")
+    g = torch.Generator().manual_seed(seed)
+    work = working_copy(model, cfg.bn_mode)
+    with Perturbation(work) as p, bar(cfg.iterations, "anp masks", progress) as shown:
+        opt = torch.optim.SGD(list(p.masks.values()), lr=cfg.mask_lr, momentum=0.9)
+        for _ in range(cfg.iterations):
+            idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
+            xb, yb = x[idx], y[idx]
+            loss_rob = torch.zeros(())
+            if cfg.eps > 0:
+                random_start(p, cfg.eps, g)
+                for _ in range(cfg.noise_steps):
+                    noise_step(work, p, xb, yb, cfg)
+                p.perturbed = True
+                loss_rob = F.cross_entropy(work(xb), yb)
+            p.perturbed = False
+            loss = cfg.alpha * F.cross_entropy(work(xb), yb) + (1 - cfg.alpha) * loss_rob
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for m in p.masks.values():
+                    m.clamp_(0, 1)
+            shown.update(1)
+        return {n: m.detach().cpu().clone() for n, m in p.masks.items()}
 
 
 def group_scores(groups: NeuronGroups, masks: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -116,6 +187,14 @@ def group_scores(groups: NeuronGroups, masks: dict[str, torch.Tensor]) -> torch.
     keys = set(groups.point_keys)
     return groups.reduce([(groups.point_index((n, "out")), 1 - m) for n, m in masks.items() if (n, "out") in keys],
                          "max")
+
+
+def own_rule_groups(groups: NeuronGroups, masks: dict[str, torch.Tensor], threshold: float) -> int:
+    """How many groups have a norm channel whose mask <= threshold (the official pruning test)."""
+    keys = set(groups.point_keys)
+    hit = groups.reduce([(groups.point_index((n, "out")), (m <= threshold).float()) for n, m in masks.items()
+                         if (n, "out") in keys], "max")
+    return int((hit > 0).sum())
 
 
 @register
@@ -133,5 +212,5 @@ class ANP(Defense):
         all_m = torch.cat(list(masks.values())) if masks else torch.zeros(0)
         return scores, {"norm_layers": len(masks), "channels": int(all_m.numel()),
                         "mask_min": float(all_m.min()) if all_m.numel() else None,
-                        "own_rule": f"mask < {c.threshold:g}",
-                        "own_rule_groups": int((scores > 1 - c.threshold).sum())}
+                        "own_rule": f"mask <= {c.threshold:g}",
+                        "own_rule_groups": own_rule_groups(ctx.groups, masks, c.threshold)}

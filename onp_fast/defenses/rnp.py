@@ -1,8 +1,45 @@
 """RNP (Li et al., ICML 2023): unlearn the model, then learn neuron masks that recover the unlearned model's
-clean accuracy; neurons whose masks fall are backdoor-related. Here over neuron groups (onp_fast.groups):
-a group's mask scales all its channels (RNP masks BN channels)."""
+clean accuracy; neurons whose masks fall are backdoor-related. Step by step as the official code
+(github.com/bboylyg/RNP, commit eeae192: main.py `train_step_unlearning`, `train_step_recovering`, `main`;
+models/mask_batchnorm.py `MaskBatchNorm2d`).
+
+1. Unlearning (stop_check "epoch", the official): a copy of the model in train mode, SGD (lr unlearn_lr,
+   momentum 0.9, weight decay 5e-4, MultiStepLR x0.1 at unlearn_milestones) on -CE over D_opt in shuffled
+   batches, for epochs 0 .. unlearn_epochs (the official `range(0, unlearning_epochs + 1)`). After each epoch
+   the epoch's training accuracy (the batches' predictions before their steps, as the official `train_acc`) is
+   compared with unlearn_target (`clean_threshold`): <= it stops the unlearning. No gradient clipping: the
+   official calls clip_grad_norm_ before backward(), where it clips nothing (unlearn_clip > 0 clips for real).
+2. Recovery: a mask per affine norm channel (`neuron_mask`, init 1) multiplying that channel's weight only,
+   gamma * m, the shift beta untouched; SGD (lr recover_lr, momentum 0.9) on alpha * CE over D_opt in shuffled
+   batches for recover_epochs epochs, in train mode (on a copy of the unlearned model), masks clipped to
+   [0, 1] after each step.
+3. A channel's score is 1 - m; a group's is the max over its norm channels (-inf for a group with none). RNP's
+   own rule (the official `evaluate_by_threshold`: mask <= threshold; the script sweeps 0 .. 0.9, we report
+   0.2) is reported beside the shared rule.
+In train mode a trailing batch of a single sample is skipped (BatchNorm cannot normalise it).
+
+RNPConfig fields (official value / behaviour first):
+  unlearn_lr          0.01     (--unlearning_lr)
+  unlearn_target      0.2      (--clean_threshold) stop when the unlearning accuracy is <= it.
+  unlearn_epochs      20       (--unlearning_epochs) "epoch": epochs 0..20 (21 at most); "step": at most 20.
+  unlearn_milestones  (10, 20) (--schedule) MultiStepLR, gamma 0.1 ("epoch" only).
+  unlearn_clip        0.0      gradient-norm clip of the unlearning; 0 = none, what the official in effect does.
+  recover_lr          0.2      (--recovering_lr)
+  recover_epochs      20       (--recovering_epochs)
+  alpha               0.2      (--alpha) the recovery loss is alpha * CE.
+  batch_size          128      (--batch_size)
+  threshold           0.2      RNP's own rule: prune channels whose mask <= threshold (reported only).
+  stop_check          "epoch"  official: the unlearning loop above.
+                      "step"   ours before: prepare's unlearn() (eval mode, accuracy on all of D_opt after every
+                               step, clip 20, no schedule), shared with prepare when its settings match.
+  bn_mode             "train"  official: unlearning ("epoch") and recovery in train mode (on copies).
+                      "eval"   ours before: eval mode, BN on running statistics.
+  mask_on             "norm_weight" official: one mask per norm channel on its weight (gamma) only.
+                      "group"  ours before: one mask per neuron group on all its mask points, shift included.
+"""
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -10,57 +47,178 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..groups import NeuronGroups
 from ..prepare import DefenseContext, unlearn
 from ..progress import bar
-from ..torchutil import frozen
+from .anp import check_mode, group_scores, norm_layers, own_rule_groups, working_copy
 from .base import Defense, register
-
-
-def rnp_scores(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0.2,
-               epochs: int = 20, alpha: float = 0.2, batch_size: int = 128, seed: int = 0,
-               progress: bool = False) -> torch.Tensor:
-    """RNP's recovery step over groups: masks m in [0, 1]^G, initialised at 1, trained by SGD (momentum 0.9,
-    clipped to [0, 1]) to minimise alpha * CE of U with m on (x [N, C, H, W] normalised, y [N]).
-    Returns prune scores [G] float32 = 1 - m: higher = prune first. progress: a bar of the steps on stderr
-    (onp_fast.progress.bar)."""
-    g = torch.Generator().manual_seed(seed)
-    m = torch.ones(groups.num_groups, requires_grad=True)
-    opt = torch.optim.SGD([m], lr=lr, momentum=0.9)
-    with frozen(unlearned), bar(epochs * -(-len(x) // batch_size), "rnp recover", progress) as shown:
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), batch_size):
-                idx = order[i:i + batch_size]
-                with groups.masked(unlearned, m):
-                    loss = alpha * F.cross_entropy(unlearned(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    m.clamp_(0, 1)
-                shown.update(1)
-    return (1 - m.detach()).float()
 
 
 @dataclass
 class RNPConfig:
     unlearn_lr: float = 0.01  # gradient ascent on the clean loss ...
-    unlearn_target: float = 0.2  # ... until clean accuracy on D_opt falls to this
-    unlearn_epochs: int = 20  # at most
+    unlearn_target: float = 0.2  # ... until the unlearning accuracy on D_opt is <= this
+    unlearn_epochs: int = 20  # the official's argument: epochs 0..20 with stop_check "epoch"
+    unlearn_milestones: tuple = (10, 20)  # MultiStepLR, gamma 0.1
+    unlearn_clip: float = 0.0  # 0: no clipping (the official's clip runs before backward and does nothing)
     recover_lr: float = 0.2
     recover_epochs: int = 20
     alpha: float = 0.2
     batch_size: int = 128
-    threshold: float = 0.2  # RNP's own rule: prune masks below it (reported beside the shared rule)
+    threshold: float = 0.2  # RNP's own rule: prune masks <= it (reported beside the shared rule)
+    stop_check: str = "epoch"  # "epoch" (official) | "step" (ours before: prepare's unlearn())
+    bn_mode: str = "train"  # "train" (official, on copies) | "eval" (ours before)
+    mask_on: str = "norm_weight"  # "norm_weight" (official) | "group" (ours before)
+
+
+def _check(cfg: RNPConfig) -> None:
+    check_mode("rnp.stop_check", cfg.stop_check, ("epoch", "step"))
+    check_mode("rnp.bn_mode", cfg.bn_mode, ("train", "eval"))
+    check_mode("rnp.mask_on", cfg.mask_on, ("norm_weight", "group"))
+
+
+def _batches(n: int, batch_size: int, g: torch.Generator, train: bool) -> list[torch.Tensor]:
+    """One epoch's shuffled batches (DataLoader(shuffle=True)); in train mode without a trailing single sample."""
+    order = torch.randperm(n, generator=g)
+    out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [b for b in out if len(b) > 1] if train else out
+
+
+def rnp_unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RNPConfig | None = None, seed: int = 0,
+                progress: bool = False) -> tuple[nn.Module, dict]:
+    """The official unlearning (stop_check "epoch") on a deep copy of `model` -> (U in eval mode, its
+    parameters frozen; info: steps, epochs, accuracy (the last epoch's), epoch_accuracy (every epoch's),
+    reached (whether accuracy <= unlearn_target)). x: [N, C, H, W] normalised; y: [N] int64."""
+    cfg = cfg or RNPConfig()
+    _check(cfg)
+    train = cfg.bn_mode == "train"
+    u = copy.deepcopy(model).train(train)
+    for p in u.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(u.parameters(), lr=cfg.unlearn_lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.unlearn_milestones), gamma=0.1)
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = len(_batches(len(x), cfg.batch_size, torch.Generator().manual_seed(0), train))
+    steps, epoch_acc = 0, []
+    with bar((cfg.unlearn_epochs + 1) * per_epoch, "rnp unlearn", progress) as shown:
+        for _ in range(cfg.unlearn_epochs + 1):
+            correct = seen = 0
+            for idx in _batches(len(x), cfg.batch_size, g, train):
+                out = u(x[idx])
+                loss = F.cross_entropy(out, y[idx])
+                correct += int((out.detach().argmax(1) == y[idx]).sum())
+                seen += len(idx)
+                opt.zero_grad(set_to_none=True)
+                (-loss).backward()
+                if cfg.unlearn_clip > 0:
+                    nn.utils.clip_grad_norm_(u.parameters(), cfg.unlearn_clip)
+                opt.step()
+                steps += 1
+                shown.update(1)
+            sched.step()
+            epoch_acc.append(correct / max(1, seen))
+            if epoch_acc[-1] <= cfg.unlearn_target:  # checked once per epoch, as the official
+                break
+    for p in u.parameters():
+        p.requires_grad_(False)
+    return u.eval(), {"steps": steps, "epochs": len(epoch_acc), "accuracy": epoch_acc[-1],
+                      "epoch_accuracy": epoch_acc, "reached": epoch_acc[-1] <= cfg.unlearn_target,
+                      "stop_check": "epoch"}
+
+
+class WeightMasks:
+    """The official MaskBatchNorm2d as forward hooks: each affine norm channel's output becomes
+    gamma * m * x_hat + beta (the mask on the weight only; with shift=True, (gamma * x_hat + beta) * m)."""
+
+    def __init__(self, model: nn.Module, shift: bool = False):
+        layers = norm_layers(model)
+        if not layers:
+            raise UserError("rnp: the model has no affine norm layer (RNP masks BatchNorm channels)")
+        self.masks = {n: torch.ones(m.weight.shape[0], device=m.weight.device, requires_grad=True)
+                      for n, m, _ in layers}
+        self.shift = shift
+        self.handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: self._hook(mod, o, n, d))
+                        for n, m, d in layers]
+
+    def _hook(self, mod, out, name, dim):
+        shape = [1] * out.dim()
+        shape[dim] = -1
+        m = self.masks[name].view(shape)
+        if self.shift or mod.bias is None:
+            return out * m
+        beta = mod.bias.view(shape)
+        return (out - beta) * m + beta
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def recover_masks(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0.2,
+                  epochs: int = 20, alpha: float = 0.2, batch_size: int = 128, seed: int = 0, progress: bool = False,
+                  mask_on: str = "norm_weight", bn_mode: str = "train"):
+    """RNP's recovery on a copy of U -> {norm layer: mask [C]} ("norm_weight") or the group masks [G]
+    ("group"), in [0, 1]: initialised at 1, SGD (momentum 0.9) on alpha * CE over shuffled batches of
+    (x [N, C, H, W] normalised, y [N]), clipped to [0, 1] after each step."""
+    check_mode("rnp.mask_on", mask_on, ("norm_weight", "group"))
+    check_mode("rnp.bn_mode", bn_mode, ("train", "eval"))
+    train = bn_mode == "train"
+    work = working_copy(unlearned, bn_mode)
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = len(_batches(len(x), batch_size, torch.Generator().manual_seed(0), train))
+    if mask_on == "group":
+        m = torch.ones(groups.num_groups, requires_grad=True)
+        params, hooks = [m], None
+    else:
+        hooks = WeightMasks(work)
+        params = list(hooks.masks.values())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    try:
+        with bar(epochs * per_epoch, "rnp recover", progress) as shown:
+            for _ in range(epochs):
+                for idx in _batches(len(x), batch_size, g, train):
+                    if hooks is None:
+                        with groups.masked(work, m):
+                            loss = alpha * F.cross_entropy(work(x[idx]), y[idx])
+                    else:
+                        loss = alpha * F.cross_entropy(work(x[idx]), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        for p in params:
+                            p.clamp_(0, 1)
+                    shown.update(1)
+    finally:
+        if hooks is not None:
+            hooks.__exit__()
+    if hooks is None:
+        return m.detach().float()
+    return {n: v.detach().cpu().clone() for n, v in hooks.masks.items()}
+
+
+def rnp_scores(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0.2,
+               epochs: int = 20, alpha: float = 0.2, batch_size: int = 128, seed: int = 0, progress: bool = False,
+               mask_on: str = "norm_weight", bn_mode: str = "train") -> torch.Tensor:
+    """RNP's recovery (recover_masks) -> prune scores [G] float32 = 1 - m (the max over a group's norm channels
+    with "norm_weight", -inf for a group with none): higher = prune first. progress: a bar of the steps on
+    stderr (onp_fast.progress.bar)."""
+    masks = recover_masks(unlearned, groups, x, y, lr=lr, epochs=epochs, alpha=alpha, batch_size=batch_size,
+                          seed=seed, progress=progress, mask_on=mask_on, bn_mode=bn_mode)
+    return (1 - masks).float() if isinstance(masks, torch.Tensor) else group_scores(groups, masks)
 
 
 def _prepare_unlearns_like(cfg: RNPConfig, ctx: DefenseContext) -> bool:
     """Whether prepare's unlearned copy (unlearn() on D_opt with ctx.cfg.unlearn_lr and unlearn's defaults)
-    is exactly the one RNP's config asks for."""
+    is exactly the one RNP's config asks for (only with stop_check "step": prepare's unlearning is ours before)."""
     d = {k: v.default for k, v in inspect.signature(unlearn).parameters.items()}
-    return (cfg.unlearn_lr == ctx.cfg.unlearn_lr and cfg.unlearn_target == d["target_acc"]
-            and cfg.unlearn_epochs == d["max_epochs"] and cfg.batch_size == d["batch_size"])
+    return (cfg.stop_check == "step" and cfg.unlearn_lr == ctx.cfg.unlearn_lr
+            and cfg.unlearn_target == d["target_acc"] and cfg.unlearn_epochs == d["max_epochs"]
+            and cfg.batch_size == d["batch_size"])
 
 
 @register
@@ -70,21 +228,31 @@ class RNP(Defense):
     Config = RNPConfig
 
     def scores(self, ctx: DefenseContext) -> tuple[torch.Tensor, dict]:
-        """-> [G] in [0, 1]: 1 - the recovered mask of each group. Unlearning reuses prepare's copy when its
-        settings are RNP's (the defaults), else runs here."""
+        """-> [G] in [0, 1]: 1 - the recovered mask (the lowest of the group's norm channels with mask_on
+        "norm_weight"; -inf for a group with none). Unlearning runs here (the official loop), or with
+        stop_check "step" reuses prepare's copy when its settings match."""
         c = self.config
+        _check(c)
         if _prepare_unlearns_like(c, ctx):
             unlearned, info, shared = ctx.unlearned, ctx.unlearn_info, True
         else:
             with ctx.phase("rnp unlearn"):
-                unlearned, info = unlearn(ctx.model, ctx.x_opt, ctx.y_opt, lr=c.unlearn_lr,
-                                          target_acc=c.unlearn_target, max_epochs=c.unlearn_epochs,
-                                          batch_size=c.batch_size, seed=ctx.cfg.seed, progress=ctx.progress)
+                if c.stop_check == "epoch":
+                    unlearned, info = rnp_unlearn(ctx.model, ctx.x_opt, ctx.y_opt, c, seed=ctx.cfg.seed,
+                                                  progress=ctx.progress)
+                else:
+                    unlearned, info = unlearn(ctx.model, ctx.x_opt, ctx.y_opt, lr=c.unlearn_lr,
+                                              target_acc=c.unlearn_target, max_epochs=c.unlearn_epochs,
+                                              batch_size=c.batch_size, seed=ctx.cfg.seed, progress=ctx.progress)
             shared = False
         with ctx.phase("rnp recover"):
-            scores = rnp_scores(unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, lr=c.recover_lr,
-                                epochs=c.recover_epochs, alpha=c.alpha, batch_size=c.batch_size, seed=ctx.cfg.seed,
-                                progress=ctx.progress)
+            masks = recover_masks(unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, lr=c.recover_lr,
+                                  epochs=c.recover_epochs, alpha=c.alpha, batch_size=c.batch_size,
+                                  seed=ctx.cfg.seed, progress=ctx.progress, mask_on=c.mask_on, bn_mode=c.bn_mode)
+        if isinstance(masks, torch.Tensor):
+            scores, own = (1 - masks).float(), int((masks <= c.threshold).sum())
+        else:
+            scores, own = group_scores(ctx.groups, masks), own_rule_groups(ctx.groups, masks, c.threshold)
         return scores, {"unlearn": {**info, "shared_with_prepare": shared},
-                        "own_rule": f"mask < {c.threshold:g}",
-                        "own_rule_groups": int((scores > 1 - c.threshold).sum())}
+                        "own_rule": f"mask <= {c.threshold:g}",
+                        "own_rule_groups": own}

@@ -1,0 +1,171 @@
+"""ANP and RNP follow their official code (csdongxian/ANP_backdoor ec7b179, bboylyg/RNP eeae192) in the details
+that were found to differ: ANP's sign noise step (unclamped), ANP's train-mode BN on a copy, RNP's unlearning
+stop (once per epoch, accuracy <= 0.2), RNP's recovery mask on the BN weight only. Tiny models, one thread."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from train_helpers import fit
+
+from onp_fast import models
+from onp_fast.defenses import ANPConfig, RNPConfig
+from onp_fast.defenses.anp import Perturbation, anp_masks, noise_step, working_copy
+from onp_fast.defenses.rnp import recover_masks, rnp_unlearn
+from onp_fast.groups import find_groups
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NUM_CLASSES = 4
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable 4-class task on [n, 1, 8, 8]: class c is a bright 3x3 block in quadrant c, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % NUM_CLASSES
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
+    for c in range(NUM_CLASSES):
+        r, col = 4 * (c // 2), 4 * (c % 2)
+        x[y == c, :, r:r + 3, col:col + 3] += 1.0
+    return x, y
+
+
+def _tiny(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return models.build("preactresnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.125, input_size=8)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny PreActResNet-18 fitted to the quadrant task (eval mode), and 64 defense images."""
+    m = _tiny()
+    x, y = _data(160, seed=1)
+    fit(m, x, y, epochs=4)
+    xd, yd = _data(64, seed=2)
+    with torch.no_grad():
+        assert (m(xd).argmax(1) == yd).float().mean() > 0.9
+    return m, xd, yd
+
+
+def _bn_names(model):
+    return [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+
+
+def _ce_with_bn(model, x, y, scale: dict, shift: dict):
+    """CE of `model` (its own mode) with each BN's weight * scale[n] and bias * shift[n], by functional_call:
+    the official NoisyBatchNorm2d / MaskBatchNorm2d written out, independent of our hooks."""
+    params = dict(model.named_parameters())
+    for n in scale:
+        params[f"{n}.weight"] = params[f"{n}.weight"] * scale[n]
+        params[f"{n}.bias"] = params[f"{n}.bias"] * shift[n]
+    return F.cross_entropy(functional_call(model, {**params, **dict(model.named_buffers())}, (x,)), y)
+
+
+def test_defaults_are_the_official_settings():
+    a = ANPConfig()
+    assert (a.eps, a.alpha, a.iterations, a.mask_lr, a.batch_size, a.noise_steps, a.threshold) == \
+        (0.4, 0.2, 2000, 0.2, 128, 1, 0.2)
+    assert (a.noise_step, a.bn_mode) == ("sign", "train")
+    r = RNPConfig()
+    assert (r.unlearn_lr, r.unlearn_target, r.unlearn_epochs, tuple(r.unlearn_milestones), r.unlearn_clip) == \
+        (0.01, 0.2, 20, (10, 20), 0.0)
+    assert (r.recover_lr, r.recover_epochs, r.alpha, r.batch_size, r.threshold) == (0.2, 20, 0.2, 128, 0.2)
+    assert (r.stop_check, r.bn_mode, r.mask_on) == ("epoch", "train", "norm_weight")
+
+
+def test_anp_noise_step_is_eps_over_steps_times_the_sign_and_unclamped(trained):
+    m, x, y = trained
+    cfg = ANPConfig(eps=0.4, noise_steps=2)  # lr eps / steps = 0.2
+    lr = cfg.eps / cfg.noise_steps
+    work = working_copy(m, "train")
+    g = torch.Generator().manual_seed(3)
+    with Perturbation(work) as p:
+        for n in p.names:  # a known start on the faces of [-eps, eps]: a clamp there would show
+            p.noise[n] = torch.where(torch.rand(len(p.noise[n]), generator=g) < 0.5, -cfg.eps, cfg.eps)
+            p.noise_b[n] = torch.where(torch.rand(len(p.noise[n]), generator=g) < 0.5, -cfg.eps, cfg.eps)
+        start = {n: (p.noise[n].clone(), p.noise_b[n].clone()) for n in p.names}
+        # The reference gradient of CE(perturbed) at the start, masks at 1: weight * (1 + d), bias * (1 + d_b).
+        ref_model = copy.deepcopy(work)
+        leaves = {n: (s.clone().requires_grad_(True), sb.clone().requires_grad_(True)) for n, (s, sb) in start.items()}
+        loss = _ce_with_bn(ref_model, x, y, {n: 1 + d for n, (d, _) in leaves.items()},
+                           {n: 1 + db for n, (_, db) in leaves.items()})
+        grads = torch.autograd.grad(loss, [t for pair in leaves.values() for t in pair])
+        noise_step(work, p, x, y, cfg)
+        moved = 0
+        beyond = 0
+        for i, n in enumerate(p.names):
+            for now, before, gr in ((p.noise[n], start[n][0], grads[2 * i]), (p.noise_b[n], start[n][1], grads[2 * i + 1])):
+                sure = gr.abs() > 1e-6  # far from a sign flip by rounding
+                assert torch.allclose(now[sure], before[sure] + lr * torch.sign(gr[sure]), atol=1e-7, rtol=0), n
+                assert torch.allclose((now - before).abs()[gr != 0], torch.tensor(lr), atol=1e-7), n
+                moved += int(sure.sum())
+                assert (now.abs() <= 2 * cfg.eps + 1e-6).all()  # start in [-eps, eps] + at most eps of steps
+                beyond += int((now.abs() > cfg.eps + 1e-6).sum())
+        assert moved > 100 and beyond > 50  # the official code does not clamp back to [-eps, eps]
+
+
+def test_anp_in_train_mode_leaves_the_callers_model_and_statistics_alone(trained):
+    m0, x, y = trained
+    m = copy.deepcopy(m0).eval()
+    state = copy.deepcopy(m.state_dict())  # weights, running means / variances, num_batches_tracked
+    flags = [q.requires_grad for q in m.parameters()]
+    cfg = ANPConfig(iterations=4, batch_size=16)
+    masks = anp_masks(m, x, y, cfg, seed=0)
+    after = m.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+    assert not m.training and [q.requires_grad for q in m.parameters()] == flags
+    assert not m._forward_hooks and all(not mod._forward_hooks for mod in m.modules())
+    # Train mode is really used (batch statistics): eval mode gives other masks from the same draws.
+    ev = anp_masks(m, x, y, ANPConfig(iterations=4, batch_size=16, bn_mode="eval"), seed=0)
+    assert any(not torch.allclose(masks[k], ev[k]) for k in masks)
+
+
+def test_rnp_unlearning_stops_once_per_epoch_at_the_published_threshold(trained):
+    m0, x, y = trained
+    m = copy.deepcopy(m0)
+    batch = 8  # 8 batches an epoch of 64: a single batch's accuracy swings widely
+    seen = []  # (predictions, labels) of every unlearning forward, in order
+
+    def record(mod, inp, out):
+        xb = inp[0]
+        idx = (xb.flatten(1)[:, None] == x.flatten(1)[None]).all(-1).float().argmax(1)
+        seen.append((out.detach().argmax(1), y[idx]))
+
+    m.register_forward_hook(record)  # deep-copied along with the model: the closure's list is shared
+    cfg = RNPConfig(batch_size=batch)
+    assert cfg.unlearn_target == 0.2
+    u, info = rnp_unlearn(m, x, y, cfg, seed=0)
+    per_epoch = len(x) // batch
+    assert info["steps"] == len(seen) and len(seen) % per_epoch == 0  # it stopped only at an epoch's end
+    correct = [int((p == t).sum()) for p, t in seen]
+    epoch_acc = [sum(correct[i:i + per_epoch]) / len(x) for i in range(0, len(seen), per_epoch)]
+    assert epoch_acc == pytest.approx(info["epoch_accuracy"])
+    assert all(a > 0.2 for a in epoch_acc[:-1]) and epoch_acc[-1] <= 0.2 and info["reached"]
+    # Planted: a per-step check would have stopped earlier, at a batch at or below 0.2 in an earlier epoch.
+    first_low = next(i for i, c in enumerate(correct) if c / batch <= 0.2)
+    assert first_low < len(seen) - per_epoch
+    assert info["epochs"] == len(epoch_acc) >= 2 and not u.training
+
+
+def test_rnp_recovery_masks_the_bn_weight_only(trained):
+    m, x, y = trained
+    u, _ = rnp_unlearn(m, x, y, RNPConfig(batch_size=16), seed=0)
+    groups = find_groups(u, (1, 8, 8))
+    lr = 0.2
+    # One recovery step on one batch of all 64 (plain SGD on the first step: momentum has no history yet).
+    masks = recover_masks(u, groups, x, y, lr=lr, epochs=1, alpha=0.2, batch_size=len(x), seed=0)
+    ref = working_copy(u, "train")
+    names = _bn_names(ref)
+    assert set(masks) == set(names)
+    ones = {n: torch.ones_like(masks[n]).requires_grad_(True) for n in names}
+    untouched = {n: torch.ones_like(masks[n]) for n in names}
+
+    def expected(shift):
+        loss = 0.2 * _ce_with_bn(ref, x, y, ones, shift)
+        gr = torch.autograd.grad(loss, [ones[n] for n in names])
+        return {n: (1 - lr * g).clamp(0, 1) for n, g in zip(names, gr)}
+
+    weight_only = expected(untouched)
+    assert all(torch.allclose(masks[n], weight_only[n], atol=1e-5) for n in names)
+    both = expected(ones)  # the mask on the shift as well: other gradients, so the test can tell
+    assert any(not torch.allclose(masks[n], both[n], atol=1e-5) for n in names)
