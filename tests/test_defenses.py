@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from train_helpers import fit
+from train_helpers import quadrant_data as _data, fit
 
 from onp_fast import models
 from onp_fast.defenses import METHODS, ANPConfig, FPConfig, FTSAMConfig, ONPConfig, RNPConfig, apply_params, get
@@ -26,15 +26,6 @@ from onp_fast.reward import RewardWeights
 NUM_CLASSES = 4
 
 
-def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A learnable 4-class task on [n, 1, 8, 8]: class c is a bright 3x3 block in quadrant c, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % NUM_CLASSES
-    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
-    for c in range(NUM_CLASSES):
-        r, col = 4 * (c // 2), 4 * (c % 2)
-        x[y == c, :, r:r + 3, col:col + 3] += 1.0
-    return x, y
 
 
 def _randomise_bn(model: torch.nn.Module, seed: int = 0) -> None:
