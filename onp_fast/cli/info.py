@@ -9,7 +9,7 @@ import click
 from .. import models
 from ..errors import UserError
 from ..io import load_model, parameter_count
-from .options import checkpoint_options, load_model_and_data
+from .options import check_mean_std, checkpoint_options, load_model_and_data
 
 
 def _groups(lm) -> tuple[int | None, str | None]:
@@ -34,8 +34,7 @@ def command(model_path: str, data_spec: str | None, as_json: bool, **model_opts)
     """Print a model file's architecture, parameters, neuron groups, input shape, preprocessing and format."""
     accuracy = None
     if data_spec is None:
-        if (model_opts["mean"] is None) != (model_opts["std"] is None):
-            raise UserError("--mean and --std go together: give both (e.g. --mean 0 --std 1 for raw [0, 1] pixels)")
+        check_mean_std(model_opts["mean"], model_opts["std"])
         lm = load_model(model_path, arch=model_opts["arch"], trust_pickle=model_opts["trust_pickle"],
                         input_size=model_opts["input_size"])
         if model_opts["mean"] is not None:

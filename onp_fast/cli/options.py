@@ -59,6 +59,12 @@ def _per_channel(vals, channels: int, flag: str) -> tuple[float, ...]:
     return tuple(vals)
 
 
+def check_mean_std(mean, std) -> None:
+    """UserError unless --mean and --std are given together or not at all."""
+    if (mean is None) != (std is None):
+        raise UserError("--mean and --std go together: give both (e.g. --mean 0 --std 1 for raw [0, 1] pixels)")
+
+
 def load_model_and_data(model_path, dataset: str, *, arch=None, trust_pickle: bool = False, mean=None, std=None,
                         input_size: int | None = None, threads: int | None = None, seed: int = 0):
     """The prologue of every command that runs a user's model on a data set -> (loaded model, data splits, mean,
@@ -71,8 +77,7 @@ def load_model_and_data(model_path, dataset: str, *, arch=None, trust_pickle: bo
     from ..data import load_dataset
     from ..io import check_model_fits, load_model
 
-    if (mean is None) != (std is None):
-        raise UserError("--mean and --std go together: give both (e.g. --mean 0 --std 1 for raw [0, 1] pixels)")
+    check_mean_std(mean, std)
     if threads is not None:
         import torch
 

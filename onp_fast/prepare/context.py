@@ -164,6 +164,16 @@ def check_defense_set(y: torch.Tensor, num_classes: int) -> None:
         raise UserError(f"defense labels must lie in [0, {num_classes - 1}]")
 
 
+def checked_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                   cfg: RepairConfig | None) -> tuple[nn.Module, RepairConfig]:
+    """What every run on a defense set (x [N, C, H, W], y [N]) starts with: UserError for inputs or a config no
+    repair can run with -> (a frozen eval copy of `model`, the config checked and fit to the defense set)."""
+    if len(x) != len(y):
+        raise UserError(f"the defense set has {len(x)} images but {len(y)} labels")
+    cfg = (cfg or RepairConfig()).check().for_defense_set(y, num_classes)
+    return copy.deepcopy(model).eval().requires_grad_(False), cfg
+
+
 def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
             progress: bool = True) -> DefenseContext:
     """Split, groups, unlearning, trigger proxy and perturbations on a frozen copy of `model`, timed per phase.
@@ -171,12 +181,9 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     The trigger proxies are synthesised when CA_T has weight or purification may use them; the suspect is flagged
     (steers the reward) only when its class stands out by `anomaly_threshold` (Neural Cleanse's rule);
     perturbations are found when CA_P has weight."""
-    if len(x) != len(y):
-        raise UserError(f"the defense set has {len(x)} images but {len(y)} labels")
-    cfg = (cfg or RepairConfig()).check().for_defense_set(y, num_classes)
+    model, cfg = checked_inputs(model, x, y, num_classes, cfg)
     torch.manual_seed(cfg.seed)
     times: dict[str, float] = {}
-    model = copy.deepcopy(model).eval().requires_grad_(False)
     with Phase("split", times, progress):
         i_opt, i_val = stratified_split(y, cfg.val_fraction, cfg.seed)
         x_opt, y_opt, x_val, y_val = x[i_opt], y[i_opt], x[i_val], y[i_val]

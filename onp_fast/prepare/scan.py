@@ -8,15 +8,13 @@ anomaly_threshold, Neural Cleanse's rule), if any. Nothing here reads a real tri
 """
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 import torch.nn as nn
 
 from ..data import stratified_split
-from ..errors import UserError
-from .context import Phase, RepairConfig, check_defense_set
+from .context import Phase, RepairConfig, checked_inputs
 from .trigger import ProxySet, synthesize_proxies
 
 
@@ -26,11 +24,7 @@ def scan_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes
     frozen eval copy of `model`, on prepare's D_opt (stratified_split with cfg.val_fraction and cfg.seed), seeded
     with cfg.seed. x [N, C, H, W] normalised float32, y [N] int64: clean defense images. `model` is left as it
     was. UserError for a defense set or config no repair can run with."""
-    if len(x) != len(y):
-        raise UserError(f"the defense set has {len(x)} images but {len(y)} labels")
-    cfg = (cfg or RepairConfig()).check()
-    check_defense_set(y, num_classes)
-    model = copy.deepcopy(model).eval().requires_grad_(False)
+    model, cfg = checked_inputs(model, x, y, num_classes, cfg)
     i_opt = _d_opt(y, cfg)
     with Phase("trigger", {}, progress):
         return synthesize_proxies(model, x[i_opt], y[i_opt], num_classes, seed=cfg.seed, progress=progress)
