@@ -56,7 +56,7 @@ def print_summary(dataset: str, summary: list[tuple[str, dict]]) -> None:
     print(f"\n{dataset}: CA / ASR / RA (%), DER, seconds (shared prepare apart), re-activation CA / ASR (%), "
           f"retuning-attack ASR (%); depth from held-out defense images; oracle: test-set depth")
     print(f"{'attack':<8} {'method':<9} {'CA':>6} {'ASR':>6} {'RA':>6} {'DER':>6} {'sec':>7} {'re-CA':>6} "
-          f"{'re-ASR':>6} {'rt-ASR':>6} | oracle depth CA ASR")
+          f"{'re-ASR':>6} {'rt-ASR':>6} | oracle depth CA ASR | own rule depth CA ASR DER")
     nan = {"ca": float("nan"), "asr": float("nan")}
     for name, res in summary:
         b = res["before"]
@@ -65,9 +65,12 @@ def print_summary(dataset: str, summary: list[tuple[str, dict]]) -> None:
         for r in res["rows"]:
             o, re, rt = r["oracle"], r.get("reactivation", nan), r.get("retune", nan)
             orc = "-" if o.get("depth") is None else f"{o['depth']:5d} {100 * o['ca']:6.2f} {100 * o['asr']:6.2f}"
+            w = r.get("own_rule", {})
+            own = "-" if "ca" not in w else (f"{w['depth']:5d} {100 * w['ca']:6.2f} {100 * w['asr']:6.2f} "
+                                             f"{w['der']:6.3f}")
             print(f"{'':<8} {r['method']:<9} {100 * r['ca']:6.2f} {100 * r['asr']:6.2f} {100 * r['ra']:6.2f} "
                   f"{r['der']:6.3f} {r['seconds']:7.1f} {100 * re['ca']:6.2f} {100 * re['asr']:6.2f} "
-                  f"{100 * rt['asr']:6.2f} | {orc}")
+                  f"{100 * rt['asr']:6.2f} | {orc} | {own}")
 
 
 def main(argv=None):

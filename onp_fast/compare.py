@@ -55,26 +55,38 @@ def oracle(defense, ctx: DefenseContext, result: RepairResult, before: dict, tes
            tolerance: float) -> dict:
     """Scans the method's ranking on the test set at the depths the held-out rule scanned; picks by ORACLE_RULE,
     then applies the method's last step (FP's fine-tune) at that depth. -> {"depth", "ca", "asr", "ra", "der"}."""
-    scores = result.scores
-    n_cand = int((scores > -float("inf")).sum())
-    order = torch.argsort(scores, descending=True, stable=True)[:n_cand]
+    n_cand = int((result.scores > -float("inf")).sum())
     depths = sorted({r["depth"] for r in result.report["stopping_rule"]["table"] if r["depth"] <= n_cand})
     best = None
     for d in depths:
-        prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
-        prune[order[:d]] = True
+        prune = _top(result.scores, d)
         r = _eval(ctx.groups.pruned_copy(ctx.model, prune), test, attack, target)
         ok = r["ca"] >= before["ca"] - tolerance - 1e-12
         if ok and (best is None or r["asr"] < best[1]["asr"]):
             best = (d, r, prune)
     if best is None:  # depth 0 always passes; kept for models whose CA is 0
         return {"depth": None}
-    d, r, prune = best
+    return at_depth(defense, ctx, result, best[0], before, test, attack, target)
+
+
+def _top(scores: torch.Tensor, depth: int) -> torch.Tensor:
+    """-> [G] bool: the `depth` highest-scored groups (ties to the lower index), never one scored -inf."""
+    n_cand = int((scores > -float("inf")).sum())
+    prune = torch.zeros(len(scores), dtype=torch.bool)
+    prune[torch.argsort(scores, descending=True, stable=True)[:min(depth, n_cand)]] = True
+    return prune
+
+
+def at_depth(defense, ctx: DefenseContext, result: RepairResult, depth: int, before: dict, test, attack,
+             target) -> dict:
+    """The method's `depth` highest-ranked groups pruned from the model as given, then its last step (FP's
+    fine-tune; no purification), on the test set. -> {"depth", "ca", "asr", "ra", "der"}."""
+    prune = _top(result.scores, depth)
     model = ctx.groups.pruned_copy(ctx.model, prune)
     with ctx.own_times():
         defense.after(ctx, model, prune)
     r = _eval(model, test, attack, target)
-    return {"depth": d, **r, "der": _der(before, r)}
+    return {"depth": int(prune.sum()), **r, "der": _der(before, r)}
 
 
 def retune(model: nn.Module, groups, x: torch.Tensor, y: torch.Tensor, mean, std, attack, target: int, *,
@@ -138,8 +150,11 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
         own = res.report["details"]
         if "policy_reward" in own:
             row["policy_reward"] = own["policy_reward"]
-        if "own_rule" in own:
-            row["own_rule"] = {"rule": own["own_rule"], "groups": own["own_rule_groups"]}
+        if "seconds_per_iteration" in own:  # ANP's cost per mask iteration
+            row["seconds_per_iteration"] = own["seconds_per_iteration"]
+        if "own_rule" in own:  # the method's published pruning rule, evaluated like the oracle (never fed back)
+            row["own_rule"] = {"rule": own["own_rule"], "groups": own["own_rule_groups"],
+                               **at_depth(defense, ctx, res, own["own_rule_groups"], before, test, attack, target)}
         if reactivation_epochs > 0:
             ft = finetune_pruned(copy.deepcopy(res.model), res.groups, res.prune, x, y, epochs=reactivation_epochs,
                                  seed=cfg.seed)
@@ -158,8 +173,9 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
 
 
 def format_table(result: dict) -> str:
-    """The compare result as text: the held-out table, then the oracle table (percentages, seconds). "own rule":
-    how many groups the method's own published threshold would prune (ANP, RNP: mask < 0.2; CLP: u = 3)."""
+    """The compare result as text: the held-out table, the oracle table, then the own-rule table (percentages,
+    seconds). "own rule": the groups the method's own published threshold prunes (ANP, RNP: a mask <= 0.2; CLP:
+    u = 3) and what that pruning gives on the test set."""
     b = result["before"]
     pt = ", ".join(f"{k} {v:.1f}" for k, v in result["prepare_times_s"].items())
     lines = [f"before: CA {100 * b['ca']:.2f}  ASR {100 * b['asr']:.2f}  RA {100 * b['ra']:.2f}",
@@ -184,4 +200,12 @@ def format_table(result: dict) -> str:
             continue
         lines.append(f"{r['method']:<9}|{o['depth']:6d} |{100 * o['ca']:7.2f} |{100 * o['asr']:7.2f} |"
                      f"{100 * o['ra']:7.2f} |{o['der']:7.4f}")
+    own = [r for r in result["rows"] if "ca" in r.get("own_rule", {})]
+    if own:
+        lines.append("own rule (the method's published pruning rule on the same ranking; no purification)")
+        lines.append(f"{'method':<9}|{'depth':>6} |{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7} | rule")
+        for r in own:
+            o = r["own_rule"]
+            lines.append(f"{r['method']:<9}|{o['depth']:6d} |{100 * o['ca']:7.2f} |{100 * o['asr']:7.2f} |"
+                         f"{100 * o['ra']:7.2f} |{o['der']:7.4f} | {o['rule']}")
     return "\n".join(lines)

@@ -81,6 +81,7 @@ def _without_times(result: dict) -> dict:
     for row in out["rows"]:
         row.pop("seconds")
         row.pop("times_s")
+        row.pop("seconds_per_iteration", None)
         for key in ("seconds", "masks_per_s", "images_per_s"):  # the policy phase's throughput is timing too
             row.get("policy_reward", {}).pop(key, None)
     return out
@@ -138,6 +139,29 @@ def test_the_oracle_is_never_worse_at_its_own_rule(backdoored):
         assert o["ca"] >= before["ca"] - 0.05 - 1e-9
         if r["ca"] >= before["ca"] - 0.05:  # the held-out depth was one of the oracle's candidates
             assert o["asr"] <= r["asr"]
+
+
+def test_each_method_is_also_evaluated_at_its_own_published_rule(backdoored):
+    from onp_fast.defenses.clp import CLPConfig
+
+    res = _compare(backdoored, methods=["clp", "anp", "ftsam"], oracle_tolerance=0.05)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert "own_rule" not in rows["ftsam"]  # FT-SAM prunes nothing: no published pruning rule
+    x, y = backdoored["clean"]
+    for name in ("clp", "anp"):
+        own = rows[name]["own_rule"]
+        rep = repair(backdoored["model"], normalize(x[:48], MEAN, STD), y[:48], NUM_CLASSES, name, _cfg(),
+                     FAST_CONFIGS.get(name), progress=False)
+        # the published test, applied to the method's own scores: CLP's UCLC > u, ANP's lowest mask <= 0.2
+        hit = rep.scores > CLPConfig().u if name == "clp" else rep.scores >= 1 - ANPConfig().threshold - 1e-7
+        assert own["groups"] == own["depth"] == int(hit.sum())
+        ev = evaluate(rep.groups.pruned_copy(backdoored["model"], hit), *backdoored["test"], MEAN, STD,
+                      attack=backdoored["attack"], target=0)
+        assert (own["ca"], own["asr"], own["ra"]) == (ev["ca"], ev["asr"], ev["ra"])
+    assert rows["anp"]["seconds_per_iteration"] > 0
+    assert rows["clp"]["own_rule"]["groups"] > 0  # the planted trigger gives CLP channels over its bound
+    text = format_table(res)
+    assert "own rule (the method's published pruning rule" in text and "UCLC > mean" in text
 
 
 def _run(args):

@@ -34,6 +34,7 @@ ANPConfig fields (official value / behaviour first):
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -206,11 +207,14 @@ class ANP(Defense):
     def scores(self, ctx: DefenseContext) -> tuple[torch.Tensor, dict]:
         """-> [G] in [0, 1] (1 - the lowest mask of the group's norm channels), -inf where a group has none."""
         c = self.config
+        t0 = time.perf_counter()
         with ctx.phase("anp masks"):
             masks = anp_masks(ctx.model, ctx.x_opt, ctx.y_opt, c, seed=ctx.cfg.seed, progress=ctx.progress)
+        per_iteration = (time.perf_counter() - t0) / max(c.iterations, 1)
         scores = group_scores(ctx.groups, masks)
         all_m = torch.cat(list(masks.values())) if masks else torch.zeros(0)
         return scores, {"norm_layers": len(masks), "channels": int(all_m.numel()),
                         "mask_min": float(all_m.min()) if all_m.numel() else None,
                         "own_rule": f"mask <= {c.threshold:g}",
-                        "own_rule_groups": own_rule_groups(ctx.groups, masks, c.threshold)}
+                        "own_rule_groups": own_rule_groups(ctx.groups, masks, c.threshold),
+                        "iterations": c.iterations, "seconds_per_iteration": per_iteration}
