@@ -1,7 +1,10 @@
-"""ANP and RNP follow their official code (csdongxian/ANP_backdoor ec7b179, bboylyg/RNP eeae192) in the details
-that were found to differ: ANP's sign noise step (unclamped), ANP's train-mode BN on a copy, RNP's unlearning
-stop (once per epoch, accuracy <= 0.2), RNP's recovery mask on the BN weight only. Tiny models, one thread."""
+"""ANP, RNP and FT-SAM follow their official code (csdongxian/ANP_backdoor ec7b179, bboylyg/RNP eeae192,
+SCLBD/BackdoorBench f02e353's defense/ft-sam.py) in the details that were found to differ: ANP's sign noise step
+(unclamped), ANP's train-mode BN on a copy, RNP's unlearning stop (once per epoch, accuracy <= 0.2), RNP's
+recovery mask on the BN weight only; FT-SAM's per-batch periodic cosine, its BN-frozen second pass, its label
+smoothing and its random crop. Tiny models, one thread."""
 import copy
+import math
 
 import pytest
 import torch
@@ -10,10 +13,12 @@ from torch.func import functional_call
 from train_helpers import quadrant_data as _data, fit
 
 from onp_fast import models
-from onp_fast.defenses import ANPConfig, RNPConfig
+from onp_fast.defenses import ANPConfig, FTSAMConfig, RNPConfig
 from onp_fast.defenses.anp import Perturbation, anp_masks, noise_step, working_copy
 from onp_fast.defenses.rnp import recover_masks, rnp_unlearn
 from onp_fast.groups import find_groups
+from onp_fast.prepare.finetune import smooth_cross_entropy
+from onp_fast.repair import RepairConfig, repair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NUM_CLASSES = 4
@@ -160,3 +165,70 @@ def test_rnp_recovery_masks_the_bn_weight_only(trained):
     assert all(torch.allclose(masks[n], weight_only[n], atol=1e-5) for n in names)
     both = expected(ones)  # the mask on the shift as well: other gradients, so the test can tell
     assert any(not torch.allclose(masks[n], both[n], atol=1e-5) for n in names)
+
+
+# FT-SAM as BackdoorBench's defense/ft-sam.py runs it (the radius of its adaptive step: tests/test_purify.py).
+
+def test_ftsam_defaults_are_backdoorbenchs():
+    c = FTSAMConfig()
+    assert (c.epochs, c.lr, c.rho, c.label_smoothing, c.t_max, c.crop_padding, c.bn_frozen_second_pass) == \
+        (100, 0.01, 2.0, 0.1, 100, 4, True)
+
+
+def test_ftsam_learning_rate_is_a_cosine_of_period_100_steps_stepped_every_batch(monkeypatch):
+    lrs = []
+    real = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: lrs.append((self, self.param_groups[0]["lr"]))
+                        or real(self, *a, **k))
+    x, y = _data(40, seed=3)
+    repair(_tiny(), x, y, NUM_CLASSES, "ftsam", RepairConfig(reward_batch=16),
+           FTSAMConfig(epochs=45, batch_size=8, crop_padding=0), progress=False)
+    lrs = [lr for opt, lr in lrs if opt is lrs[-1][0]]  # FT-SAM's optimiser (prepare's unlearning has its own)
+    assert len(lrs) == 45 * 5
+    expected = [0.01 * (1 + math.cos(math.pi * t / 100)) / 2 for t in range(len(lrs))]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    assert lrs[100] == pytest.approx(0, abs=1e-12) and lrs[200] == pytest.approx(0.01)  # periodic, not one decay
+
+
+def test_ftsam_second_pass_leaves_the_running_statistics_alone():
+    m = _tiny()
+    x, y = _data(40, seed=4)
+    r = repair(m, x, y, NUM_CLASSES, "ftsam", RepairConfig(reward_batch=16),
+               FTSAMConfig(epochs=1, batch_size=64, crop_padding=0), progress=False)  # one step on all 40 images
+    once = copy.deepcopy(m).train()
+    with torch.no_grad():
+        once(x)  # one update of the running statistics, with the batch statistics at the weights before the step
+    for name in _bn_names(m):
+        got, want = r.model.get_submodule(name), once.get_submodule(name)
+        assert torch.allclose(got.running_mean, want.running_mean, atol=1e-6), name
+        assert torch.allclose(got.running_var, want.running_var, atol=1e-5), name
+
+
+def test_ftsam_label_smoothing_puts_s_over_n_minus_1_on_every_other_class():
+    logits, y = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 4, 0])
+    target = torch.full((6, 5), 0.1 / 4)
+    target[torch.arange(6), y] = 0.9
+    want = -(target * F.log_softmax(logits, 1)).sum(1).mean()
+    assert smooth_cross_entropy(logits, y, 0.1) == pytest.approx(float(want), abs=1e-6)
+    assert float(F.cross_entropy(logits, y, label_smoothing=0.1)) != pytest.approx(float(want), abs=1e-4)
+
+
+def test_ftsam_crops_every_batch_at_a_random_offset_of_the_padded_image(monkeypatch):
+    import onp_fast.defenses.ftsam as ftsam
+
+    x = torch.randn(16, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    fill = torch.tensor([-3.0, -4.0])
+    out = ftsam.random_crop(x, 2, fill, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    big = fill.view(1, 2, 1, 1).repeat(16, 1, 10, 10)
+    big[:, :, 2:8, 2:8] = x
+    offsets = [[(i, j) for i in range(5) for j in range(5) if torch.equal(out[b], big[b, :, i:i + 6, j:j + 6])]
+               for b in range(16)]
+    assert all(offsets) and len({o[0] for o in offsets}) > 1  # each a window of the padded image, not all alike
+    calls = []
+    real = ftsam.random_crop
+    monkeypatch.setattr(ftsam, "random_crop", lambda *a: calls.append(a[1]) or real(*a))
+    xd, yd = _data(40, seed=5)
+    repair(_tiny(), xd, yd, NUM_CLASSES, "ftsam", RepairConfig(reward_batch=16), FTSAMConfig(epochs=2),
+           progress=False)
+    assert calls == [4, 4]  # every batch (one per epoch here), padding 4

@@ -12,7 +12,8 @@ from ..progress import bar
 
 def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0, rho: float = 0.0,
-                    label_smoothing: float = 0.0, cosine: bool = False, augment=None, after_epoch=None,
+                    label_smoothing: float = 0.0, cosine_t_max: int | None = None, sam_bn_frozen: bool = False,
+                    augment=None, after_epoch=None,
                     teacher: nn.Module | None = None, temperature: float = 2.0,
                     max_grad_norm: float | None = None, hard_weight: float = 0.0,
                     progress: bool = False) -> nn.Module:
@@ -20,8 +21,12 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
     BatchNorm in training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of
     one image are skipped. rho > 0: each step is adaptive sharpness-aware (ASAM, Kwon et al. 2021; FT-SAM's
-    step): the gradient is taken at w + e, e_i = rho |w_i|^2 g_i / ||(|w| g)||, then applied at w. cosine: the
-    learning rate anneals from lr to 0 over all steps. augment: optional callable (xb, yb, generator) -> (xb', yb')
+    step): the gradient is taken at w + e, e_i = rho |w_i|^2 g_i / ||(|w| g)||, then applied at w; sam_bn_frozen:
+    the pass at w + e leaves the BatchNorm running statistics alone (momentum 0, as FT-SAM's code does).
+    label_smoothing s: the target puts 1 - s on the true class and s / (n - 1) on each other one (FT-SAM's
+    `smooth_crossentropy`). cosine_t_max: None keeps lr; 0 anneals it from lr to 0 over all steps; T > 0 is
+    CosineAnnealingLR(T_max=T) stepped after every batch, lr (1 + cos(pi t / T)) / 2 at step t, periodic (as
+    FT-SAM's code steps it). augment: optional callable (xb, yb, generator) -> (xb', yb')
     applied to every batch before the step (purification adds proxy-stamped copies there). after_epoch: optional
     callable(epoch) run after each epoch (1-based), the model in eval mode (purification's held-out check).
     teacher (an eval-mode model): the loss on the batch's own images is the distillation term
@@ -40,7 +45,8 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     steps = epochs * sum(1 for i in range(0, len(x), batch_size) if min(batch_size, len(x) - i) >= 2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if cosine else None
+    sched = None if cosine_t_max is None else \
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, cosine_t_max or max(1, steps))
     keep = ~prune
     soft = None
     if teacher is not None:
@@ -51,14 +57,13 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     def loss_of(xb, yb, sb):
         out = model(xb)
         if sb is None:
-            return F.cross_entropy(out, yb, label_smoothing=label_smoothing)
+            return smooth_cross_entropy(out, yb, label_smoothing)
         n, total = len(sb), len(xb)
         loss = temperature ** 2 * F.kl_div(F.log_softmax(out[:n] / temperature, dim=1), sb, reduction="batchmean")
         if hard_weight:
-            loss = (1 - hard_weight) * loss + hard_weight * F.cross_entropy(out[:n], yb[:n],
-                                                                            label_smoothing=label_smoothing)
+            loss = (1 - hard_weight) * loss + hard_weight * smooth_cross_entropy(out[:n], yb[:n], label_smoothing)
         if total > n:
-            loss = loss + (total - n) / total * F.cross_entropy(out[n:], yb[n:], label_smoothing=label_smoothing)
+            loss = loss + (total - n) / total * smooth_cross_entropy(out[n:], yb[n:], label_smoothing)
         return loss
 
     shown = bar(steps, "fine-tune", progress)
@@ -75,7 +80,8 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             opt.zero_grad(set_to_none=True)
             loss_of(xb, yb, sb).backward()
             if rho > 0:
-                _sharpness_aware_gradient(params, rho, lambda: loss_of(xb, yb, sb))
+                with _running_stats_frozen(model, sam_bn_frozen):
+                    _sharpness_aware_gradient(params, rho, lambda: loss_of(xb, yb, sb))
             if max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
@@ -92,6 +98,34 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     for p in params:
         p.requires_grad_(False)
     return model.eval()
+
+
+def smooth_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, n] against y [B] with the target 1 - s on the true class and s / (n - 1)
+    on each other one (s = smoothing; 0: plain cross-entropy). FT-SAM's `smooth_crossentropy` up to the target's
+    entropy (a constant)."""
+    if not smoothing:
+        return F.cross_entropy(logits, y)
+    n = logits.shape[1]
+    target = torch.full_like(logits, smoothing / (n - 1)).scatter_(1, y.unsqueeze(1), 1.0 - smoothing)
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+class _running_stats_frozen:
+    """Within: every BatchNorm of `model` has momentum 0 (batch statistics still used, running ones not updated)
+    when `on`; the momenta are put back on exit."""
+
+    def __init__(self, model: nn.Module, on: bool):
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if on else []
+
+    def __enter__(self):
+        self.saved = [m.momentum for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc):
+        for m, mom in zip(self.norms, self.saved):
+            m.momentum = mom
 
 
 def _sharpness_aware_gradient(params: list[torch.Tensor], rho: float, loss_fn) -> None:
