@@ -238,6 +238,37 @@ def compare(model, masks_off, masks_ours, splits, attack) -> dict:
     return row
 
 
+def rnp_seed_sweep(code: Path, model, xn, y, cfg: RNPConfig, seeds) -> dict:
+    """Official and our RNP under each seed -> {"runs": [{"side", "seed", "unlearn_epochs"}], "mean_spearman":
+    {pair kind: mean over pairs}, "pairs": [[i, j, spearman]]}; printed as it goes."""
+    runs, masks = [], []
+    for seed in seeds:
+        off, info = official_rnp(code, model, xn, y, cfg, seed)
+        runs.append({"side": "official", "seed": seed, "unlearn_epochs": info["epochs"]})
+        masks.append(off)
+        u, ours_info = rnp_unlearn(model, xn, y, cfg, seed=seed)
+        masks.append(recover_masks(u, None, xn, y, lr=cfg.recover_lr, epochs=cfg.recover_epochs, alpha=cfg.alpha,
+                                   batch_size=cfg.batch_size, seed=seed, mask_on=cfg.mask_on, bn_mode=cfg.bn_mode))
+        runs.append({"side": "ours", "seed": seed, "unlearn_epochs": ours_info["epochs"]})
+        print(f"  RNP seed {seed}: unlearning epochs official {info['epochs']}, ours {ours_info['epochs']}", flush=True)
+    names = list(masks[0])
+    flats = [flat(m, names) for m in masks]
+    pairs, kinds = [], {}
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            rho = spearman(flats[i], flats[j])
+            pairs.append([i, j, rho])
+            kind = "/".join(sorted((runs[i]["side"], runs[j]["side"])))
+            same = runs[i]["unlearn_epochs"] == runs[j]["unlearn_epochs"]
+            for key in (kind, f"{kind} ({'same' if same else 'different'} unlearning epochs)"):
+                kinds.setdefault(key, []).append(rho)
+    mean = {k: sum(v) / len(v) for k, v in sorted(kinds.items())}
+    print("\nRNP over seeds: mean Spearman (pairs)")
+    for k, v in mean.items():
+        print(f"  {k:<48} {v:.4f} ({len(kinds[k])})")
+    return {"runs": runs, "mean_spearman": mean, "pairs": pairs}
+
+
 def print_table(before, rows, seed):
     print(f"\nbefore pruning: CA {100 * before['ca']:.2f}  ASR {100 * before['asr']:.2f}")
     print("\nmethod | compared                    | channels | Spearman | top-10 | top-20 | top-50 | masks <= 0.2 | "
@@ -278,6 +309,10 @@ def main(argv=None):
     ap.add_argument("--noise-floor", default="", metavar="ANP,RNP",
                     help="for these methods also run the official code with seed + 1 and report its agreement with "
                          "the seed run (how far two official runs differ)")
+    ap.add_argument("--rnp-seeds", type=int, default=0, metavar="N",
+                    help="instead of the one-seed comparison of RNP: run the official code and ours with seeds "
+                         "seed .. seed + N - 1 each and print the mean Spearman of official/official, ours/ours "
+                         "and official/ours pairs, with every run's unlearning epochs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -310,7 +345,10 @@ def main(argv=None):
             rows["ANP"]["noise_floor"] = agreement(
                 off, official_anp(args.anp_code, model, xn, y, args.anp_iterations, cfg, args.seed + 1))
         info["ANP"] = {"iterations": args.anp_iterations, "seconds": {"official": t_off, "ours": t_ours}}
-    if args.rnp_code is not None:
+    if args.rnp_code is not None and args.rnp_seeds > 0:
+        rows["RNP seeds"] = rnp_seed_sweep(args.rnp_code, model, xn, y, RNPConfig(recover_epochs=args.rnp_recover_epochs),
+                                           range(args.seed, args.seed + args.rnp_seeds))
+    elif args.rnp_code is not None:
         cfg = RNPConfig(recover_epochs=args.rnp_recover_epochs)
         t = time.perf_counter()
         off, off_unlearn = official_rnp(args.rnp_code, model, xn, y, cfg, args.seed)
@@ -331,7 +369,7 @@ def main(argv=None):
         info["RNP"] = {"recover_epochs": cfg.recover_epochs, "seconds": {"official": t_off, "ours": t_ours},
                        "unlearn": {"official": off_unlearn,
                                    "ours": {k: our_unlearn[k] for k in ("epochs", "epoch_accuracy", "reached")}}}
-    print_table(before, rows, args.seed)
+    print_table(before, {k: v for k, v in rows.items() if k != "RNP seeds"}, args.seed)
     wall = time.perf_counter() - t_all
     print(f"\nwall time {wall:.0f}s ({args.threads} thread(s))")
     if args.json:
