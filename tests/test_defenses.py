@@ -301,14 +301,17 @@ def test_apply_params_sets_fields_and_rejects_bad_items():
     assert confs["anp"].iterations == 50 and confs["anp"].eps == 0.4 and confs["clp"].u == 2.5
     assert confs["onp"].iterations == 7 and confs["onp"].samples == 16
     assert cfg.tolerance == 0.05 and cfg.seed == 0
-    bad = {"anp.iterations": "METHOD.FIELD=VALUE", "anp.nope=1": "has no field 'nope'",
+    _, confs = apply_params(["ftsam.bn_frozen_second_pass=false", "ftsam.t_max=0"], ["ftsam"])
+    assert confs["ftsam"].bn_frozen_second_pass is False and confs["ftsam"].t_max == 0
+    assert apply_params(["ftsam.bn_frozen_second_pass=True"], ["ftsam"])[1]["ftsam"].bn_frozen_second_pass is True
+    bad = {"ftsam.bn_frozen_second_pass=maybe": "takes true or false", "anp.iterations": "METHOD.FIELD=VALUE", "anp.nope=1": "has no field 'nope'",
            "foo.x=1": "unknown method 'foo'", "fp.finetune_epochs=1": "not among the methods",
            "anp.iterations=ten": "takes a int", "anp.batch_size=0": "at least 1", "repair.iterations=3": "no field 'iterations'",
            "onp.samples=1": "at least 2",
            "clp.u=nan": "finite", "repair.val_fraction=1": "below 1"}
     for item, msg in bad.items():
         with pytest.raises(UserError, match=msg):
-            apply_params([item], ["anp", "clp", "onp"])
+            apply_params([item], ["anp", "clp", "onp", "ftsam"])
 
 
 def test_defenses_do_not_change_the_shared_context(trained):

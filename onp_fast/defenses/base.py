@@ -75,9 +75,12 @@ _MINIMUM = {("*", "batch_size"): 1, ("onp", "iterations"): 1, ("onp", "samples")
             ("repair", "reward_batch"): 1, ("repair", "val_fraction"): 0.01}
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def apply_params(items, methods, cfg: RepairConfig | None = None) -> tuple[RepairConfig, dict]:
     """Hyper-parameter overrides "METHOD.FIELD=VALUE" (a field of that method's Config; METHOD among `methods`)
-    or "repair.FIELD=VALUE" (a number/text field of the shared RepairConfig: the split, the reward batch, the
+    or "repair.FIELD=VALUE" (a number/text/true-false field of the shared RepairConfig: the split, the reward batch, the
     depth rule's tolerance) -> (the RepairConfig, {method: Config}). Bad items raise UserError."""
     cfg = copy.deepcopy(cfg) if cfg is not None else RepairConfig()
     configs: dict = {}
@@ -98,10 +101,15 @@ def apply_params(items, methods, cfg: RepairConfig | None = None) -> tuple[Repai
                 raise UserError(f"parameter {item!r}: {owner} has no parameters of its own; use repair.FIELD")
             target = configs.setdefault(owner, METHODS[owner].Config())
         fields = [f.name for f in dataclasses.fields(target)
-                  if type(getattr(target, f.name)) in (int, float, str)]
+                  if type(getattr(target, f.name)) in (int, float, str, bool)]
         if field not in fields:
             raise UserError(f"parameter {item!r}: {owner} has no field {field!r}: use {', '.join(fields)}")
         kind = type(getattr(target, field))
+        if kind is bool:
+            if text.strip().lower() not in _BOOLS:
+                raise UserError(f"parameter {item!r}: {field} takes true or false")
+            setattr(target, field, _BOOLS[text.strip().lower()])
+            continue
         try:
             value = kind(text.strip())
         except ValueError:
