@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import importlib.util
 import json
@@ -61,6 +62,8 @@ from quality import backdoored, ev
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from onp_fast.data import defense_subset, load_dataset, normalize
+from onp_fast.defenses import anp as anp_module
+from onp_fast.defenses import rnp as rnp_module
 from onp_fast.defenses.anp import ANPConfig, anp_masks
 from onp_fast.defenses.rnp import RNPConfig, recover_masks, rnp_unlearn
 
@@ -168,6 +171,54 @@ def official_rnp(code: Path, model, x, y, cfg: RNPConfig, seed: int) -> tuple[di
                                     data_loader=loader, mask_opt=mask_optimizer)
     return official_masks(unlearned, bn.MaskBatchNorm2d), {"epochs": len(accs), "epoch_accuracy": accs,
                                                              "reached": accs[-1] <= args.clean_threshold}
+
+
+def _loader_seed() -> int:
+    """One draw of torch's global RNG as DataLoader makes it (an iterator's base seed, a RandomSampler's seed)."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+@contextlib.contextmanager
+def aligned_rng(seed: int, anp_calls: int):
+    """Within: our ANP and RNP draw their batches and noise starts from torch's global RNG exactly as the official
+    code does (torch.manual_seed(seed) first), instead of from their seeded Generator, so the two sides see the
+    same batches and the same noise. Official draws replicated: each DataLoader epoch takes the iterator's base seed
+    and the RandomSampler's seed from the global RNG, then shuffles (randperm) or samples with replacement (randint
+    in chunks of 32) from a Generator holding that seed; ANP's `reset(rand_init=True)` fills noise then noise bias
+    of each NoisyBatchNorm2d, in module order, with uniform_(-eps, eps). anp_calls: ANP iterations per official
+    `mask_train` call (one DataLoader pass, print_every)."""
+    state = {"count": 0, "gen": None, "pending": torch.zeros(0, dtype=torch.int64)}
+
+    def anp_batch(n, batch_size, g):
+        if state["count"] % anp_calls == 0:
+            _loader_seed()
+            state["gen"] = torch.Generator().manual_seed(_loader_seed())
+            state["pending"] = torch.zeros(0, dtype=torch.int64)
+        state["count"] += 1
+        while len(state["pending"]) < batch_size:
+            state["pending"] = torch.cat([state["pending"], torch.randint(high=n, size=(32,), dtype=torch.int64,
+                                                                          generator=state["gen"])])
+        idx, state["pending"] = state["pending"][:batch_size], state["pending"][batch_size:]
+        return idx
+
+    def anp_start(p, eps, g):
+        for n in p.names:
+            p.noise[n] = torch.empty(len(p.noise[n])).uniform_(-eps, eps)
+            p.noise_b[n] = torch.empty(len(p.noise_b[n])).uniform_(-eps, eps)
+
+    def rnp_epoch(n, batch_size, g, train):
+        _loader_seed()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_loader_seed()))
+        out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        return [b for b in out if len(b) > 1] if train else out
+
+    saved = (anp_module.batch_indices, anp_module.random_start, rnp_module._batches)
+    anp_module.batch_indices, anp_module.random_start, rnp_module._batches = anp_batch, anp_start, rnp_epoch
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        anp_module.batch_indices, anp_module.random_start, rnp_module._batches = saved
 
 
 def flat(masks: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
@@ -313,6 +364,9 @@ def main(argv=None):
                     help="instead of the one-seed comparison of RNP: run the official code and ours with seeds "
                          "seed .. seed + N - 1 each and print the mean Spearman of official/official, ours/ours "
                          "and official/ours pairs, with every run's unlearning epochs")
+    ap.add_argument("--aligned-rng", action="store_true",
+                    help="our side draws its batches and noise from torch's global RNG as the official code does "
+                         "(see aligned_rng), so both sides see the same batches: what remains is the algorithm")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -329,15 +383,20 @@ def main(argv=None):
     xn = normalize(x, splits.mean, splits.std)
     before = ev(model, splits, attack)
     rows, info = {}, {}
-    print("note: the official code draws from torch's global RNG (torch.manual_seed(seed)), ours from a seeded "
-          "torch.Generator: same seed, different batches and noise.", flush=True)
+    if args.aligned_rng:
+        print("note: --aligned-rng: our side draws batches and noise from the global RNG as the official code does",
+              flush=True)
+    else:
+        print("note: the official code draws from torch's global RNG (torch.manual_seed(seed)), ours from a seeded "
+              "torch.Generator: same seed, different batches and noise.", flush=True)
     if args.anp_code is not None:
         cfg = ANPConfig(iterations=args.anp_iterations)
         t = time.perf_counter()
         off = official_anp(args.anp_code, model, xn, y, args.anp_iterations, cfg, args.seed)
         t_off = time.perf_counter() - t
         t = time.perf_counter()
-        ours = anp_masks(model, xn, y, cfg, seed=args.seed)
+        with aligned_rng(args.seed, min(500, args.anp_iterations)) if args.aligned_rng else contextlib.nullcontext():
+            ours = anp_masks(model, xn, y, cfg, seed=args.seed)
         t_ours = time.perf_counter() - t
         print(f"  ANP ({args.anp_iterations} iterations): official {t_off:.0f}s, ours {t_ours:.0f}s", flush=True)
         rows["ANP"] = compare(model, off, ours, splits, attack)
@@ -354,9 +413,11 @@ def main(argv=None):
         off, off_unlearn = official_rnp(args.rnp_code, model, xn, y, cfg, args.seed)
         t_off = time.perf_counter() - t
         t = time.perf_counter()
-        u, our_unlearn = rnp_unlearn(model, xn, y, cfg, seed=args.seed)
-        ours = recover_masks(u, None, xn, y, lr=cfg.recover_lr, epochs=cfg.recover_epochs, alpha=cfg.alpha,
-                             batch_size=cfg.batch_size, seed=args.seed, mask_on=cfg.mask_on, bn_mode=cfg.bn_mode)
+        with aligned_rng(args.seed, 1) if args.aligned_rng else contextlib.nullcontext():
+            u, our_unlearn = rnp_unlearn(model, xn, y, cfg, seed=args.seed)
+            ours = recover_masks(u, None, xn, y, lr=cfg.recover_lr, epochs=cfg.recover_epochs, alpha=cfg.alpha,
+                                 batch_size=cfg.batch_size, seed=args.seed, mask_on=cfg.mask_on,
+                                 bn_mode=cfg.bn_mode)
         t_ours = time.perf_counter() - t
         print(f"  RNP ({cfg.recover_epochs} recovery epochs): official {t_off:.0f}s, ours {t_ours:.0f}s\n"
               f"  unlearning epochs / last accuracy: official {off_unlearn['epochs']} / "
@@ -375,7 +436,8 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "before": before,
                                                "rows": rows, "runs": info, "wall_s": wall,
-                                               "rng_note": "official: torch global RNG; ours: seeded Generator"},
+                                               "rng_note": ("both: torch global RNG, aligned" if args.aligned_rng else
+                                                            "official: torch global RNG; ours: seeded Generator")},
                                               indent=1))
     return 0
 

@@ -112,6 +112,11 @@ class Perturbation:
             h.remove()
 
 
+def batch_indices(n: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
+    """One ANP batch: [batch_size] indices into n images drawn with replacement (the official RandomSampler)."""
+    return torch.randint(n, (batch_size,), generator=g)
+
+
 def random_start(p: Perturbation, eps: float, g: torch.Generator) -> None:
     """The official `reset(rand_init=True)`: noise and noise_b uniform in [-eps, eps]."""
     for n in p.names:
@@ -162,7 +167,7 @@ def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig
     with Perturbation(work) as p, bar(cfg.iterations, "anp masks", progress) as shown:
         opt = torch.optim.SGD(list(p.masks.values()), lr=cfg.mask_lr, momentum=0.9)
         for _ in range(cfg.iterations):
-            idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
+            idx = batch_indices(len(x), cfg.batch_size, g)
             xb, yb = x[idx], y[idx]
             loss_rob = torch.zeros(())
             if cfg.eps > 0:

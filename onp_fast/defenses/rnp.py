@@ -78,6 +78,12 @@ def _check(cfg: RNPConfig) -> None:
     check_mode("rnp.mask_on", cfg.mask_on, ("norm_weight", "group"))
 
 
+def _batch_count(n: int, batch_size: int, train: bool) -> int:
+    """How many batches `_batches` gives an epoch, without drawing."""
+    full, rest = divmod(n, batch_size)
+    return full + (rest > 1 or (rest == 1 and not train))
+
+
 def _batches(n: int, batch_size: int, g: torch.Generator, train: bool) -> list[torch.Tensor]:
     """One epoch's shuffled batches (DataLoader(shuffle=True)); in train mode without a trailing single sample."""
     order = torch.randperm(n, generator=g)
@@ -99,7 +105,7 @@ def rnp_unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RNPConf
     opt = torch.optim.SGD(u.parameters(), lr=cfg.unlearn_lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.unlearn_milestones), gamma=0.1)
     g = torch.Generator().manual_seed(seed)
-    per_epoch = len(_batches(len(x), cfg.batch_size, torch.Generator().manual_seed(0), train))
+    per_epoch = _batch_count(len(x), cfg.batch_size, train)
     steps, epoch_acc = 0, []
     with bar((cfg.unlearn_epochs + 1) * per_epoch, "rnp unlearn", progress) as shown:
         for _ in range(cfg.unlearn_epochs + 1):
@@ -169,7 +175,7 @@ def recover_masks(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y
     train = bn_mode == "train"
     work = working_copy(unlearned, bn_mode)
     g = torch.Generator().manual_seed(seed)
-    per_epoch = len(_batches(len(x), batch_size, torch.Generator().manual_seed(0), train))
+    per_epoch = _batch_count(len(x), batch_size, train)
     if mask_on == "group":
         m = torch.ones(groups.num_groups, requires_grad=True)
         params, hooks = [m], None
