@@ -18,13 +18,16 @@ from .evaluate import evaluate
 from .metrics import defense_effectiveness_rating
 from .data import normalize
 from .errors import UserError
-from .prepare import DefenseContext, RepairConfig, finetune_pruned, prepare
+from .prepare import FINETUNE_BATCH, DefenseContext, RepairConfig, check_training_budget, checked_config, \
+    finetune_pruned, prepare
 from .prepare.context import PURIFY_MODES
 from .repair import RepairResult, run
+from .repair.pipeline import memory_part, purify_mode_of, training_batches
 
 ORACLE_RULE = ("lowest test ASR with test CA >= CA before - {tol:g} (fraction), ties to the smaller depth, over "
                "the depths the held-out rule scanned (pruning and the method's own last step; no purification)")
 DEFAULT_METHODS = ("onp", "onp/none", "fp", "anp", "rnp", "clp", "ftsam")
+RETUNE_BATCH = 128  # images per step of the retuning attack (Min et al.)
 
 
 def method_spec(text: str) -> tuple[str, str | None]:
@@ -41,9 +44,10 @@ def method_spec(text: str) -> tuple[str, str | None]:
 
 
 def _eval(model, test, attack, target) -> dict:
-    test_x, test_y, mean, std = test
+    """CA / ASR / RA of `model` (on its device) on test = (test_x, test_y, mean, std, max_memory)."""
+    test_x, test_y, mean, std, max_memory = test
     with torch.no_grad():
-        r = evaluate(model, test_x, test_y, mean, std, attack=attack, target=target)
+        r = evaluate(model, test_x, test_y, mean, std, attack=attack, target=target, max_memory=max_memory)
     return {k: r[k] for k in ("ca", "asr", "ra")}
 
 
@@ -90,21 +94,25 @@ def at_depth(defense, ctx: DefenseContext, result: RepairResult, depth: int, bef
 
 
 def retune(model: nn.Module, groups, x: torch.Tensor, y: torch.Tensor, mean, std, attack, target: int, *,
-           poisoned: int = 5, epochs: int = 5, seed: int = 0) -> nn.Module:
+           poisoned: int = 5, epochs: int = 5, seed: int = 0, max_memory: int | str | None = None) -> nn.Module:
     """The retuning attack of Min et al. (NeurIPS 2024) on a copy of `model`: every weight fine-tuned (SGD lr 0.01,
     momentum 0.9, batch 128, `epochs` epochs) on the defense set (x [N, C, H, W] normalised, y [N]) plus
     `poisoned` of its images carrying the trigger: non-target images relabelled to the target (dirty-label
-    attacks) or target-class images keeping their label (clean-label attacks). -> the retuned copy."""
+    attacks) or target-class images keeping their label (clean-label attacks). x, y on the model's device (the
+    poisoned images are drawn and stamped on the CPU, the same on every device); max_memory: as
+    `finetune_pruned`'s. -> the retuned copy."""
     g = torch.Generator().manual_seed(seed)
-    pool = torch.nonzero(y == target if attack.clean_label else y != target).flatten()
+    yc = y.cpu()
+    pool = torch.nonzero(yc == target if attack.clean_label else yc != target).flatten()
     pick = pool[torch.randperm(len(pool), generator=g)[:poisoned]]
     c = x.shape[1]
     m, s = torch.as_tensor(mean).view(1, c, 1, 1), torch.as_tensor(std).view(1, c, 1, 1)
-    stamped = normalize(attack.apply((x[pick] * s + m).clamp(0, 1)), mean, std)
-    xs, ys = torch.cat([x, stamped]), torch.cat([y, torch.full((len(pick),), target, dtype=y.dtype)])
+    stamped = normalize(attack.apply((x[pick.to(x.device)].cpu() * s + m).clamp(0, 1)), mean, std).to(x.device)
+    xs = torch.cat([x, stamped])
+    ys = torch.cat([y, torch.full((len(pick),), target, dtype=y.dtype, device=y.device)])
     none = torch.zeros(groups.num_groups, dtype=torch.bool)
-    return finetune_pruned(copy.deepcopy(model), groups, none, xs, ys, epochs=epochs, lr=0.01, batch_size=128,
-                           seed=seed)
+    return finetune_pruned(copy.deepcopy(model), groups, none, xs, ys, epochs=epochs, lr=0.01,
+                           batch_size=RETUNE_BATCH, seed=seed, max_memory=max_memory)
 
 
 def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, test_x: torch.Tensor,
@@ -119,16 +127,30 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     configs: {method: its Config} (missing: published defaults). log: optional callable(str) for progress.
     Each row: the method's CA/ASR/RA/DER, its re-activation (`reactivation_epochs` clean epochs, pruned groups
     held at zero; 0: skipped) and the retuning attack (`retune`, `retune_epochs`; 0: skipped).
-    Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "reward_backend", "oracle_rule"}
-    (fractions, seconds); an ONP row also has "policy_reward" (its policy phase's backend, masks/s, images/s)."""
+    Everything runs on cfg.device within cfg.max_memory (a training batch it cannot hold is an error before any
+    work: `training_batches`, the re-activation's and the retuning attack's batches).
+    Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "reward_backend", "oracle_rule",
+    "peak_memory" (`repair.pipeline.memory_part` at the end)} (fractions, seconds); an ONP row also has
+    "policy_reward" (its policy phase's backend, masks/s, images/s)."""
     cfg = cfg or RepairConfig()
     specs = [method_spec(m) for m in (methods or DEFAULT_METHODS)]
     defenses = [get(name, (configs or {}).get(name)) for name, _ in specs]
-    test = (test_x, test_y, mean, std)
+    cfg = checked_config(x, y, num_classes, cfg)
+    batches = training_batches(y, cfg, [(d, purify_mode_of(cfg, d, mode)) for (_, mode), d in zip(specs, defenses)])
+    if reactivation_epochs > 0:
+        batches["the re-activation fine-tune"] = min(FINETUNE_BATCH, len(x))
+    if retune_epochs > 0:
+        batches["the retuning attack"] = min(RETUNE_BATCH, len(x) + 5)
+    check_training_budget(model, x, batches, cfg)
+    device = torch.device(cfg.device)
+    test = (test_x, test_y, mean, std, cfg.max_memory)
     say = log or (lambda s: None)
-    before = _eval(model, test, attack, target)
+    first = next(model.parameters(), None)
+    here = first is None or first.device == device  # the CLI's model is on the device already
+    before = _eval(model if here else copy.deepcopy(model).to(device), test, attack, target)
     t0 = time.perf_counter()
     ctx = prepare(model, x, y, num_classes, cfg, progress)
+    x, y = x.to(device), y.to(device)
     prepare_s = time.perf_counter() - t0
     say(f"prepare (shared): {prepare_s:.1f}s")
     rows, ranked = [], {}
@@ -139,6 +161,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
         if name in ranked:  # its scoring time, measured in the row that scored
             seconds += sum(res.report["scoring_times_s"].values())
         ranked.setdefault(name, res)
+        res.model.to(device)  # back on the device for the evaluations below (rows hold numbers only)
         after = _eval(res.model, test, attack, target)
         label = name if mode is None else f"{name}/{mode}"
         row = {"method": label, "title": defense.title, **after, "der": _der(before, after),
@@ -157,19 +180,20 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
                                **at_depth(defense, ctx, res, own["own_rule_groups"], before, test, attack, target)}
         if reactivation_epochs > 0:
             ft = finetune_pruned(copy.deepcopy(res.model), res.groups, res.prune, x, y, epochs=reactivation_epochs,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, max_memory=cfg.max_memory)
             re = _eval(ft, test, attack, target)
             row["reactivation"] = {"epochs": reactivation_epochs, "ca": re["ca"], "asr": re["asr"]}
         if retune_epochs > 0:
             rt = _eval(retune(res.model, res.groups, x, y, mean, std, attack, target, epochs=retune_epochs,
-                              seed=cfg.seed), test, attack, target)
+                              seed=cfg.seed, max_memory=cfg.max_memory), test, attack, target)
             row["retune"] = {"epochs": retune_epochs, "poisoned": 5, "ca": rt["ca"], "asr": rt["asr"]}
         row["oracle"] = oracle(defense, ctx, res, before, test, attack, target, oracle_tolerance)
         rows.append(row)
         say(f"{label}: CA {100 * after['ca']:.2f} ASR {100 * after['asr']:.2f} in {seconds:.1f}s")
     return {"before": before, "prepare_s": prepare_s, "prepare_times_s": dict(ctx.times), "rows": rows,
             "defense": {"n": len(x), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val), "seed": cfg.seed},
-            "reward_backend": cfg.reward_backend, "oracle_rule": ORACLE_RULE.format(tol=oracle_tolerance)}
+            "reward_backend": cfg.reward_backend, "oracle_rule": ORACLE_RULE.format(tol=oracle_tolerance),
+            "peak_memory": memory_part(cfg)}
 
 
 def format_table(result: dict) -> str:

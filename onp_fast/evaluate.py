@@ -54,17 +54,22 @@ def load_attack_spec(path: str | os.PathLike) -> AttackSpec:
     return AttackSpec(attack=attacks.from_spec(spec), target=target, meta=data)
 
 
-def predict_classes(model: torch.nn.Module, x: torch.Tensor, mean, std, batch_size: int = 512) -> torch.Tensor:
-    """x: [N, C, H, W] float32 pixels in [0, 1] -> [N] int64 top-1 classes (model in eval mode)."""
-    return predict(model, x, mean, std, batch_size).argmax(1)
+def predict_classes(model: torch.nn.Module, x: torch.Tensor, mean, std, batch_size: int = 512,
+                    max_memory: int | str | None = None) -> torch.Tensor:
+    """x: [N, C, H, W] float32 pixels in [0, 1] -> [N] int64 top-1 classes on the CPU (model in eval mode, on its
+    device), in batches of at most `batch_size` images, fewer where `max_memory` (bytes or "512MB"; None: no
+    budget) cannot hold them (train.predict)."""
+    return predict(model, x, mean, std, batch_size, max_memory).argmax(1)
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, *,
              attack: attacks.Attack | None = None, target: int | None = None,
-             batch_size: int = 512) -> dict:
-    """x: [N, C, H, W] float32 clean test pixels, y: [N] int64 -> {"ca", "n_test"} and, with an attack,
-    {"asr", "ra", "n_triggered"} (target-class images left out of the triggered set)."""
-    result = {"ca": metrics.clean_accuracy(predict_classes(model, x, mean, std, batch_size), y), "n_test": int(y.numel())}
+             batch_size: int = 512, max_memory: int | str | None = None) -> dict:
+    """x: [N, C, H, W] float32 clean test pixels, y: [N] int64 (CPU; the model runs on its own device) ->
+    {"ca", "n_test"} and, with an attack, {"asr", "ra", "n_triggered"} (target-class images left out of the
+    triggered set). Batches as `predict_classes`'s: the numbers do not depend on the budget."""
+    result = {"ca": metrics.clean_accuracy(predict_classes(model, x, mean, std, batch_size, max_memory), y),
+              "n_test": int(y.numel())}
     if attack is not None:
         if target is None:
             raise UserError("evaluating an attack needs its target class")
@@ -73,7 +78,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std
                             f"the data set has {list(x.shape[1:])}")
         keep = metrics.non_target_mask(y, target)
         xt, yt = x[keep], y[keep]
-        pred = predict_classes(model, attack.apply(xt), mean, std, batch_size)
+        pred = predict_classes(model, attack.apply(xt), mean, std, batch_size, max_memory)
         result.update(asr=metrics.attack_success_rate(pred, yt, target),
                       ra=metrics.robust_accuracy(pred, yt, target), n_triggered=int(yt.numel()))
     return result

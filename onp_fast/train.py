@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .data import normalize
 from .errors import UserError
+from .memory import fit_batch
 from .seed import seed_everything
 
 Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -100,13 +101,17 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, mean, std, batch_size: int = 512) -> torch.Tensor:
-    """Logits of `model` (eval mode) for pixels x: [N, C, H, W] float32 in [0, 1] -> [N, K] float32 (CPU)."""
+def predict(model: nn.Module, x: torch.Tensor, mean, std, batch_size: int = 512,
+            max_memory: int | str | None = None) -> torch.Tensor:
+    """Logits of `model` (eval mode) for pixels x: [N, C, H, W] float32 in [0, 1] (any device; batches go to the
+    model's) -> [N, K] float32 (CPU). Batches of at most `batch_size` images, fewer where `max_memory` (bytes or
+    "512MB"; None: no budget) cannot hold their activations (`memory.fit_batch`)."""
     was_training = model.training
     model.eval()
     device = _device(model)
     out = []
     try:
+        batch_size = fit_batch(model, x, max_memory, batch_size)
         for start in range(0, x.shape[0], batch_size):
             xb = normalize(x[start:start + batch_size].to(device), mean, std)
             out.append(model(xb).float().cpu())
@@ -115,9 +120,11 @@ def predict(model: nn.Module, x: torch.Tensor, mean, std, batch_size: int = 512)
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, batch_size: int = 512) -> float:
-    """Top-1 accuracy as a fraction in [0, 1]. x: [N, C, H, W] float32 pixels in [0, 1]; y: [N] int64."""
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, batch_size: int = 512,
+             max_memory: int | str | None = None) -> float:
+    """Top-1 accuracy as a fraction in [0, 1]. x: [N, C, H, W] float32 pixels in [0, 1]; y: [N] int64; batches
+    as `predict`'s."""
     if x.shape[0] == 0:
         return float("nan")
-    pred = predict(model, x, mean, std, batch_size).argmax(1)
+    pred = predict(model, x, mean, std, batch_size, max_memory).argmax(1)
     return float((pred == y.cpu()).float().mean())

@@ -75,8 +75,9 @@ def _compare(b, **kw):
 
 
 def _without_times(result: dict) -> dict:
+    """The result without what is measured rather than computed: seconds and the process's peak memory."""
     out = json.loads(json.dumps(result))
-    for key in ("prepare_s", "prepare_times_s"):
+    for key in ("prepare_s", "prepare_times_s", "peak_memory"):
         out.pop(key)
     for row in out["rows"]:
         row.pop("seconds")

@@ -192,6 +192,7 @@ def test_defense_size_defaults_to_every_image_up_to_500(norm_model, tmp_path):
     (["--finetune-epochs", "-1"], "--finetune-epochs"), (["--threads", "0"], "--threads"),
     (["--seed", "abc"], "--seed"), (["--method", "magic"], "magic"), (["--purify", "all"], "--purify"),
     (["--defense-size", "0"], "--defense-size"), (["--samples", "1"], "--samples"),
+    (["--device", "tpu"], "--device"), (["--max-memory", "lots"], "--max-memory"),
 ])
 def test_bad_options_fail_in_one_line_before_any_work(args, needle, norm_model, tmp_path, monkeypatch):
     import onp_fast.io

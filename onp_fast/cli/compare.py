@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..errors import UserError
-from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, data_files,
-                      defense_images, load_model_and_data)
+from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, compute_options,
+                      data_files, defense_images, load_model_and_data)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -53,10 +53,12 @@ def parse_methods(text: str) -> list[str]:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace the --json file if it exists.")
 @checkpoint_options
+@compute_options
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="Print the table only.")
 def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs,
-            retune_epochs, params, reward_backend, seed, force, skip_accuracy_check, quiet, **model_opts):
+            retune_epochs, params, reward_backend, seed, force, skip_accuracy_check, quiet, device, max_memory,
+            **model_opts):
     """Compare defenses on MODEL: each method's depth is chosen on held-out defense images (no test data)."""
     from ..atomic import check_outputs
     from ..compare import compare, format_table
@@ -68,12 +70,15 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     from ..repair.output import write_json
 
     names = parse_methods(methods)
-    base = RepairConfig(seed=seed) if reward_backend is None else RepairConfig(seed=seed, reward_backend=reward_backend)
+    base = RepairConfig(seed=seed, device=device, max_memory=max_memory)
+    if reward_backend is not None:
+        base.reward_backend = reward_backend
     cfg, configs = apply_params(params, [n.partition("/")[0] for n in names], base)
+    cfg.check()  # --param repair.device=... / repair.max_memory=... too: before anything is read
     check_outputs({"--json": json_path}, {"model": model_path, "attack spec": spec_path, **data_files(dataset)},
                   force)
     spec = load_attack_spec(spec_path)
-    loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, **model_opts)
+    loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, device=cfg.device, **model_opts)
     target = spec.target if target is None else target
     if target is None:
         raise UserError("the attack spec has no target class; pass --target")
@@ -83,7 +88,7 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
                         f"{dataset} has {list(splits.input_shape)}")
     x, y = defense_images(splits, defense_size, seed)  # train split only
     cfg = cfg.for_defense_set(y, splits.num_classes)
-    check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check,
+    check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check, max_memory=cfg.max_memory,
                            echo=None if quiet else lambda s: click.echo(s, err=True))
     result = compare(loaded.model, normalize(x, mean, std), y, splits.num_classes, test_x=splits.test_x,
                      test_y=splits.test_y, mean=mean, std=std, attack=spec.attack, target=target, methods=names,

@@ -27,6 +27,46 @@ def _numbers(ctx, param, value):
     return vals
 
 
+def _device(ctx, param, value):
+    """--device: checked against this machine at parse time (torchutil.check_device) -> the string as given."""
+    from ..torchutil import check_device
+
+    try:
+        check_device(value)
+    except UserError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value.strip().lower()
+
+
+def _memory(ctx, param, value):
+    """--max-memory: a size (memory.parse_memory) -> the text as given, checked."""
+    from ..memory import parse_memory
+
+    if value is None:
+        return None
+    try:
+        parse_memory(value)
+    except UserError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value.strip()
+
+
+def compute_options(f):
+    """--device and --max-memory, for every command that runs a model (repair, compare, evaluate, scan); both
+    checked while the command line is parsed, before anything is read or written. The command receives them
+    as keyword arguments `device` and `max_memory` (the text: "cpu", "cuda:1"; "512MB")."""
+    from ..memory import DEFAULT_MAX_MEMORY
+    from ..torchutil import DEFAULT_DEVICE
+
+    f = click.option("--max-memory", callback=_memory, default=None, metavar="SIZE",
+                     help="Activation budget (e.g. 512MB, 4GB, 1.5GiB, plain bytes): inference, feature and "
+                          "reward batches are split to stay under it; a training batch it cannot hold is an error "
+                          f"before any work. Default: no budget (the reward engine chunks its masks to "
+                          f"{DEFAULT_MAX_MEMORY}).")(f)
+    return click.option("--device", callback=_device, default=DEFAULT_DEVICE, show_default=True,
+                        help="Where the model runs: cpu, cuda or cuda:N (results are written from the CPU).")(f)
+
+
 def checkpoint_options(f):
     """--arch and --trust-pickle (how to read the file), --mean/--std/--input-size (the model's preprocessing),
     --threads. The command receives them as keyword arguments of the same names; pass them on to
@@ -66,9 +106,11 @@ def check_mean_std(mean, std) -> None:
 
 
 def load_model_and_data(model_path, dataset: str, *, arch=None, trust_pickle: bool = False, mean=None, std=None,
-                        input_size: int | None = None, threads: int | None = None, seed: int = 0):
+                        input_size: int | None = None, threads: int | None = None, seed: int = 0,
+                        device: str | None = None):
     """The prologue of every command that runs a user's model on a data set -> (loaded model, data splits, mean,
-    std), checked to fit each other (channels, image size, classes) before any long work.
+    std), checked to fit each other (channels, image size, classes) before any long work; the model is then
+    moved to `device` (checked: torchutil.check_device).
 
     Normalisation: --mean/--std, else the file's, else the data set's statistics; `loaded.mean`/`.std` are set
     to what is used and `loaded.norm_source` says where it came from (so a written checkpoint records it).
@@ -105,6 +147,10 @@ def load_model_and_data(model_path, dataset: str, *, arch=None, trust_pickle: bo
     check_model_fits(loaded, splits)
     if loaded.num_classes and loaded.num_classes != splits.num_classes:
         raise UserError(f"the model has {loaded.num_classes} classes, {dataset} has {splits.num_classes}")
+    from ..torchutil import check_device
+
+    if device is not None:
+        loaded.model.to(check_device(device))
     return loaded, splits, loaded.mean, loaded.std
 
 
@@ -134,18 +180,19 @@ _CANDIDATES = {"--mean 0 --std 1": (0.0, 1.0), "--mean 0.5 --std 0.5": (0.5, 0.5
 _IMAGENET = ("--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
 
 
-def check_defense_accuracy(loaded, splits, x, y, *, skip: bool = False, echo=None) -> float:
+def check_defense_accuracy(loaded, splits, x, y, *, skip: bool = False, echo=None, max_memory=None) -> float:
     """The model's accuracy on the defense images (x [N, C, H, W] pixels, y [N]) with the normalisation it will
     run with, printed through `echo`. Stops with a UserError naming the likely cause when the model is near
     chance (below 1/K + 0.15 (1 - 1/K)) or when another common normalisation scores at least 15 points more
-    (the flags to pass are named); `skip` only prints. -> the accuracy in [0, 1]."""
+    (the flags to pass are named); `skip` only prints. Batches within `max_memory` (train.predict).
+    -> the accuracy in [0, 1]."""
     from ..train import accuracy
 
-    acc = accuracy(loaded.model, x, y, loaded.mean, loaded.std)
+    acc = accuracy(loaded.model, x, y, loaded.mean, loaded.std, max_memory=max_memory)
     k = splits.num_classes
     where = f"mean {_fmt(loaded.mean)}, std {_fmt(loaded.std)} from {loaded.norm_source}"
     if not skip:
-        _stop_if_wrong_preprocessing(loaded, splits, x, y, acc, where)
+        _stop_if_wrong_preprocessing(loaded, splits, x, y, acc, where, max_memory)
     if echo is not None:
         echo(f"model accuracy on the {len(y)} defense images: {100 * acc:.1f}% (chance {100 / k:.1f}%; {where})")
     return acc
@@ -155,7 +202,7 @@ def _fmt(values) -> str:
     return ",".join(f"{v:.4g}" for v in values)
 
 
-def _stop_if_wrong_preprocessing(loaded, splits, x, y, acc: float, where: str) -> None:
+def _stop_if_wrong_preprocessing(loaded, splits, x, y, acc: float, where: str, max_memory=None) -> None:
     from ..train import accuracy
 
     k, c = splits.num_classes, x.shape[1]
@@ -167,7 +214,7 @@ def _stop_if_wrong_preprocessing(loaded, splits, x, y, acc: float, where: str) -
     if c == 3:
         candidates[_IMAGENET[0]] = _IMAGENET[1]
     candidates[f"--mean {_fmt(splits.mean)} --std {_fmt(splits.std)}"] = (tuple(splits.mean), tuple(splits.std))
-    scored = {flags: accuracy(loaded.model, x, y, m, s) for flags, (m, s) in candidates.items()
+    scored = {flags: accuracy(loaded.model, x, y, m, s, max_memory=max_memory) for flags, (m, s) in candidates.items()
               if (tuple(m), tuple(s)) != (tuple(loaded.mean), tuple(loaded.std))}
     best = max(scored, key=scored.get, default=None)
     better = best is not None and scored[best] >= acc + 0.15

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, data_files,
-                      defense_images, load_model_and_data)
+from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, compute_options,
+                      data_files, defense_images, load_model_and_data)
 
 
 def _default(out: Path, suffix: str) -> Path:
@@ -81,12 +81,13 @@ def _weights(text: str | None):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace output files that exist.")
 @checkpoint_options
+@compute_options
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
             iterations, samples, algorithm, reward_weights, tolerance, reward_backend, compact_model, purify,
             purify_epochs, purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet,
-            **model_opts):
+            device, max_memory, **model_opts):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..atomic import check_outputs
     from ..data import normalize
@@ -114,13 +115,14 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
              if v is not None}
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,
                        reward_backend=reward_backend, purify=purify, purify_epochs=purify_epochs, **given,
-                       finetune_epochs=finetune_epochs, compact=compact_model).check()
+                       finetune_epochs=finetune_epochs, compact=compact_model, device=device,
+                       max_memory=max_memory).check()
 
-    loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, **model_opts)
+    loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, device=device, **model_opts)
     # Only the train split is read (defense images); the test split stays untouched.
     x, y = defense_images(splits, defense_size, seed)
     cfg = cfg.for_defense_set(y, splits.num_classes)  # too small for the tolerance: fail before any work
-    check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check,
+    check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check, max_memory=max_memory,
                            echo=None if quiet else lambda s: click.echo(s, err=True))
     result = repair(loaded.model, normalize(x, mean, std), y, splits.num_classes, method,
                     cfg, onp if method == "onp" else None, progress=not quiet)
@@ -146,6 +148,19 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     if loaded.format in ("state_dict", "backdoorbench", "pickle") and not quiet:
         click.echo(f"note: a {loaded.format} file cannot record preprocessing; the report does (mean "
                    f"{list(mean)}, std {list(std)}): pass the same --mean/--std when you load {out}", err=True)
+
+
+def memory_line(part: dict) -> str:
+    """The report's "peak_memory" part in one line: the process's peak resident memory (and CUDA's peak
+    allocation), beside the activation budget and the device."""
+    from ..memory import format_bytes
+
+    cuda = part.get("cuda_max_allocated_bytes")
+    gpu = f", CUDA {format_bytes(cuda)} allocated at most" if cuda is not None else ""
+    budget = ("no activation budget (--max-memory not given)" if part["max_memory_bytes"] is None else
+              f"activation budget --max-memory {part['max_memory']} ({format_bytes(part['max_memory_bytes'])})")
+    return (f"peak memory: {format_bytes(part['rss_bytes'])} resident (the whole process){gpu}; {budget} on "
+            f"{part['device']}")
 
 
 def summary(report: dict, asked_tolerance: float | None = None) -> str:
@@ -180,6 +195,7 @@ def summary(report: dict, asked_tolerance: float | None = None) -> str:
             "undone: every epoch cost more than the allowed drop on the kept-aside images"))
     t = report["times_s"]
     lines.append("seconds per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    lines.append(memory_line(report["peak_memory"]))
     rate = report["details"].get("policy_reward")
     if rate is not None:
         lines.append(f"policy reward ({rate['backend']}): {rate['masks']} masks, {rate['masks_per_s']} masks/s, "

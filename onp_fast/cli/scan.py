@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, data_files,
-                      defense_images, load_model_and_data)
+from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, compute_options,
+                      data_files, defense_images, load_model_and_data)
 
 EXIT_FLAGGED = 3
 
@@ -41,10 +41,11 @@ def format_scan(result: dict) -> str:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the defense subset and the proxies (repair with the same seed gives the same verdict).")
 @checkpoint_options
+@compute_options
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, as_json, image_path, force, seed, skip_accuracy_check, quiet,
-            **model_opts):
+            device, max_memory, **model_opts):
     """Scan MODEL for a backdoor: synthesise every class's smallest trigger (patch and additive families) from
     clean images and flag a class whose trigger is anomalously small (MAD anomaly index >= 2), as repair does.
 
@@ -63,13 +64,14 @@ def command(model_path, dataset, defense_size, as_json, image_path, force, seed,
 
     image = Path(image_path) if image_path else None
     check_outputs({"--image": image}, {"model": model_path, **data_files(dataset)}, force)
-    loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, **model_opts)
+    loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, device=device, **model_opts)
     # Only the train split is read (defense images); the test split stays untouched.
     x, y = defense_images(splits, defense_size, seed)
-    check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check,
+    check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check, max_memory=max_memory,
                            echo=None if quiet or as_json else lambda s: click.echo(s, err=True))
     xn = normalize(x, mean, std)
-    result, proxies = scan_with_proxies(loaded.model, xn, y, splits.num_classes, RepairConfig(seed=seed),
+    cfg = RepairConfig(seed=seed, device=device, max_memory=max_memory)
+    result, proxies = scan_with_proxies(loaded.model, xn, y, splits.num_classes, cfg,
                                         progress=not (quiet or as_json))
     result = {"model": str(model_path), "dataset": dataset, **result}
     if image is not None:

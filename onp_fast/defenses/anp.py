@@ -169,7 +169,7 @@ def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig
         for _ in range(cfg.iterations):
             idx = batch_indices(len(x), cfg.batch_size, g)
             xb, yb = x[idx], y[idx]
-            loss_rob = torch.zeros(())
+            loss_rob = torch.zeros((), device=x.device)
             if cfg.eps > 0:
                 random_start(p, cfg.eps, g)
                 for _ in range(cfg.noise_steps):

@@ -41,6 +41,13 @@ class Defense:
         """-> (scores [G] float32, higher = prune first, -inf = never prune; a JSON-able report part)."""
         raise NotImplementedError
 
+    def train_batch(self) -> int | None:
+        """Images in one training step of the method's own scoring or last step: its Config's `batch_size` (FP's
+        and FT-SAM's fine-tune, ANP's and RNP's mask optimisation), a batch the algorithm fixes and the memory
+        budget never splits; an upper bound (a smaller defense set gives smaller batches, except ANP, which
+        draws it with replacement). None when the method trains with no such batch."""
+        return getattr(self.config, "batch_size", None)
+
     def after(self, ctx: DefenseContext, model: nn.Module, prune: torch.Tensor) -> dict:
         """A step after pruning, in place on `model` (the pruned copy; prune [G] bool) -> its report part. The
         default does nothing."""
@@ -100,11 +107,12 @@ def apply_params(items, methods, cfg: RepairConfig | None = None) -> tuple[Repai
             if METHODS[owner].Config is None:
                 raise UserError(f"parameter {item!r}: {owner} has no parameters of its own; use repair.FIELD")
             target = configs.setdefault(owner, METHODS[owner].Config())
-        fields = [f.name for f in dataclasses.fields(target)
-                  if type(getattr(target, f.name)) in (int, float, str, bool)]
-        if field not in fields:
-            raise UserError(f"parameter {item!r}: {owner} has no field {field!r}: use {', '.join(fields)}")
-        kind = type(getattr(target, field))
+        kinds = {f.name: type(getattr(target, f.name)) for f in dataclasses.fields(target)
+                 if type(getattr(target, f.name)) in (int, float, str, bool)
+                 or getattr(target, f.name) is None and "str" in str(f.type)}  # e.g. max_memory: None or a size
+        if field not in kinds:
+            raise UserError(f"parameter {item!r}: {owner} has no field {field!r}: use {', '.join(kinds)}")
+        kind = str if kinds[field] is type(None) else kinds[field]
         if kind is bool:
             if text.strip().lower() not in _BOOLS:
                 raise UserError(f"parameter {item!r}: {field} takes true or false")

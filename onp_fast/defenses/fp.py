@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..memory import fit_batch
 from ..prepare import DefenseContext, finetune_pruned
 from .base import Defense, register
 
@@ -47,7 +48,8 @@ def last_layer(ctx: DefenseContext) -> tuple[str, np.ndarray]:
 @torch.no_grad()
 def mean_activation(ctx: DefenseContext, layer: str, candidates: np.ndarray, batch_size: int = 256) -> tuple[
         torch.Tensor, str]:
-    """-> (mean activation of each candidate group [K] float32 on D_opt, where it was measured)."""
+    """-> (mean activation of each candidate group [K] float32 (CPU) on D_opt, where it was measured); D_opt in
+    batches of at most `batch_size`, fewer where the budget (RepairConfig.max_memory) cannot hold them."""
     groups, model = ctx.groups, ctx.model
     modules = dict(model.named_modules())
     where, index, dim, at_input = layer, groups.layer_groups[layer], 1, False
@@ -56,7 +58,7 @@ def mean_activation(ctx: DefenseContext, layer: str, candidates: np.ndarray, bat
         if isinstance(modules[name], nn.Linear) and gin is not None and np.isin(candidates, gin).all():
             where, index, dim, at_input = name, gin, -1, True
             break
-    total = torch.zeros(len(index), dtype=torch.float64)
+    total = torch.zeros(len(index), dtype=torch.float64, device=ctx.x_opt.device)
     count = 0
 
     def record(t):
@@ -65,6 +67,7 @@ def mean_activation(ctx: DefenseContext, layer: str, candidates: np.ndarray, bat
         total.add_(t.sum(0))
         count += t.shape[0]
 
+    batch_size = fit_batch(model, ctx.x_opt, ctx.cfg.max_memory, batch_size)  # before the hook: not recorded
     mod = modules[where]
     if at_input:
         handle = mod.register_forward_pre_hook(lambda m, inp: record(inp[0]))
@@ -106,5 +109,6 @@ class FP(Defense):
         if c.finetune_epochs > 0:
             with ctx.phase("fp finetune"):
                 finetune_pruned(model, ctx.groups, prune, x, y, epochs=c.finetune_epochs, lr=c.finetune_lr,
-                                batch_size=c.batch_size, seed=ctx.cfg.seed, progress=ctx.progress)
+                                batch_size=c.batch_size, seed=ctx.cfg.seed, progress=ctx.progress,
+                                max_memory=ctx.cfg.max_memory)
         return {"finetune": {"epochs": c.finetune_epochs, "lr": c.finetune_lr, "images": len(x)}}

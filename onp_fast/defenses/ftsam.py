@@ -63,12 +63,13 @@ class FTSAM(Defense):
 
 def random_crop(x: torch.Tensor, padding: int, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """x [B, C, H, W] -> [B, C, H, W]: each image padded by `padding` on every side with fill [C] and cropped
-    back to H x W at an offset drawn uniformly from [0, 2 padding]^2 (torchvision's RandomCrop(padding=p))."""
+    back to H x W at an offset drawn uniformly from [0, 2 padding]^2 (torchvision's RandomCrop(padding=p)); the
+    offsets are drawn from gen (a CPU generator) whatever x's device."""
     b, c, h, w = x.shape
     big = fill.view(1, c, 1, 1).expand(b, c, h + 2 * padding, w + 2 * padding).clone()
     big[:, :, padding:padding + h, padding:padding + w] = x
-    off = torch.randint(0, 2 * padding + 1, (b, 2), generator=gen)
-    rows = (off[:, 0, None] + torch.arange(h)).view(b, 1, h, 1).expand(b, c, h, w + 2 * padding)
+    off = torch.randint(0, 2 * padding + 1, (b, 2), generator=gen).to(x.device)  # gen: a CPU generator
+    rows = (off[:, 0, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * padding)
     big = big.gather(2, rows)
-    cols = (off[:, 1, None] + torch.arange(w)).view(b, 1, 1, w).expand(b, c, h, w)
+    cols = (off[:, 1, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
     return big.gather(3, cols)

@@ -34,6 +34,9 @@ def compact(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor) -> nn.M
             continue
         g_in, g_out = groups.module_channels[name]
         keep_in, keep_out = _keep_index(g_in, drop), _keep_index(g_out, drop)
+        held = next(iter([*mod.parameters(recurse=False), *mod.buffers(recurse=False)]), None)
+        dev = held.device if held is not None else torch.device("cpu")  # index where the weights are
+        keep_in, keep_out = (None if k is None else k.to(dev) for k in (keep_in, keep_out))
         if isinstance(mod, nn.Conv2d | nn.Conv1d):
             depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
             if depthwise:
@@ -48,8 +51,8 @@ def compact(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor) -> nn.M
             if mod.bias is not None:
                 mod.bias = nn.Parameter(mod.bias[keep_out].clone())
         elif isinstance(mod, nn.Linear):
-            keep_out = keep_out if keep_out is not None else torch.arange(mod.out_features)
-            keep_in = keep_in if keep_in is not None else torch.arange(mod.in_features)
+            keep_out = keep_out if keep_out is not None else torch.arange(mod.out_features, device=dev)
+            keep_in = keep_in if keep_in is not None else torch.arange(mod.in_features, device=dev)
             mod.weight = nn.Parameter(mod.weight[keep_out][:, keep_in].clone())
             if mod.bias is not None:
                 mod.bias = nn.Parameter(mod.bias[keep_out].clone())

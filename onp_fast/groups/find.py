@@ -93,7 +93,8 @@ class NeuronGroups:
 
     @contextlib.contextmanager
     def masked(self, model: nn.Module, keep: torch.Tensor):
-        """Within the block, model's forward multiplies every mask point by keep [G] (hooks)."""
+        """Within the block, model's forward multiplies every mask point by keep [G] (hooks; keep may live on
+        another device than the model: it is moved, differentiably, to each activation's)."""
         modules = dict(model.named_modules())
         handles = []
         for (name, site), m in self.channel_masks(keep).items():
@@ -102,7 +103,7 @@ class NeuronGroups:
             def scale(t, m=m, dim=dim):
                 shape = [1] * t.dim()
                 shape[dim] = -1
-                return t * m.to(t.dtype).view(shape)
+                return t * m.to(t.device, t.dtype).view(shape)
 
             if site == "out":
                 handles.append(modules[name].register_forward_hook(lambda mod, inp, out, s=scale: s(out)))
@@ -119,13 +120,13 @@ class NeuronGroups:
         """Per-group reduction of per-channel values. parts: iterable of (group of each channel [C] int64, -1 =
         none; values [C] or [C, F]) pairs, e.g. one per layer or mask point. how "mean": the mean over all of
         a group's channels in all parts (0 for a group with none); "max": the max (-inf for a group with
-        none). -> [G] or [G, F] float32."""
+        none). Values may live on any device. -> [G] or [G, F] float32, on the CPU."""
         index, values = [], []
         for gidx, v in parts:
-            gi = torch.as_tensor(gidx)
+            gi = torch.as_tensor(gidx).cpu()
             sel = gi >= 0
             index.append(gi[sel])
-            values.append(v.detach()[sel])
+            values.append(v.detach().cpu()[sel])
         if not values:
             return torch.full((self.num_groups,), 0.0 if how == "mean" else -float("inf"))
         index, v = torch.cat(index), torch.cat(values)
@@ -156,6 +157,7 @@ class NeuronGroups:
             if chans.numel() == 0:
                 continue
             mod = modules[name]
+            chans = chans.to(mod.weight.device)
             if site == "in":
                 mod.weight[:, chans] = 0
                 continue
@@ -175,7 +177,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> NeuronGroups:
     try:
         gm = trace(model)
         param = next(model.parameters(), None)
-        x = torch.zeros(2, *input_shape, dtype=param.dtype if param is not None else torch.float32)
+        x = torch.zeros(2, *input_shape, dtype=param.dtype if param is not None else torch.float32,
+                        device=param.device if param is not None else None)
         with torch.no_grad():
             try:
                 ShapeProp(gm).propagate(x)

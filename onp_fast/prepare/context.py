@@ -13,14 +13,17 @@ import torch.nn as nn
 from ..data import stratified_split
 from ..errors import UserError
 from ..groups import NeuronGroups, find_groups
+from ..memory import DEFAULT_MAX_MEMORY, check_batch, parse_memory
 from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
+from ..torchutil import DEFAULT_DEVICE, check_device
 from .perturb import adversarial_perturbations
 from .trigger import ProxySet, TriggerProxy, synthesize_proxies
 from .unlearn import unlearn
 
 
 PURIFY_MODES = ("auto", "none", "sam", "proxy", "sam+proxy")  # auto: the method's own default (Defense.purify)
+UNLEARN_BATCH = 128  # images per step of prepare's unlearning
 
 
 @dataclass
@@ -50,10 +53,16 @@ class RepairConfig:
     purify_hard: float = 0.0  # share of the true labels' cross-entropy mixed into that distillation loss
     finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
     compact: bool = False  # also build the compact model (pruned channels removed)
+    device: str = DEFAULT_DEVICE  # where every phase runs: cpu, cuda or cuda:N (results come back on the CPU)
+    max_memory: int | str | None = None  # activation budget (bytes, "512MB"); None: none (check_training_budget)
 
     def check(self) -> "RepairConfig":
-        """UserError (one line) for a setting no repair can run with; checked before any work."""
+        """UserError (one line) for a setting no repair can run with; checked before any work. The device is
+        written back in torch's spelling ("CUDA:0" -> "cuda:0")."""
         check_backend(self.reward_backend)
+        self.device = str(check_device(self.device))
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
         if self.purify not in PURIFY_MODES:
             raise UserError(f"unknown purification {self.purify!r}: use one of {', '.join(PURIFY_MODES)}")
         if self.purify_epochs < 0 or self.finetune_epochs < 0:
@@ -75,7 +84,7 @@ class RepairConfig:
         resolve (`resolve_tolerance`); what `prepare` runs first, and what a caller runs to fail before any
         work."""
         check_defense_set(y, num_classes)
-        _, i_val = stratified_split(y, self.val_fraction, self.seed)
+        _, i_val = stratified_split(y.cpu(), self.val_fraction, self.seed)
         return self.resolve_tolerance(len(i_val))
 
     def resolve_tolerance(self, n_val: int) -> "RepairConfig":
@@ -103,7 +112,8 @@ class DefenseContext:
     and depth rule: `model` (a frozen eval copy), the split D_opt / D_val (normalised images [n, C, H, W], labels
     [n]), the neuron groups, the unlearned copy, every class's trigger proxies (`proxies`), the most suspect one
     (`proxy`, flagged or not; `trigger` is it when flagged, else None) and the adversarial perturbations [P, G]
-    (None when CA_P is off); `times`: seconds per phase."""
+    (None when CA_P is off); `times`: seconds per phase. The model, its copies, the images and the proxies live
+    on cfg.device; the groups, the perturbations and what defenses return live on the CPU."""
 
     model: nn.Module
     num_classes: int
@@ -147,10 +157,11 @@ class DefenseContext:
             x, y = self.x_val, self.y_val
         else:
             gen = torch.Generator().manual_seed(self.cfg.seed)
-            sub = torch.randperm(len(self.x_opt), generator=gen)[: self.cfg.reward_batch]
+            sub = torch.randperm(len(self.x_opt), generator=gen)[: self.cfg.reward_batch].to(self.x_opt.device)
             x, y = self.x_opt[sub], self.y_opt[sub]
         return MaskScorer(self.groups, self.model, x, y, self.cfg.weights, self.unlearned, self.perturbations,
-                          self.trigger, backend=self.cfg.reward_backend)
+                          self.trigger, backend=self.cfg.reward_backend,
+                          max_memory=DEFAULT_MAX_MEMORY if self.cfg.max_memory is None else self.cfg.max_memory)
 
 
 def check_defense_set(y: torch.Tensor, num_classes: int) -> None:
@@ -164,20 +175,39 @@ def check_defense_set(y: torch.Tensor, num_classes: int) -> None:
         raise UserError(f"defense labels must lie in [0, {num_classes - 1}]")
 
 
+def checked_config(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None) -> RepairConfig:
+    """UserError for a defense set (x [N, C, H, W], y [N]) or a config no repair can run with -> the config
+    checked and fit to the defense set (`RepairConfig.for_defense_set`)."""
+    if len(x) != len(y):
+        raise UserError(f"the defense set has {len(x)} images but {len(y)} labels")
+    return (cfg or RepairConfig()).check().for_defense_set(y, num_classes)
+
+
 def checked_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                    cfg: RepairConfig | None) -> tuple[nn.Module, RepairConfig]:
     """What every run on a defense set (x [N, C, H, W], y [N]) starts with: UserError for inputs or a config no
-    repair can run with -> (a frozen eval copy of `model`, the config checked and fit to the defense set)."""
-    if len(x) != len(y):
-        raise UserError(f"the defense set has {len(x)} images but {len(y)} labels")
-    cfg = (cfg or RepairConfig()).check().for_defense_set(y, num_classes)
-    return copy.deepcopy(model).eval().requires_grad_(False), cfg
+    repair can run with -> (a frozen eval copy of `model` on cfg.device, the config checked and fit to the
+    defense set)."""
+    cfg = checked_config(x, y, num_classes, cfg)
+    return copy.deepcopy(model).eval().requires_grad_(False).to(cfg.device), cfg
+
+
+def check_training_budget(model: nn.Module, x: torch.Tensor, batches: dict[str, int], cfg: RepairConfig) -> None:
+    """UserError (one line, naming the phase and the budget it needs) when one of `batches` ({what: images of one
+    training step}) does not fit cfg.max_memory: those batches are part of their algorithm (BatchNorm in
+    training mode, one SGD step per batch) and are never split (`memory.check_batch`, estimated on x [N, C, H,
+    W], images shaped like the defense set's). Callers run it before any long work."""
+    for what, batch in batches.items():
+        check_batch(model, x, batch, cfg.max_memory, what)
 
 
 def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
             progress: bool = True) -> DefenseContext:
-    """Split, groups, unlearning, trigger proxy and perturbations on a frozen copy of `model`, timed per phase.
-    x [N, C, H, W] normalised float32, y [N] int64: the clean defense set, the only data a defense sees.
+    """Split, groups, unlearning, trigger proxy and perturbations on a frozen copy of `model`, timed per phase,
+    on cfg.device (the copy and the defense set are moved there; random draws stay on CPU generators, so a seed
+    gives the same draws on every device) and within cfg.max_memory (`unlearn`, `synthesize_proxies`,
+    `adversarial_perturbations`). x [N, C, H, W] normalised float32, y [N] int64 (any device): the clean defense
+    set, the only data a defense sees.
     The trigger proxies are synthesised when CA_T has weight or purification may use them; the suspect is flagged
     (steers the reward) only when its class stands out by `anomaly_threshold` (Neural Cleanse's rule);
     perturbations are found when CA_P has weight."""
@@ -185,21 +215,25 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     torch.manual_seed(cfg.seed)
     times: dict[str, float] = {}
     with Phase("split", times, progress):
-        i_opt, i_val = stratified_split(y, cfg.val_fraction, cfg.seed)
+        i_opt, i_val = (i.to(cfg.device) for i in stratified_split(y.cpu(), cfg.val_fraction, cfg.seed))
+        x, y = x.to(cfg.device), y.to(cfg.device)
         x_opt, y_opt, x_val, y_val = x[i_opt], y[i_opt], x[i_val], y[i_val]
     with Phase("groups", times, progress):
         groups = find_groups(model, tuple(x.shape[1:]))
     with Phase("unlearn", times, progress):
-        unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, seed=cfg.seed, progress=progress)
+        unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, batch_size=UNLEARN_BATCH,
+                                          seed=cfg.seed, progress=progress, max_memory=cfg.max_memory)
     with Phase("trigger", times, progress):
         need = cfg.weights.ca_t or cfg.purify != "none"
-        proxies = (synthesize_proxies(model, x_opt, y_opt, num_classes, seed=cfg.seed, progress=progress)
+        proxies = (synthesize_proxies(model, x_opt, y_opt, num_classes, seed=cfg.seed, progress=progress,
+                                      max_memory=cfg.max_memory)
                    if need else None)
     proxy = proxies.suspect() if proxies is not None else None
     trigger = proxy if proxy is not None and proxy.anomaly_index >= cfg.anomaly_threshold else None
     with Phase("perturbations", times, progress):
         perts = (adversarial_perturbations(model, groups, x_opt, y_opt, count=cfg.perturbations,
-                                           eps=cfg.perturb_eps, seed=cfg.seed, progress=progress)
+                                           eps=cfg.perturb_eps, seed=cfg.seed, progress=progress,
+                                           max_memory=cfg.max_memory)
                  if cfg.weights.ca_p else None)
     return DefenseContext(model, num_classes, cfg, x_opt, y_opt, x_val, y_val, groups, unlearned, unlearn_info,
                           trigger, perts, times, progress, proxy, proxies)

@@ -7,16 +7,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..groups import NeuronGroups
+from ..memory import check_batch, fit_batch
 from ..progress import bar
 
 
+FINETUNE_BATCH = 64  # images per step of finetune_pruned (purification, the clean fine-tune, FP's and re-activation)
+
+
 def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    *, epochs: int, lr: float = 0.01, batch_size: int = 64, seed: int = 0, rho: float = 0.0,
+                    *, epochs: int, lr: float = 0.01, batch_size: int = FINETUNE_BATCH, seed: int = 0, rho: float = 0.0,
                     label_smoothing: float = 0.0, cosine_t_max: int | None = None, sam_bn_frozen: bool = False,
                     augment=None, after_epoch=None,
                     teacher: nn.Module | None = None, temperature: float = 2.0,
                     max_grad_norm: float | None = None, hard_weight: float = 0.0,
-                    progress: bool = False) -> nn.Module:
+                    progress: bool = False, max_memory: int | str | None = None) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
     BatchNorm in training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of
@@ -37,6 +41,10 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     max_grad_norm: each step's gradient (after the sharpness-aware step, before weight decay and momentum) is
     rescaled to at most this L2 norm over all parameters. progress: a bar of the steps on stderr
     (onp_fast.progress.bar).
+    Device: x, y on the model's device; the shuffles and `augment`'s draws use a CPU generator, so a seed
+    gives the same batches on every device. max_memory (bytes or "512MB"; None: no budget): a step's batch
+    (with `augment`'s copies) is never split, BatchNorm normalising over it: UserError before the first step
+    when it does not fit (`memory.check_batch`); the teacher's pass is chunked to it.
     Returns the model in eval mode, its parameters not requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -51,7 +59,8 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     soft = None
     if teacher is not None:
         with torch.no_grad():
-            soft = torch.cat([teacher(x[i:i + 256]) for i in range(0, len(x), 256)]).div_(temperature)
+            tb = fit_batch(teacher, x, max_memory, 256)
+            soft = torch.cat([teacher(x[i:i + tb]) for i in range(0, len(x), tb)]).div_(temperature)
             soft = F.softmax(soft, dim=1)
 
     def loss_of(xb, yb, sb):
@@ -67,8 +76,9 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
         return loss
 
     shown = bar(steps, "fine-tune", progress)
+    checked = False
     for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=g)
+        order = torch.randperm(len(x), generator=g).to(x.device)
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
             if len(idx) < 2:  # BatchNorm in training mode needs two images
@@ -77,6 +87,9 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             sb = soft[idx] if soft is not None else None
             if augment is not None:
                 xb, yb = augment(xb, yb, g)
+            if not checked:  # the first batch is the largest (a later one is only ever a shorter tail)
+                check_batch(model, xb, len(xb), max_memory, "fine-tuning")
+                checked = True
             opt.zero_grad(set_to_none=True)
             loss_of(xb, yb, sb).backward()
             if rho > 0:

@@ -22,17 +22,19 @@ def scan_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes
                  cfg: RepairConfig | None = None, progress: bool = False) -> ProxySet:
     """The ProxySet `prepare(model, x, y, num_classes, cfg)` builds as `ctx.proxies`: synthesize_proxies on a
     frozen eval copy of `model`, on prepare's D_opt (stratified_split with cfg.val_fraction and cfg.seed), seeded
-    with cfg.seed. x [N, C, H, W] normalised float32, y [N] int64: clean defense images. `model` is left as it
-    was. UserError for a defense set or config no repair can run with."""
+    with cfg.seed, on cfg.device within cfg.max_memory. x [N, C, H, W] normalised float32, y [N] int64: clean
+    defense images. `model` is left as it was; the set comes back on the CPU. UserError for a defense set or
+    config no repair can run with."""
     model, cfg = checked_inputs(model, x, y, num_classes, cfg)
     i_opt = _d_opt(y, cfg)
     with Phase("trigger", {}, progress):
-        return synthesize_proxies(model, x[i_opt], y[i_opt], num_classes, seed=cfg.seed, progress=progress)
+        return synthesize_proxies(model, x[i_opt].to(cfg.device), y[i_opt].to(cfg.device), num_classes,
+                                  seed=cfg.seed, progress=progress, max_memory=cfg.max_memory).to("cpu")
 
 
 def _d_opt(y: torch.Tensor, cfg: RepairConfig) -> torch.Tensor:
     """y [N] -> the indices [n_opt] of prepare's D_opt (the part the proxies are fitted on)."""
-    return stratified_split(y, cfg.val_fraction, cfg.seed)[0]
+    return stratified_split(y.cpu(), cfg.val_fraction, cfg.seed)[0]
 
 
 def summarize(proxies: ProxySet, gate: float) -> dict:
@@ -62,7 +64,8 @@ def summarize(proxies: ProxySet, gate: float) -> dict:
 
 def scan_with_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                       cfg: RepairConfig | None = None, progress: bool = False) -> tuple[dict, ProxySet]:
-    """(scan's dict, the ProxySet it summarises), for callers that also draw the proxies (write_scan_png)."""
+    """(scan's dict, the ProxySet it summarises, on the CPU), for callers that also draw the proxies
+    (write_scan_png)."""
     cfg = (cfg or RepairConfig()).check()
     t0 = time.perf_counter()
     proxies = scan_proxies(model, x, y, num_classes, cfg, progress)

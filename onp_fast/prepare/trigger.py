@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..memory import fit_batch
 from ..progress import bar
 from ..torchutil import frozen
 
@@ -107,36 +108,51 @@ class ProxySet:
 
     def sample(self, y: torch.Tensor, gen: torch.Generator, temperature: float = 1.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For labels y [N] -> (family [N], class [N]) drawn from softmax(z / temperature) over every
-        (family, class) pair with class != y: suspicious classes are drawn most, none is left out."""
-        z = torch.stack([self.z_scores(f) for f in self.patterns])  # [F, T]
+        """For labels y [N] -> (family [N], class [N]) on y's device, drawn from softmax(z / temperature) over
+        every (family, class) pair with class != y: suspicious classes are drawn most, none is left out. The
+        draw runs on the CPU (gen is a CPU generator), so a seed draws the same pairs on every device."""
+        z = torch.stack([self.z_scores(f) for f in self.patterns]).cpu()  # [F, T]
         nf, nt = z.shape
         logits = (z / temperature).reshape(1, -1).expand(len(y), -1).clone()  # [N, F*T]
         own = torch.arange(nf * nt) % nt
-        logits[own.unsqueeze(0) == y.unsqueeze(1)] = -float("inf")
-        pick = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=gen).squeeze(1)
+        logits[own.unsqueeze(0) == y.cpu().unsqueeze(1)] = -float("inf")
+        pick = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=gen).squeeze(1).to(y.device)
         return pick // nt, pick % nt
+
+    def to(self, device: str | torch.device) -> "ProxySet":
+        """This set with every tensor on `device` (a copy; itself where they are there already)."""
+        move = (lambda t: t.to(device))
+        return ProxySet(masks=move(self.masks), patterns={f: move(p) for f, p in self.patterns.items()},
+                        norms={f: move(n) for f, n in self.norms.items()}, lo=move(self.lo), hi=move(self.hi))
 
 
 def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
                        batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1,
-                       seed: int = 0, families: tuple[str, ...] = FAMILIES, progress: bool = False) -> ProxySet:
-    """x [N, C, H, W] normalised clean images, y [N] int64 -> every class's proxy in every family of `families`.
-    `steps` Adam steps (lr) on `batch` images per class per step, all families in one forward; lam weighs the
-    mean mask value, lam_additive the relative RMS of D_t, against the cross-entropy (the defaults'
-    measurements: docs/design.md). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
+                       seed: int = 0, families: tuple[str, ...] = FAMILIES, progress: bool = False,
+                       max_memory: int | str | None = None) -> ProxySet:
+    """x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> every class's proxy in
+    every family of `families`, on that device. `steps` Adam steps (lr) on `batch` images per class per step,
+    all families in one forward; lam weighs the mean mask value, lam_additive the relative RMS of D_t, against
+    the cross-entropy (the defaults' measurements: docs/design.md). The model stays frozen in eval mode, so the
+    step's loss is a sum over images: where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the
+    step's F x T x batch stamped images at once, they run in chunks whose gradients add up to the same step
+    (`memory.fit_batch`). The random draws come from CPU generators whatever the device. progress: a bar of the
+    steps on stderr (onp_fast.progress.bar)."""
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = x.shape
+    dev = x.device
     lo = x.amin(dim=(0, 2, 3)).view(1, c, 1, 1)
     hi = x.amax(dim=(0, 2, 3)).view(1, c, 1, 1)
     span = hi - lo
-    mlog = torch.full((num_classes, 1, h, w), -3.0).requires_grad_(True)
-    plog = (torch.randn(num_classes, c, h, w, generator=g) * 0.1).requires_grad_(True)
+    mlog = torch.full((num_classes, 1, h, w), -3.0, device=dev).requires_grad_(True)
+    plog = (torch.randn(num_classes, c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
     g_add = torch.Generator().manual_seed(seed + 1)  # its own stream: the patch family is as without it
-    dlog = (torch.randn(num_classes, c, h, w, generator=g_add) * 0.01).requires_grad_(True)
+    dlog = (torch.randn(num_classes, c, h, w, generator=g_add) * 0.01).to(dev).requires_grad_(True)
     params = ([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else [])
     opt = torch.optim.Adam(params, lr=lr)
-    targets = torch.arange(num_classes)
+    targets = torch.arange(num_classes, device=dev)
+    rows = num_classes * batch * sum(f in families for f in FAMILIES)  # stamped images per step
+    chunk = fit_batch(model, x, max_memory, rows)
 
     def current():
         m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
@@ -145,7 +161,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
 
     with frozen(model), bar(steps, "trigger proxies", progress) as shown:
         for _ in range(steps):
-            idx = torch.randint(0, n, (batch,), generator=g)
+            idx = torch.randint(0, n, (batch,), generator=g).to(dev)
             xb, yb = x[idx], y[idx]
             m, p, d = current()
             parts, penalty = [], 0.0
@@ -157,13 +173,17 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             if "additive" in families:
                 parts.append(_additive(xb.unsqueeze(0), d.unsqueeze(1), lo, hi))
                 penalty = penalty + lam_additive * _rms(d / span).sum()
-            logits = model(torch.cat(parts).reshape(-1, c, h, w))
+            stamped = torch.cat(parts).reshape(-1, c, h, w)
             tgt = targets.repeat_interleave(batch).repeat(len(parts))
             other = (yb.unsqueeze(0) != targets.unsqueeze(1)).reshape(-1).float().repeat(len(parts))
-            ce = (F.cross_entropy(logits, tgt, reduction="none") * other).sum() / other.sum().clamp(min=1)
-            loss = ce * num_classes * len(parts) + penalty
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for s0 in range(0, len(stamped), chunk):  # one chunk at the default budget: the step as it was
+                s1 = min(len(stamped), s0 + chunk)
+                logits = model(stamped[s0:s1])
+                ce = (F.cross_entropy(logits, tgt[s0:s1], reduction="none") * other[s0:s1]).sum() \
+                    / other.sum().clamp(min=1)
+                loss = ce * num_classes * len(parts) + (penalty if s0 == 0 else 0.0)
+                loss.backward(retain_graph=s1 < len(stamped))
             opt.step()
             shown.update(1)
     with torch.no_grad():

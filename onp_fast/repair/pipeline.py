@@ -8,10 +8,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..data import stratified_split
 from ..defenses import Defense, get
 from ..errors import UserError
 from ..groups import NeuronGroups, compact
-from ..prepare import DefenseContext, RepairConfig, accuracy_of, finetune_pruned, prepare, summarize
+from ..memory import parse_memory, peak_memory
+from ..prepare import (FINETUNE_BATCH, UNLEARN_BATCH, DefenseContext, RepairConfig, accuracy_of, check_training_budget,
+                       checked_config, finetune_pruned, prepare, summarize)
 from ..prepare.context import PURIFY_MODES
 from .purify import purify as purify_model
 from .scan_plot import picture_data
@@ -24,7 +27,8 @@ KINDS = ("channel", "coupled", "head")
 class RepairResult:
     """model: the repaired copy (pruned groups zeroed, then fine-tuned where asked); prune [G] bool; scores [G]
     float (the method's ranking, higher = prune first, -inf = never); groups; report (JSON-able, the same keys
-    whatever the method); compact: the model with pruned channels removed (RepairConfig.compact), else None."""
+    whatever the method); compact: the model with pruned channels removed (RepairConfig.compact), else None.
+    Models and tensors are on the CPU whatever RepairConfig.device ran the repair."""
 
     model: nn.Module
     prune: torch.Tensor
@@ -38,27 +42,61 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
            config: RepairConfig | None = None, method_config=None, progress: bool = True) -> RepairResult:
     """Repairs a copy of `model` with the clean defense set (x [N, C, H, W] normalised float32, y [N] int64).
     method: a name of onp_fast.defenses.METHODS or a Defense; method_config: that method's Config (None: its
-    defaults); config: the shared settings. Never sees test data, triggers or attack specs: only (x, y)."""
+    defaults); config: the shared settings. Never sees test data, triggers or attack specs: only (x, y).
+    Before any work: UserError for a bad defense set or config, or a training batch that config.max_memory
+    cannot hold (`training_batches`)."""
     defense = get(method, method_config)  # an unknown method fails before any work
-    return run(prepare(model, x, y, num_classes, config, progress), defense)
+    cfg = checked_config(x, y, num_classes, config)
+    check_training_budget(model, x, training_batches(y, cfg, [(defense, purify_mode_of(cfg, defense))]), cfg)
+    return run(prepare(model, x, y, num_classes, cfg, progress), defense)
 
 
-def purify_mode(ctx: DefenseContext, defense: Defense, purify: str | None = None) -> str:
-    """The purification a run uses: `purify` when given, else RepairConfig.purify, whose "auto" is the method's
-    own default (Defense.purify)."""
-    mode = purify or ctx.cfg.purify
+def purify_mode_of(cfg: RepairConfig, defense: Defense, purify: str | None = None) -> str:
+    """The purification a run uses: `purify` when given, else cfg.purify, whose "auto" is the method's own
+    default (Defense.purify)."""
+    mode = purify or cfg.purify
     return defense.purify if mode == "auto" else mode
+
+
+def training_batches(y: torch.Tensor, cfg: RepairConfig, runs) -> dict[str, int]:
+    """{what: images of one step} of every training step with a batch its algorithm fixes (never split by the
+    memory budget) that `prepare` and then `run` of each (Defense, purification mode) of `runs` take on the
+    defense set with labels y [N] under cfg (checked): prepare's unlearning on D_opt, the method's own
+    (`Defense.train_batch`), purification on D_opt (with a proxy-stamped copy of each image when the mode
+    unlearns proxies and prepare makes them), the clean fine-tune on all N."""
+    n = len(y)
+    n_opt = len(stratified_split(y.cpu(), cfg.val_fraction, cfg.seed)[0])
+    proxies = bool(cfg.weights.ca_t) or cfg.purify != "none"  # when prepare synthesises them
+    out = {"unlearning": min(UNLEARN_BATCH, n_opt)}
+    for defense, mode in runs:
+        if defense.train_batch():
+            out[f"{defense.name}'s training"] = defense.train_batch()
+        if mode != "none":
+            out[f"purification ({mode})"] = min(FINETUNE_BATCH, n_opt) * (2 if "proxy" in mode and proxies else 1)
+    if cfg.finetune_epochs > 0:
+        out["fine-tuning"] = min(FINETUNE_BATCH, n)
+    return out
+
+
+def memory_part(cfg: RepairConfig) -> dict:
+    """The report's "peak_memory": the process's peak so far (`memory.peak_memory`: "rss_bytes", and
+    "cuda_max_allocated_bytes" on CUDA, else None), the device and the activation budget as given and in
+    bytes."""
+    return {**peak_memory(cfg.device), "device": str(cfg.device), "max_memory": cfg.max_memory,
+            "max_memory_bytes": None if cfg.max_memory is None else parse_memory(cfg.max_memory)}
 
 
 def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, *, purify: str | None = None,
         ranked: RepairResult | None = None) -> RepairResult:
-    """One defense on a prepared context (left unchanged, so `compare` shares one context among methods).
-    purify: overrides the purification mode (`purify_mode`). ranked: an earlier result of the same method on
+    """One defense on a prepared context (left unchanged, so `compare` shares one context among methods), on its
+    device (ctx.cfg.device); the result comes back on the CPU.
+    purify: overrides the purification mode (`purify_mode_of`). ranked: an earlier result of the same method on
     this context whose scores are taken instead of scoring again (compare's "onp/none" row).
     report["method_times_s"]: this method's own phases; report["scoring_times_s"]: those of its ranking (taken
-    from `ranked` when given); report["times_s"]: the shared ones and this method's."""
+    from `ranked` when given); report["times_s"]: the shared ones and this method's; report["peak_memory"]:
+    `memory_part` at the end of the run."""
     defense = get(method, method_config)
-    mode = purify_mode(ctx, defense, purify)
+    mode = purify_mode_of(ctx.cfg, defense, purify)
     if mode not in PURIFY_MODES or mode == "auto":
         raise UserError(f"unknown purification {mode!r}: use one of {', '.join(PURIFY_MODES)}")
     with ctx.own_times() as own:
@@ -69,7 +107,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
             scores, details = ranked.scores, copy.deepcopy(ranked.report["details"])
             own.update(ranked.report["scoring_times_s"])
         scoring = dict(own)  # the phases of the ranking, shared with a later run that takes it (`ranked`)
-        scores = scores.detach().float()
+        scores = scores.detach().float().cpu()
         if scores.shape != (ctx.groups.num_groups,) or torch.isnan(scores).any():
             raise UserError(f"{defense.name} returned scores of shape {list(scores.shape)} (or NaN); "
                             f"expected [{ctx.groups.num_groups}] numbers")
@@ -81,7 +119,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
             with ctx.phase("select"), torch.no_grad():
                 choice = choose_depth(scores, ctx.scorer("val"), tolerance=ctx.cfg.tolerance, slack=ctx.cfg.slack,
                                       progress=ctx.progress)
-        prune = choice["prune"]
+        prune = choice["prune"].cpu()
         with ctx.phase("apply"):
             repaired = ctx.groups.pruned_copy(ctx.model, prune)
         details.update(defense.after(ctx, repaired, prune))
@@ -92,7 +130,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
         if ctx.cfg.finetune_epochs > 0:
             with ctx.phase("finetune"):
                 finetune_pruned(repaired, ctx.groups, prune, *ctx.defense_set(), epochs=ctx.cfg.finetune_epochs,
-                                seed=ctx.cfg.seed, progress=ctx.progress)
+                                seed=ctx.cfg.seed, progress=ctx.progress, max_memory=ctx.cfg.max_memory)
         small = None
         if ctx.cfg.compact:
             with ctx.phase("compact"):
@@ -103,7 +141,10 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
     if small is not None:
         report["compact"] = {"parameters_before": _params(repaired), "parameters_after": _params(small),
                              "max_abs_diff": diff}
-    return RepairResult(model=repaired, prune=prune, scores=scores, groups=ctx.groups, report=report, compact=small)
+        small = small.cpu()
+    report["peak_memory"] = memory_part(ctx.cfg)
+    return RepairResult(model=repaired.cpu(), prune=prune, scores=scores, groups=ctx.groups, report=report,
+                        compact=small)
 
 
 @torch.no_grad()
@@ -121,7 +162,7 @@ def compacted(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: to
 
 def _no_pruning(ctx: DefenseContext) -> dict:
     """The depth rule's answer for a method that prunes nothing (fine-tuning defenses): depth 0."""
-    ca = accuracy_of(ctx.model, ctx.x_val, ctx.y_val)
+    ca = accuracy_of(ctx.model, ctx.x_val, ctx.y_val, max_memory=ctx.cfg.max_memory)
     return {"depth": 0, "prune": torch.zeros(ctx.groups.num_groups, dtype=torch.bool), "table": [],
             "ca_b_before": ca, "margin": 0.0, "rule": "none: the method prunes nothing"}
 
@@ -164,7 +205,7 @@ def _report(ctx: DefenseContext, defense: Defense, scores: torch.Tensor, choice:
         "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "margin": choice["margin"],
                           "table": choice["table"]},
         "ca_val_before": choice["ca_b_before"],
-        "ca_val_after": accuracy_of(repaired, ctx.x_val, ctx.y_val),
+        "ca_val_after": accuracy_of(repaired, ctx.x_val, ctx.y_val, max_memory=ctx.cfg.max_memory),
         "pruned_groups": int(choice["prune"].sum()),
         "pruned_per_layer": pruned_per_layer,
         "layer_sizes": {n: int(len(groups.layer_groups[n])) for n in groups.layers},

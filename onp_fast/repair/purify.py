@@ -40,7 +40,7 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     curve = []
 
     def check(epoch):  # the last epoch whose held-out CA stays within the tolerance is what purification keeps
-        ca = accuracy_of(model, ctx.x_val, ctx.y_val)
+        ca = accuracy_of(model, ctx.x_val, ctx.y_val, max_memory=cfg.max_memory)
         curve.append(round(ca, 4))
         if ca >= floor:
             best.update(epoch=epoch, state=copy.deepcopy(model.state_dict()), ca=ca)
@@ -49,7 +49,7 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
                     seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check,
                     teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE,
                     hard_weight=cfg.purify_hard,
-                    max_grad_norm=clip, progress=ctx.progress)
+                    max_grad_norm=clip, progress=ctx.progress, max_memory=cfg.max_memory)
     model.load_state_dict(best["state"])
     return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
             "proxy_images_per_epoch": len(ctx.x_opt) if proxies is not None else 0,
@@ -58,5 +58,6 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             "distill_temperature": DISTILL_TEMPERATURE if cfg.purify_distill else None,
             "hard_label_share": cfg.purify_hard if cfg.purify_distill else None,
             "kept_epochs": best["epoch"], "ca_val_per_epoch": curve,
-            "ca_val_after": best["ca"] if best["ca"] is not None else accuracy_of(model, ctx.x_val, ctx.y_val),
+            "ca_val_after": best["ca"] if best["ca"] is not None else accuracy_of(model, ctx.x_val, ctx.y_val,
+                                                                                  max_memory=cfg.max_memory),
             "kept": best["epoch"] > 0}

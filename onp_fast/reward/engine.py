@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..ops.masked_forward import reward_epilogue
-from .memory import chunk_size, parse_memory
+from .memory import DEFAULT_MAX_MEMORY, chunk_size, parse_memory
 from .neurons import GroupPoints, NeuronSet, bn_neurons
 from .plan import ChunkContext, ModelPlan
 from .result import Perturbations, RewardResult
@@ -41,7 +41,7 @@ class RewardEngine:
     """
 
     def __init__(self, models: nn.Module | Sequence[nn.Module], neurons: NeuronSet | GroupPoints | None = None, *,
-                 max_memory: int | str = "1GB", strategy: str = "auto"):
+                 max_memory: int | str = DEFAULT_MAX_MEMORY, strategy: str = "auto"):
         models = [models] if isinstance(models, nn.Module) else list(models)
         if not models:
             raise UserError("the reward engine needs at least one model")

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..groups import NeuronGroups
+from ..memory import DEFAULT_MAX_MEMORY, fit_batch
 from .engine import RewardEngine
 from .neurons import GroupPoints
 
@@ -60,13 +61,16 @@ class MaskScorer:
     Terms whose weight is 0 are not computed. backend: "engine" (RewardEngine over GroupPoints(groups), with
     `strategy` and `max_memory` passed on; "batched" by default, also on CPU: the masks the policy and the depth
     rule score prune too few channels for the sliced path's skipping to pay) or "hooks" (the per-mask loop with
-    hooks, `NeuronGroups.masked`, in batches of `batch_size` images); both give the same terms up to float
-    rounding. `standard_error` (one mask, per-image values) always runs the hooked forward."""
+    hooks, `NeuronGroups.masked`, in batches of at most `batch_size` images, fewer where `max_memory` cannot
+    hold them); both give the same terms up to float rounding. `standard_error` (one mask, per-image values)
+    always runs the hooked forward. Device: the models, x and y on one device; masks and the terms [K] on the
+    CPU (the engine moves masks to the models and its results back)."""
 
     def __init__(self, groups: NeuronGroups, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  weights: RewardWeights, unlearned: nn.Module | None = None,
                  perturbations: torch.Tensor | None = None, trigger=None, batch_size: int = 512,
-                 backend: str = "engine", strategy: str = "batched", max_memory: int | str = "1GB"):
+                 backend: str = "engine", strategy: str = "batched",
+                 max_memory: int | str = DEFAULT_MAX_MEMORY):
         self.backend = check_backend(backend)
         self._engine_args = {"strategy": strategy, "max_memory": max_memory}
         self._engines: dict[str, RewardEngine] = {}
@@ -86,9 +90,11 @@ class MaskScorer:
 
     @torch.no_grad()
     def _logits(self, model: nn.Module, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """model with keep [G] on x [n, C, H, W] -> logits [n, classes], in batches of `batch_size`."""
+        """model with keep [G] on x [n, C, H, W] -> logits [n, classes], in batches of at most `batch_size` (fewer
+        where `max_memory` cannot hold them)."""
+        bs = fit_batch(model, x, self._engine_args["max_memory"], self.batch_size)  # before the hooks
         with self.groups.masked(model, keep):
-            return torch.cat([model(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+            return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
 
     @staticmethod
     def _score(logits: torch.Tensor, y: torch.Tensor, soft: bool) -> torch.Tensor:

@@ -44,7 +44,7 @@ def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]
     seed = ctx.cfg.seed
     with ctx.phase("features"):
         feats = exposure_features(ctx.model, ctx.unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, seed=seed,
-                                  trigger=ctx.trigger)
+                                  trigger=ctx.trigger, max_memory=ctx.cfg.max_memory)
     with ctx.phase("graphs"):
         graph = build_policy_graph(ctx.model, ctx.groups, feats, eps=cfg.graph_eps,
                                    cross_layer_topk=cfg.cross_layer_topk)

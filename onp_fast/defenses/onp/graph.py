@@ -44,9 +44,10 @@ def _standardise(x: torch.Tensor, segment: torch.Tensor, n_seg: int) -> torch.Te
 def build_policy_graph(model: nn.Module, groups: NeuronGroups, group_features: torch.Tensor, *, eps: float = 0.9,
                        dormant_quantile: float = 0.05, cross_layer_topk: int = 2) -> PolicyGraph:
     """group_features: [G, Fg] float32 exposure features (features.py) -> the batched graph of every layer in
-    `groups.layers` (nodes: their output rows, in layer order)."""
+    `groups.layers` (nodes: their output rows, in layer order), on the CPU whatever the model's device (the
+    policy trains there; its masks go to the reward engine, which moves them)."""
     modules = dict(model.named_modules())
-    weights = [modules[name].weight.detach().float() for name in groups.layers]
+    weights = [modules[name].weight.detach().float().cpu() for name in groups.layers]  # the policy runs on the CPU
     ng = neuron_graphs(weights, eps=eps, dormant_quantile=dormant_quantile, cross_layer_topk=cross_layer_topk)
     node_group = torch.cat([torch.as_tensor(groups.layer_groups[name]) for name in groups.layers])
     n_layers = len(groups.layers)
