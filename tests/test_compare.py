@@ -7,7 +7,7 @@ import pytest
 import torch
 from cli_helpers import one_line_error
 from click.testing import CliRunner
-from train_helpers import fit
+from train_helpers import block_pixels, fit
 
 from onp_fast import attacks, models
 from onp_fast.cli import main
@@ -27,14 +27,7 @@ FAST_PARAMS = ["--param", "repair.reward_batch=16",
 
 
 def _pixels(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, 1, 8, 8] pixels in [0, 1]: class c is a bright 3x3 block at one of four places in the top-left 6x6."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % NUM_CLASSES
-    x = 0.3 + torch.randn(n, 1, 8, 8, generator=g) * 0.1
-    for c in range(NUM_CLASSES):
-        r, col = 3 * (c // 2), 3 * (c % 2)
-        x[y == c, :, r:r + 3, col:col + 3] += 0.5
-    return x.clamp(0, 1), y
+    return block_pixels(n, seed, step=3)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from cli_helpers import one_line_error
 from click.testing import CliRunner
-from train_helpers import fit
+from train_helpers import block_pixels, fit
 
 import onp_fast.reward.engine as engine_mod
 from onp_fast import attacks, models
@@ -31,14 +31,7 @@ ONP_FAST = ["--iterations", "2", "--samples", "4", "--purify", "none", "--quiet"
 
 
 def _pixels(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, 1, 8, 8] pixels in [0, 1]: class c is a bright 3x3 block in quadrant c, on faint noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % NUM_CLASSES
-    x = 0.3 + torch.randn(n, 1, 8, 8, generator=g) * 0.1
-    for c in range(NUM_CLASSES):
-        r, col = 4 * (c // 2), 4 * (c % 2)
-        x[y == c, :, r:r + 3, col:col + 3] += 0.5
-    return x.clamp(0, 1), y
+    return block_pixels(n, seed, step=4)
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

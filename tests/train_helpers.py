@@ -27,3 +27,15 @@ def quadrant_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         r, col = 4 * (c // 2), 4 * (c % 2)
         x[y == c, :, r:r + 3, col:col + 3] += 1.0
     return x, y
+
+
+def block_pixels(n: int, seed: int, step: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, 1, 8, 8] pixels in [0, 1], 4 classes: class c is a bright 3x3 block at row 3 (c // 2) * step, column
+    (c % 2) * step, on faint noise (step 4: the quadrants; step 3: the top-left 6x6)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = 0.3 + torch.randn(n, 1, 8, 8, generator=g) * 0.1
+    for c in range(4):
+        r, col = step * (c // 2), step * (c % 2)
+        x[y == c, :, r:r + 3, col:col + 3] += 0.5
+    return x.clamp(0, 1), y
