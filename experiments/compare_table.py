@@ -51,6 +51,23 @@ def export(dataset, splits, attack_name, args, out: Path) -> Path:
     return path
 
 
+def merged(paths: list[Path]) -> dict:
+    """The compare JSON of the first path that exists, each later one's rows replacing the same methods' (or
+    added); SystemExit when two runs saw different 'before' figures (not the same model and test set)."""
+    found = [json.loads(p.with_suffix(".compare.json").read_text()) for p in paths
+             if p.with_suffix(".compare.json").exists()]
+    if not found:
+        raise SystemExit(f"no compare JSON for {paths[0].name} in {', '.join(str(p.parent) for p in paths)}")
+    result = found[0]
+    for other in found[1:]:
+        if other["before"] != result["before"]:
+            raise SystemExit(f"{paths[0].name}: the runs saw different models before any defense")
+        rows = {r["method"]: r for r in result["rows"]}
+        rows.update({r["method"]: r for r in other["rows"]})
+        result["rows"] = list(rows.values())
+    return result
+
+
 def print_summary(dataset: str, summary: list[tuple[str, dict]]) -> None:
     """One table over attacks from compare's JSON results."""
     print(f"\n{dataset}: CA / ASR / RA (%), DER, seconds (shared prepare apart), re-activation CA / ASR (%), "
@@ -90,6 +107,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each compare run")
     ap.add_argument("--out", default=".onp_cache/compare")
     ap.add_argument("--from-json", action="store_true", help="only print the summary of the JSONs already in --out")
+    ap.add_argument("--also", action="append", default=[], metavar="DIR",
+                    help="with --from-json: another --out of runs of some methods on the same models, seed and "
+                         "defense set; its rows replace the same methods' rows (later DIRs win), after checking "
+                         "that both runs saw the same model before any defense")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,8 +119,8 @@ def main(argv=None):
     summary = []
     for name in args.attacks.split(","):
         if args.from_json:
-            summary.append((name, json.loads(checkpoint_path(args.dataset, name, args, out)
-                                             .with_suffix(".compare.json").read_text())))
+            summary.append((name, merged([d / checkpoint_path(args.dataset, name, args, out).name for d in
+                                          [out, *map(Path, args.also)]])))
             continue
         ckpt = export(args.dataset, splits, name, args, out)
         js = ckpt.with_suffix(".compare.json")
