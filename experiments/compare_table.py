@@ -68,6 +68,25 @@ def merged(paths: list[Path]) -> dict:
     return result
 
 
+def print_markdown(summary: list[tuple[str, dict]]) -> None:
+    """The same summary as a Markdown table (the README's comparison rows)."""
+    print("| model (before CA / ASR) | method | CA | ASR | RA | DER | s | pruned | re-ASR | retune ASR | "
+          "oracle depth: CA / ASR | own rule depth: CA / ASR |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, res in summary:
+        b = res["before"]
+        print(f"| {name} ({100 * b['ca']:.2f} / {100 * b['asr']:.2f}) | prepare {res['prepare_s']:.0f} s "
+              f"| | | | | | | | | | |")
+        for r in res["rows"]:
+            o, w = r["oracle"], r.get("own_rule", {})
+            cells = [f"{100 * r[k]:.2f}" for k in ("ca", "asr", "ra")] + [f"{r['der']:.3f}", f"{r['seconds']:.0f}",
+                                                                          str(r["pruned"])]
+            cells += [f"{100 * r[k]['asr']:.2f}" if k in r else "-" for k in ("reactivation", "retune")]
+            cells.append("-" if o.get("depth") is None else f"{o['depth']}: {100 * o['ca']:.2f} / {100 * o['asr']:.2f}")
+            cells.append("-" if "ca" not in w else f"{w['depth']}: {100 * w['ca']:.2f} / {100 * w['asr']:.2f}")
+            print(f"| | {r['method']} | " + " | ".join(cells) + " |")
+
+
 def print_summary(dataset: str, summary: list[tuple[str, dict]]) -> None:
     """One table over attacks from compare's JSON results."""
     print(f"\n{dataset}: CA / ASR / RA (%), DER, seconds (shared prepare apart), re-activation CA / ASR (%), "
@@ -107,6 +126,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each compare run")
     ap.add_argument("--out", default=".onp_cache/compare")
     ap.add_argument("--from-json", action="store_true", help="only print the summary of the JSONs already in --out")
+    ap.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
     ap.add_argument("--also", action="append", default=[], metavar="DIR",
                     help="with --from-json: another --out of runs of some methods on the same models, seed and "
                          "defense set; its rows replace the same methods' rows (later DIRs win), after checking "
@@ -135,6 +155,8 @@ def main(argv=None):
         print(f"   ({time.perf_counter() - t:.0f}s)", flush=True)
         summary.append((name, json.loads(js.read_text())))
     print_summary(args.dataset, summary)
+    if args.markdown:
+        print_markdown(summary)
     return 0
 
 
