@@ -190,7 +190,7 @@ def test_purification_keeps_the_last_epoch_within_the_tolerance(monkeypatch):
     part1 = purify(ctx, one, prune, ca_val_before=0.0, mode="sam+proxy")
     assert part1["kept_epochs"] == 1
     values = iter([0.9, 0.5])
-    monkeypatch.setattr(purify_mod, "accuracy_of", lambda *a: next(values))
+    monkeypatch.setattr(purify_mod, "accuracy_of", lambda *a, **k: next(values))
     ctx.cfg.purify_epochs = 2
     two = ctx.groups.pruned_copy(ctx.model, prune)
     part = purify(ctx, two, prune, ca_val_before=1.0, mode="sam+proxy")
