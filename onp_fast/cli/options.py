@@ -27,28 +27,32 @@ def _numbers(ctx, param, value):
     return vals
 
 
+def _checked_by(check):
+    """A click callback that runs check(value) (a UserError becomes click's usage error, one line) and gives the
+    value back stripped (None stays None)."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            check(value)
+        except UserError as exc:
+            raise click.BadParameter(str(exc)) from None
+        return value.strip()
+    return callback
+
+
 def _device(ctx, param, value):
-    """--device: checked against this machine at parse time (torchutil.check_device) -> the string as given."""
+    """--device: checked against this machine at parse time (torchutil.check_device) -> the text, lower case."""
     from ..torchutil import check_device
 
-    try:
-        check_device(value)
-    except UserError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value.strip().lower()
+    return _checked_by(check_device)(ctx, param, value).lower()
 
 
 def _memory(ctx, param, value):
-    """--max-memory: a size (memory.parse_memory) -> the text as given, checked."""
+    """--max-memory: a size (memory.parse_memory) -> the text as given, checked; None when not given."""
     from ..memory import parse_memory
 
-    if value is None:
-        return None
-    try:
-        parse_memory(value)
-    except UserError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value.strip()
+    return _checked_by(parse_memory)(ctx, param, value)
 
 
 def compute_options(f):
