@@ -249,3 +249,30 @@ def test_hard_label_share_mixes_the_true_labels_into_the_distillation():
     assert dist(half, soft) > 0 and dist(half, hard) > 0
     with pytest.raises(UserError, match="purify_hard"):
         RepairConfig(purify_hard=1.5).check()
+
+
+def test_labels_replace_the_distillation_only_where_the_teacher_is_wrong():
+    """Planted: the labels agree with the teacher on the first half of the images and disagree on the second.
+    labels_where_wrong: the student fits the labels on both halves (the teacher's class on the first half, the
+    label on the second); plain distillation fits the teacher's classes on the second half instead. With every
+    label the teacher's own class the option changes nothing, step for step."""
+    from onp_fast.prepare import finetune_pruned
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    teacher = _tiny(1)
+    with torch.no_grad():
+        t_cls = teacher(x).argmax(1)
+    wrong = torch.arange(64) >= 32
+    y = torch.where(wrong, (t_cls + 1) % 4, t_cls)
+    groups = find_groups(_tiny(2), (1, 8, 8))
+    none = torch.zeros(groups.num_groups, dtype=torch.bool)
+    kw = dict(epochs=30, lr=0.05, batch_size=32, teacher=teacher)
+    fixed = finetune_pruned(_tiny(2), groups, none, x, y, labels_where_wrong=True, **kw)
+    soft = finetune_pruned(_tiny(2), groups, none, x, y, **kw)
+    with torch.no_grad():
+        f_cls, s_cls = fixed(x).argmax(1), soft(x).argmax(1)
+    assert (f_cls == y).float().mean() > 0.9  # the labels on both halves
+    assert (s_cls[wrong] == t_cls[wrong]).float().mean() > 0.8  # without it: the teacher where it is wrong
+    kw["epochs"] = 2
+    same = [finetune_pruned(_tiny(2), groups, none, x, t_cls, labels_where_wrong=on, **kw) for on in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(same[0].state_dict().values(), same[1].state_dict().values()))

@@ -19,7 +19,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
                     label_smoothing: float = 0.0, cosine_t_max: int | None = None, sam_bn_frozen: bool = False,
                     augment=None, after_epoch=None,
                     teacher: nn.Module | None = None, temperature: float = 2.0,
-                    max_grad_norm: float | None = None, hard_weight: float = 0.0,
+                    max_grad_norm: float | None = None, hard_weight: float = 0.0, labels_where_wrong: bool = False,
                     progress: bool = False, max_memory: int | str | None = None) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
@@ -37,7 +37,9 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     T^2 KL(softmax(t / T) || softmax(s / T)) (t: the teacher's logits on x, computed once; s: the model's;
     T = temperature) in place of their cross-entropy, plus the cross-entropy of the copies `augment` appends
     weighted by their share of the batch; hard_weight = a in [0, 1] mixes the batch's own true labels in:
-    (1 - a) KD + a CE(s, y) on its own images. Without a teacher the loss is the cross-entropy over the whole batch.
+    (1 - a) KD + a CE(s, y) on its own images. labels_where_wrong: an image whose label is not the teacher's class
+    takes CE(s, y) in place of its distillation term (the teacher is kept only where it is right). Without a
+    teacher the loss is the cross-entropy over the whole batch.
     max_grad_norm: each step's gradient (after the sharpness-aware step, before weight decay and momentum) is
     rescaled to at most this L2 norm over all parameters. progress: a bar of the steps on stderr
     (onp_fast.progress.bar).
@@ -62,13 +64,18 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             tb = fit_batch(teacher, x, max_memory, 256)
             soft = torch.cat([teacher(x[i:i + tb]) for i in range(0, len(x), tb)]).div_(temperature)
             soft = F.softmax(soft, dim=1)
+        wrong = soft.argmax(1) != y if labels_where_wrong else torch.zeros(len(y), dtype=torch.bool, device=y.device)
 
-    def loss_of(xb, yb, sb):
+    def loss_of(xb, yb, sb, wb):
         out = model(xb)
         if sb is None:
             return smooth_cross_entropy(out, yb, label_smoothing)
         n, total = len(sb), len(xb)
-        loss = temperature ** 2 * F.kl_div(F.log_softmax(out[:n] / temperature, dim=1), sb, reduction="batchmean")
+        per_image = F.kl_div(F.log_softmax(out[:n] / temperature, dim=1), sb, reduction="none").sum(1)
+        if bool(wb.any()):
+            per_image = torch.where(wb, F.cross_entropy(out[:n], yb[:n], reduction="none") / temperature ** 2,
+                                    per_image)
+        loss = temperature ** 2 * per_image.mean()
         if hard_weight:
             loss = (1 - hard_weight) * loss + hard_weight * smooth_cross_entropy(out[:n], yb[:n], label_smoothing)
         if total > n:
@@ -85,16 +92,17 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
                 continue
             xb, yb = x[idx], y[idx]
             sb = soft[idx] if soft is not None else None
+            wb = wrong[idx] if soft is not None else None
             if augment is not None:
                 xb, yb = augment(xb, yb, g)
             if not checked:  # the first batch is the largest (a later one is only ever a shorter tail)
                 check_batch(model, xb, len(xb), max_memory, "fine-tuning")
                 checked = True
             opt.zero_grad(set_to_none=True)
-            loss_of(xb, yb, sb).backward()
+            loss_of(xb, yb, sb, wb).backward()
             if rho > 0:
                 with _running_stats_frozen(model, sam_bn_frozen):
-                    _sharpness_aware_gradient(params, rho, lambda: loss_of(xb, yb, sb))
+                    _sharpness_aware_gradient(params, rho, lambda: loss_of(xb, yb, sb, wb))
             if max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()

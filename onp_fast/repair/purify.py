@@ -22,7 +22,10 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
       class still gets its share; plain SGD;
     - "sam+proxy": both.
     Without proxies (none synthesised), "proxy" and "sam+proxy" run trigger-free SAM, so the backdoor is not left
-    untouched. `purify_epochs` epochs at `purify_lr`, each step's gradient clipped to norm `purify_clip` (0: not
+    untouched. The defense images' own loss is distillation from the model as given (`purify_distill`), with a
+    share `purify_hard` of their labels' cross-entropy mixed in, and, when `purify_labels_where_wrong`, their
+    labels alone on the images that model misclassifies. `purify_epochs` epochs at `purify_lr` (annealed to 0 by
+    a cosine over the steps when `purify_cosine`), each step's gradient clipped to norm `purify_clip` (0: not
     clipped). After each epoch CA on D_val is measured; the model kept is the one after the last epoch whose CA
     stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and "kept": False when none does: the model is
     put back as it was). A bar of its steps on stderr when ctx.progress. -> the report part."""
@@ -48,7 +51,8 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=cfg.purify_epochs, lr=cfg.purify_lr,
                     seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check,
                     teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE,
-                    hard_weight=cfg.purify_hard,
+                    hard_weight=cfg.purify_hard, labels_where_wrong=cfg.purify_labels_where_wrong,
+                    cosine_t_max=0 if cfg.purify_cosine else None,
                     max_grad_norm=clip, progress=ctx.progress, max_memory=cfg.max_memory)
     model.load_state_dict(best["state"])
     return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
@@ -57,6 +61,8 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             "grad_clip": clip,
             "distill_temperature": DISTILL_TEMPERATURE if cfg.purify_distill else None,
             "hard_label_share": cfg.purify_hard if cfg.purify_distill else None,
+            "labels_where_wrong": cfg.purify_labels_where_wrong if cfg.purify_distill else None,
+            "lr_schedule": "cosine" if cfg.purify_cosine else "constant",
             "kept_epochs": best["epoch"], "ca_val_per_epoch": curve,
             "ca_val_after": best["ca"] if best["ca"] is not None else accuracy_of(model, ctx.x_val, ctx.y_val,
                                                                                   max_memory=cfg.max_memory),
