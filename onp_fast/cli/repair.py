@@ -93,6 +93,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     from ..data import normalize
     from ..defenses import ONPConfig
     from ..defenses import get as get_defense
+    from ..distributed import init_from_env
     from ..io import save_model
     from ..repair import RepairConfig, repair
     from ..repair.output import masks_json, write_json, write_plot, write_trigger_png
@@ -113,6 +114,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     onp = ONPConfig(**{k: v for k, v in onp_options.items() if v is not None})
     given = {k: v for k, v in (("purify_lr", purify_lr), ("purify_clip", purify_clip), ("tolerance", tolerance))
              if v is not None}
+    rank, _, device = init_from_env(device)  # under torchrun: mask scoring shared; rank 0 alone writes and talks
+    quiet = quiet or rank > 0
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,
                        reward_backend=reward_backend, purify=purify, purify_epochs=purify_epochs, **given,
                        finetune_epochs=finetune_epochs, compact=compact_model, device=device,
@@ -134,6 +137,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     report.update(model=str(src), dataset=dataset, output=str(out),
                   preprocessing={"mean": list(mean), "std": list(std), "source": loaded.norm_source,
                                  "input_shape": list(loaded.input_shape)})
+    if rank > 0:
+        return
     save_model(loaded, out, extra={"onp_repair": {"method": method, "pruned_groups": report["pruned_groups"],
                                                   "seed": seed}})
     write_json(masks_p, masks_json(result.groups, result.prune))

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from ..distributed import gather_rows, share, world
 from ..errors import UserError
 from ..groups import NeuronGroups
 from ..memory import DEFAULT_MAX_MEMORY, fit_batch
@@ -74,7 +75,7 @@ class MaskScorer:
         self.backend = check_backend(backend)
         self._engine_args = {"strategy": strategy, "max_memory": max_memory}
         self._engines: dict[str, RewardEngine] = {}
-        self.scored = {"masks": 0, "images": 0}  # masks scored by `terms` so far, and image forwards they took
+        self.scored = {"masks": 0, "masks_here": 0, "images": 0}  # by `terms` so far, and the image forwards
         self.groups, self.model, self.unlearned = groups, model, unlearned
         self.x, self.y, self.weights = x, y, weights
         self.perturbations = perturbations
@@ -133,16 +134,21 @@ class MaskScorer:
                 self._per_image(self.model, keep, self.x_t, self.y_t, soft=True) if with_t else None)
 
     def terms(self, prune: torch.Tensor) -> dict[str, torch.Tensor]:
-        """prune [K, G] bool -> {term: [K] float32}."""
-        keep = (~prune).float()
+        """prune [K, G] bool -> {term: [K] float32}. Inside a torch.distributed process group each rank
+        scores its share of the K masks (`distributed.share`) and every rank gets all K terms
+        (`distributed.gather_rows`); scored["masks_here"] counts the masks this process scored itself."""
+        k = len(prune)
+        rank, size = world()
+        mine = prune[share(k, rank, size)] if size > 1 else prune
+        keep = (~mine).float()
         out = {t: torch.zeros(len(keep)) for t in TERMS}
+        if len(keep):
+            out.update(self._engine_terms(keep) if self.backend == "engine" else self._hooked_terms(keep))
+        out = gather_rows(out, k)
         out["sparsity"] = prune.float() @ self.group_size
-        if self.backend == "engine":
-            out.update(self._engine_terms(keep))
-        else:
-            out.update(self._hooked_terms(keep))
-        self.scored["masks"] += len(keep)
-        self.scored["images"] += len(keep) * self.images_per_mask()
+        self.scored["masks"] += k
+        self.scored["masks_here"] += len(keep)
+        self.scored["images"] += k * self.images_per_mask()
         return out
 
     def images_per_mask(self) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...distributed import world
 from ...prepare import DefenseContext
 from ...progress import bar
 from ..base import Defense, register
@@ -30,12 +31,14 @@ class ONPConfig:
 
 
 def policy_throughput(scorer, seconds: float) -> dict:
-    """The policy phase's reward work: backend, masks and image forwards scored (`MaskScorer.scored`), the
-    phase's seconds, masks/s and images/s over it."""
+    """The policy phase's reward work: backend, masks and image forwards scored (`MaskScorer.scored`; "ranks"
+    and "masks_here", the masks this process scored itself, when torch.distributed shares them), the phase's
+    seconds, masks/s and images/s over it."""
     masks, images = scorer.scored["masks"], scorer.scored["images"]
     rate = (lambda n: round(n / seconds, 1)) if seconds > 0 else (lambda n: None)
     return {"backend": scorer.backend, "masks": masks, "images": images, "seconds": seconds,
-            "masks_per_s": rate(masks), "images_per_s": rate(images)}
+            "masks_per_s": rate(masks), "images_per_s": rate(images), "ranks": world()[1],
+            "masks_here": scorer.scored["masks_here"]}
 
 
 def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]:

@@ -1,0 +1,69 @@
+"""Scale-out of mask scoring over torch.distributed ranks (started by `torchrun`).
+
+Every rank runs the same seeded repair on the whole defense set; only the scoring of candidate masks is split:
+the K masks of one scoring call are cut into contiguous shares, one per rank, and the reward terms of every
+share are all-gathered, so every rank holds the terms one process would have computed and takes the same
+decisions. Outside a process group (the default) nothing here changes anything.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the current process group; (0, 1) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env(device: str = "cpu") -> tuple[int, int, str]:
+    """Joins the process group that torchrun describes in the environment (WORLD_SIZE > 1; RANK, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT): gloo on the CPU, NCCL on CUDA, where each rank takes cuda:LOCAL_RANK when device
+    is "cuda" (a device with an index is taken as given). Without WORLD_SIZE > 1, or when a group exists
+    already, nothing is done. -> (rank, world size, the device this rank uses)."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if size <= 1 or (dist.is_available() and dist.is_initialized()):
+        return world() + (device,)
+    if not dist.is_available():
+        raise UserError("WORLD_SIZE > 1 but this torch has no torch.distributed")
+    cuda = str(device).startswith("cuda")
+    if cuda and str(device) == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return world() + (device,)
+
+
+def share(k: int, rank: int, size: int) -> slice:
+    """The contiguous rows of k that `rank` of `size` scores: the first k % size ranks take one more."""
+    base, extra = divmod(k, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def gather_rows(parts: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """{name: [k_r] float32 on the CPU}, this rank's share of k rows (`share`) -> {name: [k]} on every rank, the
+    shares in rank order. Every rank passes the same names."""
+    rank, size = world()
+    if size == 1:
+        return parts
+    nccl = dist.get_backend() == "nccl"
+    longest = share(k, 0, size).stop  # rank 0's share is never shorter than another's
+    out = {}
+    for name in sorted(parts):
+        mine = torch.zeros(longest, dtype=torch.float32)
+        mine[:len(parts[name])] = parts[name].float().cpu()
+        if nccl:
+            mine = mine.cuda()
+        every = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(every, mine)
+        out[name] = torch.cat([every[r][:share(k, r, size).stop - share(k, r, size).start].cpu()
+                               for r in range(size)])
+    return out

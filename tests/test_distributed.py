@@ -1,0 +1,73 @@
+"""Mask scoring shared across torch.distributed ranks: two gloo processes started by torchrun repair to the same
+masks as one process, each scoring its share of the masks."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from onp_fast.distributed import gather_rows, share, world
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from onp_fast import models
+    from onp_fast.defenses import ONPConfig
+    from onp_fast.distributed import init_from_env
+    from onp_fast.prepare import RepairConfig
+    from onp_fast.reward import RewardWeights
+    from onp_fast.repair import repair
+
+    rank, size, _ = init_from_env("cpu")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
+    x = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(60) % 4
+    r = repair(model, x, y, 4, "onp", RepairConfig(reward_batch=32, purify="none", weights=RewardWeights(ca_t=0.0)),
+               ONPConfig(iterations=3, samples=6), progress=False)
+    part = r.report["details"]["policy_reward"]
+    json.dump({"rank": rank, "size": size, "prune": r.prune.tolist(), "masks": part["masks"],
+               "masks_here": part["masks_here"], "ranks": part["ranks"],
+               "scores": r.scores.tolist()}, open(sys.argv[1] + f".{rank}.json", "w"))
+""")
+
+
+def test_shares_cover_every_row_once_in_rank_order():
+    for k in range(0, 9):
+        for size in (1, 2, 3, 4):
+            rows = [list(range(k))[share(k, r, size)] for r in range(size)]
+            assert sum(rows, []) == list(range(k))
+            assert max(map(len, rows)) - min(map(len, rows)) <= 1
+    assert world() == (0, 1)
+    parts = {"ca_b": torch.arange(3.0)}
+    assert gather_rows(parts, 3) is parts  # outside a process group nothing changes
+
+
+def _run(tmp_path, nproc):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable])
+    out = subprocess.run(cmd + [str(script), str(tmp_path / f"n{nproc}")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads((tmp_path / f"n{nproc}.{r}.json").read_text()) for r in range(nproc)]
+
+
+def test_two_gloo_ranks_repair_to_the_masks_of_one_process(tmp_path):
+    one, = _run(tmp_path, 1)
+    two = _run(tmp_path, 2)
+    assert one["size"] == 1 and one["ranks"] == 1 and one["masks_here"] == one["masks"]
+    for r in two:
+        assert r["size"] == 2 and r["ranks"] == 2
+        assert r["prune"] == one["prune"] and r["scores"] == one["scores"]  # the same decisions, bit for bit
+        assert r["masks"] == one["masks"]
+    # each rank scored about half of the masks, and together all of them
+    assert sum(r["masks_here"] for r in two) == one["masks"]
+    assert all(0 < r["masks_here"] < one["masks"] for r in two)
