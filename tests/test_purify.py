@@ -105,20 +105,25 @@ def test_purification_without_proxies_runs_sam_and_is_undone_when_it_costs_accur
     assert not part["kept"] and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_distillation_fits_the_teacher_on_own_images_and_the_labels_on_the_copies():
-    """Planted: the labels y disagree with the teacher everywhere. With a teacher the student learns the teacher's
-    classes on the batch's own images (not y), while the appended copies (a constant offset) learn their labels."""
-    from onp_fast.prepare import finetune_pruned
+def _planted_teacher():
+    """64 random 8x8 images, a tiny teacher, its classes on them, the groups of a student and no pruning."""
     torch.manual_seed(0)
     x = torch.randn(64, 1, 8, 8)
     teacher = _tiny(1)
     with torch.no_grad():
         t_cls = teacher(x).argmax(1)
+    groups = find_groups(_tiny(2), (1, 8, 8))
+    return x, teacher, t_cls, groups, torch.zeros(groups.num_groups, dtype=torch.bool)
+
+
+def test_distillation_fits_the_teacher_on_own_images_and_the_labels_on_the_copies():
+    """Planted: the labels y disagree with the teacher everywhere. With a teacher the student learns the teacher's
+    classes on the batch's own images (not y), while the appended copies (a constant offset) learn their labels."""
+    from onp_fast.prepare import finetune_pruned
+    x, teacher, t_cls, groups, none = _planted_teacher()
     y = (t_cls + 1) % 4  # never the teacher's class
     offset = torch.full((1, 1, 8, 8), 3.0)
     copy_label = lambda xb, yb, gen: (torch.cat([xb, xb + offset]), torch.cat([yb, torch.full_like(yb, 2)]))  # noqa
-    groups = find_groups(_tiny(2), (1, 8, 8))
-    none = torch.zeros(groups.num_groups, dtype=torch.bool)
     kw = dict(epochs=30, lr=0.05, batch_size=32, augment=copy_label)
     student = finetune_pruned(_tiny(2), groups, none, x, y, teacher=teacher, **kw)
     plain = finetune_pruned(_tiny(2), groups, none, x, y, **kw)
@@ -231,13 +236,8 @@ def test_hard_label_share_mixes_the_true_labels_into_the_distillation():
     purification fits the teacher's classes); hard_weight 1 is the labels' cross-entropy alone, step for step the
     same training as no teacher at all (no copies appended); 0.5 lies between (the mix is used)."""
     from onp_fast.prepare import finetune_pruned
-    torch.manual_seed(0)
-    x = torch.randn(64, 1, 8, 8)
-    teacher = _tiny(1)
-    with torch.no_grad():
-        y = (teacher(x).argmax(1) + 1) % 4
-    groups = find_groups(_tiny(2), (1, 8, 8))
-    none = torch.zeros(groups.num_groups, dtype=torch.bool)
+    x, teacher, t_cls, groups, none = _planted_teacher()
+    y = (t_cls + 1) % 4
     kw = dict(epochs=3, lr=0.05, batch_size=32)
     hard = finetune_pruned(_tiny(2), groups, none, x, y, teacher=teacher, hard_weight=1.0, **kw)
     plain = finetune_pruned(_tiny(2), groups, none, x, y, **kw)
@@ -257,15 +257,9 @@ def test_labels_replace_the_distillation_only_where_the_teacher_is_wrong():
     label on the second); plain distillation fits the teacher's classes on the second half instead. With every
     label the teacher's own class the option changes nothing, step for step."""
     from onp_fast.prepare import finetune_pruned
-    torch.manual_seed(0)
-    x = torch.randn(64, 1, 8, 8)
-    teacher = _tiny(1)
-    with torch.no_grad():
-        t_cls = teacher(x).argmax(1)
+    x, teacher, t_cls, groups, none = _planted_teacher()
     wrong = torch.arange(64) >= 32
     y = torch.where(wrong, (t_cls + 1) % 4, t_cls)
-    groups = find_groups(_tiny(2), (1, 8, 8))
-    none = torch.zeros(groups.num_groups, dtype=torch.bool)
     kw = dict(epochs=30, lr=0.05, batch_size=32, teacher=teacher)
     fixed = finetune_pruned(_tiny(2), groups, none, x, y, labels_where_wrong=True, **kw)
     soft = finetune_pruned(_tiny(2), groups, none, x, y, **kw)
