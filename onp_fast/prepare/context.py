@@ -46,13 +46,13 @@ class RepairConfig:
     anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
     purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
     purify_epochs: int = 10
-    purify_lr: float = 0.01  # the start of its cosine (why: docs/design.md, "Fashion-MNIST Blended and SIG")
+    purify_lr: float = 0.003
     sam_rho: float = 0.5  # radius of purification's adaptive sharpness-aware step
     purify_clip: float = 5.0  # largest gradient norm of a purification step (0: not clipped)
     purify_distill: bool = True  # the defense images' own loss: distillation from the model as given
-    purify_hard: float = 0.5  # share of the true labels' cross-entropy mixed into that distillation loss
-    purify_labels_where_wrong: bool = True  # an image the model as given misclassifies is fit to its label instead
-    purify_cosine: bool = True  # the purification rate anneals from purify_lr to 0 over its steps (else constant)
+    purify_hard: float = 0.0  # share of the true labels' cross-entropy mixed into that distillation loss
+    purify_labels_where_wrong: bool = False  # an image the model as given misclassifies is fit to its label instead
+    purify_cosine: bool = False  # the purification rate anneals from purify_lr to 0 over its steps (else constant)
     finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
     compact: bool = False  # also build the compact model (pruned channels removed)
     device: str = DEFAULT_DEVICE  # where every phase runs: cpu, cuda or cuda:N (results come back on the CPU)

@@ -71,11 +71,13 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
         if sb is None:
             return smooth_cross_entropy(out, yb, label_smoothing)
         n, total = len(sb), len(xb)
-        per_image = F.kl_div(F.log_softmax(out[:n] / temperature, dim=1), sb, reduction="none").sum(1)
-        if bool(wb.any()):
+        log_p = F.log_softmax(out[:n] / temperature, dim=1)
+        if bool(wb.any()):  # the labels' cross-entropy in place of the distillation term on those images
             per_image = torch.where(wb, F.cross_entropy(out[:n], yb[:n], reduction="none") / temperature ** 2,
-                                    per_image)
-        loss = temperature ** 2 * per_image.mean()
+                                    F.kl_div(log_p, sb, reduction="none").sum(1))
+            loss = temperature ** 2 * per_image.mean()
+        else:
+            loss = temperature ** 2 * F.kl_div(log_p, sb, reduction="batchmean")
         if hard_weight:
             loss = (1 - hard_weight) * loss + hard_weight * smooth_cross_entropy(out[:n], yb[:n], label_smoothing)
         if total > n:
