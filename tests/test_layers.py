@@ -6,7 +6,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "onp_fast"
 
 # Bottom to top. A module may import its own layer and the layers below, never one above.
 LAYERS = [
-    {"errors", "atomic", "seed", "_ext", "torchutil", "progress", "memory"},  # helpers with no knowledge of models
+    {"errors", "atomic", "seed", "_ext", "torchutil", "progress", "memory", "distributed"},  # no knowledge of models
     {"ops"},  # thin wrappers of the C++/CUDA ops and their references
     {"models", "data", "attacks", "io", "metrics", "train", "poison", "evaluate"},  # what a user brings
     {"groups"},  # neuron units and coupled groups (fx tracing)
