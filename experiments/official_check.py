@@ -214,20 +214,19 @@ def aligned_rng(seed: int, anp_calls: int, exact_bn: bool = False):
         out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
         return [b for b in out if len(b) > 1] if train else out
 
-    names = ("batch_indices", "random_start", "Perturbation")
-    saved = [getattr(anp_module, n) for n in names] + [rnp_module._batches, rnp_module.WeightMasks]
-    patched = [anp_batch, anp_start, ExactPerturbation if exact_bn else anp_module.Perturbation, rnp_epoch,
-               ExactWeightMasks if exact_bn else rnp_module.WeightMasks]
-    for n, v in zip(names, patched):
-        setattr(anp_module, n, v)
-    rnp_module._batches, rnp_module.WeightMasks = patched[3:]
+    patches = [(anp_module, "batch_indices", anp_batch), (anp_module, "random_start", anp_start),
+               (rnp_module, "_batches", rnp_epoch)]
+    if exact_bn:
+        patches += [(anp_module, "Perturbation", ExactPerturbation), (rnp_module, "WeightMasks", ExactWeightMasks)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    for mod, name, value in patches:
+        setattr(mod, name, value)
     torch.manual_seed(seed)
     try:
         yield
     finally:
-        for n, v in zip(names, saved):
-            setattr(anp_module, n, v)
-        rnp_module._batches, rnp_module.WeightMasks = saved[3:]
+        for mod, name, value in saved:
+            setattr(mod, name, value)
 
 
 def _official_batch_norm(mod: nn.Module, inp: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -240,6 +239,15 @@ def _official_batch_norm(mod: nn.Module, inp: torch.Tensor, weight: torch.Tensor
                         train, 0.0, mod.eps)
 
 
+def _rehook(hooks, model: nn.Module) -> None:
+    """Replaces the forward hooks of `hooks` (ANP's Perturbation or RNP's WeightMasks, on `model`'s affine norm
+    layers) by ones that call hooks._exact(mod, input, output, name, dim)."""
+    for h in hooks.handles:
+        h.remove()
+    hooks.handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: hooks._exact(mod, i[0], o, n, d))
+                     for n, m, d in anp_module.norm_layers(model)]
+
+
 class ExactPerturbation(anp_module.Perturbation):
     """Our ANP hooks with the official arithmetic on BatchNorm2d layers: F.batch_norm(x, ..., gamma * (m + noise),
     beta * (1 + noise_b)) from the layer's input instead of rescaling its output (the same values up to float
@@ -247,10 +255,7 @@ class ExactPerturbation(anp_module.Perturbation):
 
     def __init__(self, model):
         super().__init__(model)
-        for h in self.handles:
-            h.remove()
-        self.handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: self._exact(mod, i[0], o, n, d))
-                        for n, m, d in self.layers]
+        _rehook(self, model)
 
     def _exact(self, mod, inp, out, name, dim):
         if not isinstance(mod, nn.BatchNorm2d):
@@ -258,7 +263,7 @@ class ExactPerturbation(anp_module.Perturbation):
         if self.perturbed:
             return _official_batch_norm(mod, inp, mod.weight * (self.masks[name] + self.noise[name]),
                                         mod.bias * (1.0 + self.noise_b[name]))
-        return _official_batch_norm(mod, inp, mod.weight * self.masks[name], mod.bias * 1.0)
+        return _official_batch_norm(mod, inp, mod.weight * self.masks[name], mod.bias)
 
 
 class ExactWeightMasks(rnp_module.WeightMasks):
@@ -267,16 +272,12 @@ class ExactWeightMasks(rnp_module.WeightMasks):
 
     def __init__(self, model, shift: bool = False):
         super().__init__(model, shift)
-        for h in self.handles:
-            h.remove()
-        layers = [(n, m, d) for n, m, d in anp_module.norm_layers(model)]
-        self.handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: self._exact(mod, i[0], o, n, d))
-                        for n, m, d in layers]
+        _rehook(self, model)
 
     def _exact(self, mod, inp, out, name, dim):
         if self.shift or not isinstance(mod, nn.BatchNorm2d):
             return self._hook(mod, out, name, dim)
-        return _official_batch_norm(mod, inp, mod.weight * self.masks[name], mod.bias * 1.0)
+        return _official_batch_norm(mod, inp, mod.weight * self.masks[name], mod.bias)
 
 
 def flat(masks: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:

@@ -58,13 +58,13 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     sched = None if cosine_t_max is None else \
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, cosine_t_max or max(1, steps))
     keep = ~prune
-    soft = None
+    soft = wrong = None
     if teacher is not None:
         with torch.no_grad():
             tb = fit_batch(teacher, x, max_memory, 256)
             soft = torch.cat([teacher(x[i:i + tb]) for i in range(0, len(x), tb)]).div_(temperature)
             soft = F.softmax(soft, dim=1)
-        wrong = soft.argmax(1) != y if labels_where_wrong else torch.zeros(len(y), dtype=torch.bool, device=y.device)
+        wrong = soft.argmax(1) != y if labels_where_wrong else None
 
     def loss_of(xb, yb, sb, wb):
         out = model(xb)
@@ -72,7 +72,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             return smooth_cross_entropy(out, yb, label_smoothing)
         n, total = len(sb), len(xb)
         log_p = F.log_softmax(out[:n] / temperature, dim=1)
-        if bool(wb.any()):  # the labels' cross-entropy in place of the distillation term on those images
+        if wb is not None and bool(wb.any()):  # the labels' cross-entropy in place of the distillation term on those images
             per_image = torch.where(wb, F.cross_entropy(out[:n], yb[:n], reduction="none") / temperature ** 2,
                                     F.kl_div(log_p, sb, reduction="none").sum(1))
             loss = temperature ** 2 * per_image.mean()
@@ -94,7 +94,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
                 continue
             xb, yb = x[idx], y[idx]
             sb = soft[idx] if soft is not None else None
-            wb = wrong[idx] if soft is not None else None
+            wb = wrong[idx] if wrong is not None else None
             if augment is not None:
                 xb, yb = augment(xb, yb, g)
             if not checked:  # the first batch is the largest (a later one is only ever a shorter tail)

@@ -139,9 +139,8 @@ class MaskScorer:
         (`distributed.gather_rows`); scored["masks_here"] counts the masks this process scored itself."""
         k = len(prune)
         rank, size = world()
-        mine = prune[share(k, rank, size)] if size > 1 else prune
-        keep = (~mine).float()
-        out = {t: torch.zeros(len(keep)) for t in TERMS}
+        keep = (~prune[share(k, rank, size)]).float()
+        out = {t: torch.zeros(len(keep)) for t in TERMS if t != "sparsity"}
         if len(keep):
             out.update(self._engine_terms(keep) if self.backend == "engine" else self._hooked_terms(keep))
         out = gather_rows(out, k)
