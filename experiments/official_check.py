@@ -58,7 +58,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from quality import backdoored, ev
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
@@ -180,15 +179,15 @@ def _loader_seed() -> int:
 
 
 @contextlib.contextmanager
-def aligned_rng(seed: int, anp_calls: int, exact_bn: bool = False):
+def aligned_rng(seed: int, anp_calls: int):
     """Within: our ANP and RNP draw their batches and noise starts from torch's global RNG exactly as the official
     code does (torch.manual_seed(seed) first), instead of from their seeded Generator, so the two sides see the
     same batches and the same noise. Official draws replicated: each DataLoader epoch takes the iterator's base seed
     and the RandomSampler's seed from the global RNG, then shuffles (randperm) or samples with replacement (randint
     in chunks of 32) from a Generator holding that seed; ANP's `reset(rand_init=True)` fills noise then noise bias
     of each NoisyBatchNorm2d, in module order, with uniform_(-eps, eps). anp_calls: ANP iterations per official
-    `mask_train` call (one DataLoader pass, print_every). exact_bn: also the official BatchNorm arithmetic
-    (ExactPerturbation, ExactWeightMasks), so that what is left is nothing but the algorithm."""
+    `mask_train` call (one DataLoader pass, print_every). The masked BatchNorm arithmetic is already the
+    official one in the library (anp.ScaledNorms), so what is left is nothing but the algorithm."""
     state = {"count": 0, "gen": None, "pending": torch.zeros(0, dtype=torch.int64)}
 
     def anp_batch(n, batch_size, g):
@@ -216,8 +215,6 @@ def aligned_rng(seed: int, anp_calls: int, exact_bn: bool = False):
 
     patches = [(anp_module, "batch_indices", anp_batch), (anp_module, "random_start", anp_start),
                (rnp_module, "_batches", rnp_epoch)]
-    if exact_bn:
-        patches += [(anp_module, "Perturbation", ExactPerturbation), (rnp_module, "WeightMasks", ExactWeightMasks)]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     for mod, name, value in patches:
         setattr(mod, name, value)
@@ -227,57 +224,6 @@ def aligned_rng(seed: int, anp_calls: int, exact_bn: bool = False):
     finally:
         for mod, name, value in saved:
             setattr(mod, name, value)
-
-
-def _official_batch_norm(mod: nn.Module, inp: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """What the official NoisyBatchNorm2d / MaskBatchNorm2d return: F.batch_norm of the layer's input with the
-    given weight and bias, in the layer's mode. The running statistics were already updated by the layer's own
-    forward (once, as the official's), so this call passes momentum 0 and leaves them as they are."""
-    train = mod.training or (mod.running_mean is None and mod.running_var is None)
-    keep = not mod.training or mod.track_running_stats
-    return F.batch_norm(inp, mod.running_mean if keep else None, mod.running_var if keep else None, weight, bias,
-                        train, 0.0, mod.eps)
-
-
-def _rehook(hooks, model: nn.Module) -> None:
-    """Replaces the forward hooks of `hooks` (ANP's Perturbation or RNP's WeightMasks, on `model`'s affine norm
-    layers) by ones that call hooks._exact(mod, input, output, name, dim)."""
-    for h in hooks.handles:
-        h.remove()
-    hooks.handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: hooks._exact(mod, i[0], o, n, d))
-                     for n, m, d in anp_module.norm_layers(model)]
-
-
-class ExactPerturbation(anp_module.Perturbation):
-    """Our ANP hooks with the official arithmetic on BatchNorm2d layers: F.batch_norm(x, ..., gamma * (m + noise),
-    beta * (1 + noise_b)) from the layer's input instead of rescaling its output (the same values up to float
-    rounding). Only for --exact-bn."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        _rehook(self, model)
-
-    def _exact(self, mod, inp, out, name, dim):
-        if not isinstance(mod, nn.BatchNorm2d):
-            return self._hook(mod, out, name, dim)
-        if self.perturbed:
-            return _official_batch_norm(mod, inp, mod.weight * (self.masks[name] + self.noise[name]),
-                                        mod.bias * (1.0 + self.noise_b[name]))
-        return _official_batch_norm(mod, inp, mod.weight * self.masks[name], mod.bias)
-
-
-class ExactWeightMasks(rnp_module.WeightMasks):
-    """Our RNP recovery hooks with the official MaskBatchNorm2d arithmetic on BatchNorm2d layers:
-    F.batch_norm(x, ..., gamma * m, beta). Only for --exact-bn."""
-
-    def __init__(self, model, shift: bool = False):
-        super().__init__(model, shift)
-        _rehook(self, model)
-
-    def _exact(self, mod, inp, out, name, dim):
-        if self.shift or not isinstance(mod, nn.BatchNorm2d):
-            return self._hook(mod, out, name, dim)
-        return _official_batch_norm(mod, inp, mod.weight * self.masks[name], mod.bias)
 
 
 def flat(masks: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
@@ -426,9 +372,6 @@ def main(argv=None):
     ap.add_argument("--aligned-rng", action="store_true",
                     help="our side draws its batches and noise from torch's global RNG as the official code does "
                          "(see aligned_rng), so both sides see the same batches: what remains is the algorithm")
-    ap.add_argument("--exact-bn", action="store_true",
-                    help="with --aligned-rng: our hooks also compute the masked BatchNorm as the official layers do "
-                         "(F.batch_norm with the scaled weight and bias) rather than rescaling the layer's output")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -457,7 +400,7 @@ def main(argv=None):
         off = official_anp(args.anp_code, model, xn, y, args.anp_iterations, cfg, args.seed)
         t_off = time.perf_counter() - t
         t = time.perf_counter()
-        with (aligned_rng(args.seed, min(500, args.anp_iterations), args.exact_bn) if args.aligned_rng
+        with (aligned_rng(args.seed, min(500, args.anp_iterations)) if args.aligned_rng
               else contextlib.nullcontext()):
             ours = anp_masks(model, xn, y, cfg, seed=args.seed)
         t_ours = time.perf_counter() - t
@@ -476,7 +419,7 @@ def main(argv=None):
         off, off_unlearn = official_rnp(args.rnp_code, model, xn, y, cfg, args.seed)
         t_off = time.perf_counter() - t
         t = time.perf_counter()
-        with aligned_rng(args.seed, 1, args.exact_bn) if args.aligned_rng else contextlib.nullcontext():
+        with aligned_rng(args.seed, 1) if args.aligned_rng else contextlib.nullcontext():
             u, our_unlearn = rnp_unlearn(model, xn, y, cfg, seed=args.seed)
             ours = recover_masks(u, None, xn, y, lr=cfg.recover_lr, epochs=cfg.recover_epochs, alpha=cfg.alpha,
                                  batch_size=cfg.batch_size, seed=args.seed, mask_on=cfg.mask_on,

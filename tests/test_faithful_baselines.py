@@ -15,7 +15,7 @@ from train_helpers import quadrant_data as _data, fit
 from onp_fast import models
 from onp_fast.defenses import ANPConfig, FTSAMConfig, RNPConfig
 from onp_fast.defenses.anp import Perturbation, anp_masks, noise_step, working_copy
-from onp_fast.defenses.rnp import recover_masks, rnp_unlearn
+from onp_fast.defenses.rnp import WeightMasks, recover_masks, rnp_unlearn
 from onp_fast.groups import find_groups
 from onp_fast.prepare.finetune import smooth_cross_entropy
 from onp_fast.repair import RepairConfig, repair
@@ -75,13 +75,13 @@ def test_anp_noise_step_is_eps_over_steps_times_the_sign_and_unclamped(trained):
     lr = cfg.eps / cfg.noise_steps
     work = working_copy(m, "train")
     g = torch.Generator().manual_seed(3)
+    ref_model = copy.deepcopy(work)  # before the layers' forwards are replaced
     with Perturbation(work) as p:
         for n in p.names:  # a known start on the faces of [-eps, eps]: a clamp there would show
             p.noise[n] = torch.where(torch.rand(len(p.noise[n]), generator=g) < 0.5, -cfg.eps, cfg.eps)
             p.noise_b[n] = torch.where(torch.rand(len(p.noise[n]), generator=g) < 0.5, -cfg.eps, cfg.eps)
         start = {n: (p.noise[n].clone(), p.noise_b[n].clone()) for n in p.names}
         # The reference gradient of CE(perturbed) at the start, masks at 1: weight * (1 + d), bias * (1 + d_b).
-        ref_model = copy.deepcopy(work)
         leaves = {n: (s.clone().requires_grad_(True), sb.clone().requires_grad_(True)) for n, (s, sb) in start.items()}
         loss = _ce_with_bn(ref_model, x, y, {n: 1 + d for n, (d, _) in leaves.items()},
                            {n: 1 + db for n, (_, db) in leaves.items()})
@@ -98,6 +98,48 @@ def test_anp_noise_step_is_eps_over_steps_times_the_sign_and_unclamped(trained):
                 assert (now.abs() <= 2 * cfg.eps + 1e-6).all()  # start in [-eps, eps] + at most eps of steps
                 beyond += int((now.abs() > cfg.eps + 1e-6).sum())
         assert moved > 100 and beyond > 50  # the official code does not clamp back to [-eps, eps]
+
+
+def _scaled(norm, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    return norm
+
+
+@pytest.mark.parametrize("kind", ["batch", "layer"])
+def test_anp_and_rnp_masks_compute_the_official_layers_arithmetic_bit_for_bit(kind):
+    """NoisyBatchNorm2d / MaskBatchNorm2d: F.batch_norm of the input with gamma * coeff and beta * coeff_b, the
+    running statistics updated once per forward; LayerNorm alike. Rescaling the layer's output instead rounds
+    differently, so torch.equal tells the two apart."""
+    norm = _scaled(torch.nn.BatchNorm2d(6) if kind == "batch" else torch.nn.LayerNorm(6), 0).train()
+    x = torch.randn(16, 6, 5, 5) * 3 + 1 if kind == "batch" else torch.randn(16, 7, 6) * 3 + 1
+    ref = copy.deepcopy(norm)
+    model = torch.nn.Sequential(norm)
+
+    def official(weight, bias):
+        if kind == "layer":
+            return F.layer_norm(x, (6,), weight, bias, ref.eps)
+        return F.batch_norm(x, ref.running_mean, ref.running_var, weight, bias, True, ref.momentum, ref.eps)
+
+    g = torch.Generator().manual_seed(1)
+    with Perturbation(model) as p:
+        m, d, db = (torch.rand(6, generator=g) for _ in range(3))
+        p.masks["0"].data.copy_(m)
+        p.noise["0"], p.noise_b["0"] = (d - 0.5) * 0.8, (db - 0.5) * 0.8
+        p.perturbed = True
+        got = model(x)
+        assert torch.equal(got, official(ref.weight * (m + p.noise["0"]), ref.bias * (1.0 + p.noise_b["0"])))
+        p.perturbed = False
+        assert torch.equal(model(x), official(ref.weight * m, ref.bias))
+        if kind == "batch":  # two forwards, two updates, as the official layer's
+            assert torch.equal(norm.running_mean, ref.running_mean) and int(norm.num_batches_tracked) == 2
+    for shift in (False, True):
+        with WeightMasks(model, shift=shift) as w:
+            w.masks["0"].data.copy_(m)
+            assert torch.equal(model(x), official(ref.weight * m, ref.bias * m if shift else ref.bias))
+    assert "forward" not in norm.__dict__ and torch.equal(model(x), official(ref.weight, ref.bias))  # restored
 
 
 def test_anp_in_train_mode_leaves_the_callers_model_and_statistics_alone(trained):

@@ -77,39 +77,75 @@ def check_mode(field: str, value: str, allowed: tuple[str, ...]) -> None:
         raise UserError(f"{field} must be one of {', '.join(allowed)}, not {value!r}")
 
 
-class Perturbation:
-    """ANP's NoisyBatchNorm2d as forward hooks on `model`'s affine norm layers: masks [C] (leaves, init 1),
-    noise and noise_b [C] (init 0). While `perturbed`, a layer's affine part is gamma * (mask + noise) and
-    beta * (1 + noise_b); otherwise gamma * mask and beta. Use as a context manager (hooks removed on exit)."""
+def scaled_norm(mod: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`mod`'s own forward on x [N, C, ...] with its affine weight and bias replaced by `weight` and `bias` [C]:
+    the arithmetic of the official NoisyBatchNorm2d / MaskBatchNorm2d (F.batch_norm of the input with the scaled
+    parameters, running statistics and momentum handled as nn.BatchNorm does); F.layer_norm / F.group_norm for
+    LayerNorm / GroupNorm."""
+    if isinstance(mod, nn.LayerNorm):
+        return F.layer_norm(x, mod.normalized_shape, weight, bias, mod.eps)
+    if isinstance(mod, nn.GroupNorm):
+        return F.group_norm(x, mod.num_groups, weight, bias, mod.eps)
+    mod._check_input_dim(x)
+    factor = 0.0 if mod.momentum is None else mod.momentum
+    if mod.training and mod.track_running_stats and mod.num_batches_tracked is not None:
+        mod.num_batches_tracked.add_(1)
+        factor = 1.0 / float(mod.num_batches_tracked) if mod.momentum is None else mod.momentum
+    batch_stats = mod.training or (mod.running_mean is None and mod.running_var is None)
+    keep = not mod.training or mod.track_running_stats
+    return F.batch_norm(x, mod.running_mean if keep else None, mod.running_var if keep else None, weight, bias,
+                        batch_stats, factor, mod.eps)
 
-    def __init__(self, model: nn.Module):
+
+class ScaledNorms:
+    """Per-channel coefficients on the affine parameters of `model`'s norm layers: while installed, layer n
+    computes scaled_norm(x, gamma * w_n, beta * b_n) with (w_n, b_n) = self.coefficients(n) (b_n None: beta
+    unchanged). The layers' forward is replaced (not hooked), so the masked layer costs one norm pass, as the
+    official layers do. masks [C] per layer: leaves, init 1. Use as a context manager (forwards restored on
+    exit); only on a working copy."""
+
+    def __init__(self, model: nn.Module, method: str):
         self.layers = norm_layers(model)
         if not self.layers:
-            raise UserError("anp: the model has no affine norm layer (ANP perturbs BatchNorm channels)")
+            raise UserError(f"{method}: the model has no affine norm layer ({method.upper()} masks BatchNorm "
+                            f"channels)")
         self.names = [n for n, _, _ in self.layers]
         self.masks = {n: torch.ones(m.weight.shape[0], device=m.weight.device, requires_grad=True)
                       for n, m, _ in self.layers}
-        self.noise = {n: torch.zeros_like(self.masks[n]).detach() for n in self.names}
-        self.noise_b = {n: torch.zeros_like(self.masks[n]).detach() for n in self.names}
-        self.perturbed = False
-        self.handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: self._hook(mod, o, n, d))
-                        for n, m, d in self.layers]
+        for n, m, _ in self.layers:
+            m.forward = lambda x, m=m, n=n: self._forward(m, x, n)
 
-    def _hook(self, mod, out, name, dim):
-        shape = [1] * out.dim()
-        shape[dim] = -1
-        beta = mod.bias.view(shape) if mod.bias is not None else 0.0
-        if self.perturbed:
-            return (out - beta) * (self.masks[name] + self.noise[name]).view(shape) \
-                + beta * (1 + self.noise_b[name].view(shape))
-        return (out - beta) * self.masks[name].view(shape) + beta
+    def coefficients(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def _forward(self, mod: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+        w, b = self.coefficients(name)
+        bias = mod.bias if mod.bias is None or b is None else mod.bias * b
+        return scaled_norm(mod, x, mod.weight * w, bias)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+        for _, m, _ in self.layers:
+            del m.forward
+
+
+class Perturbation(ScaledNorms):
+    """ANP's NoisyBatchNorm2d on `model`'s affine norm layers: masks [C] (init 1), noise and noise_b [C] (init
+    0). While `perturbed`, a layer's affine part is gamma * (mask + noise) and beta * (1 + noise_b); otherwise
+    gamma * mask and beta, as the official layer computes them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, "anp")
+        self.noise = {n: torch.zeros_like(self.masks[n]).detach() for n in self.names}
+        self.noise_b = {n: torch.zeros_like(self.masks[n]).detach() for n in self.names}
+        self.perturbed = False
+
+    def coefficients(self, name):
+        if self.perturbed:
+            return self.masks[name] + self.noise[name], 1.0 + self.noise_b[name]
+        return self.masks[name], None
 
 
 def batch_indices(n: int, batch_size: int, g: torch.Generator) -> torch.Tensor:

@@ -47,11 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UserError
 from ..groups import NeuronGroups
 from ..prepare import DefenseContext, unlearn
 from ..progress import bar
-from .anp import check_mode, group_scores, norm_layers, own_rule_groups, working_copy
+from .anp import ScaledNorms, check_mode, group_scores, own_rule_groups, working_copy
 from .base import Defense, register
 
 
@@ -133,35 +132,16 @@ def rnp_unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RNPConf
                       "stop_check": "epoch"}
 
 
-class WeightMasks:
-    """The official MaskBatchNorm2d as forward hooks: each affine norm channel's output becomes
-    gamma * m * x_hat + beta (the mask on the weight only; with shift=True, (gamma * x_hat + beta) * m)."""
+class WeightMasks(ScaledNorms):
+    """The official MaskBatchNorm2d on `model`'s affine norm layers: each channel's output is gamma * m * x_hat +
+    beta (the mask on the weight only; with shift=True, (gamma * x_hat + beta) * m, the shift masked too)."""
 
     def __init__(self, model: nn.Module, shift: bool = False):
-        layers = norm_layers(model)
-        if not layers:
-            raise UserError("rnp: the model has no affine norm layer (RNP masks BatchNorm channels)")
-        self.masks = {n: torch.ones(m.weight.shape[0], device=m.weight.device, requires_grad=True)
-                      for n, m, _ in layers}
+        super().__init__(model, "rnp")
         self.shift = shift
-        self.handles = [m.register_forward_hook(lambda mod, i, o, n=n, d=d: self._hook(mod, o, n, d))
-                        for n, m, d in layers]
 
-    def _hook(self, mod, out, name, dim):
-        shape = [1] * out.dim()
-        shape[dim] = -1
-        m = self.masks[name].view(shape)
-        if self.shift or mod.bias is None:
-            return out * m
-        beta = mod.bias.view(shape)
-        return (out - beta) * m + beta
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+    def coefficients(self, name):
+        return self.masks[name], self.masks[name] if self.shift else None
 
 
 def recover_masks(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0.2,
@@ -178,16 +158,16 @@ def recover_masks(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y
     per_epoch = _batch_count(len(x), batch_size, train)
     if mask_on == "group":
         m = torch.ones(groups.num_groups, requires_grad=True)
-        params, hooks = [m], None
+        params, weight_masks = [m], None
     else:
-        hooks = WeightMasks(work)
-        params = list(hooks.masks.values())
+        weight_masks = WeightMasks(work)
+        params = list(weight_masks.masks.values())
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     try:
         with bar(epochs * per_epoch, "rnp recover", progress) as shown:
             for _ in range(epochs):
                 for idx in _batches(len(x), batch_size, g, train):
-                    if hooks is None:
+                    if weight_masks is None:
                         with groups.masked(work, m):
                             loss = alpha * F.cross_entropy(work(x[idx]), y[idx])
                     else:
@@ -200,11 +180,11 @@ def recover_masks(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y
                             p.clamp_(0, 1)
                     shown.update(1)
     finally:
-        if hooks is not None:
-            hooks.__exit__()
-    if hooks is None:
+        if weight_masks is not None:
+            weight_masks.__exit__()
+    if weight_masks is None:
         return m.detach().float()
-    return {n: v.detach().cpu().clone() for n, v in hooks.masks.items()}
+    return {n: v.detach().cpu().clone() for n, v in weight_masks.masks.items()}
 
 
 def rnp_scores(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0.2,
