@@ -63,13 +63,10 @@ class ANPConfig:
     bn_mode: str = "train"  # "train" (official, on a copy) | "eval" (ours before)
 
 
-def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
-    """(name, module, channel dim of its output) of every affine norm layer, in module order."""
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, _NORMS) and getattr(mod, "weight", None) is not None:
-            out.append((name, mod, -1 if isinstance(mod, nn.LayerNorm) else 1))
-    return out
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every affine norm layer, in module order."""
+    return [(name, mod) for name, mod in model.named_modules()
+            if isinstance(mod, _NORMS) and getattr(mod, "weight", None) is not None]
 
 
 def check_mode(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -109,10 +106,10 @@ class ScaledNorms:
         if not self.layers:
             raise UserError(f"{method}: the model has no affine norm layer ({method.upper()} masks BatchNorm "
                             f"channels)")
-        self.names = [n for n, _, _ in self.layers]
+        self.names = [n for n, _ in self.layers]
         self.masks = {n: torch.ones(m.weight.shape[0], device=m.weight.device, requires_grad=True)
-                      for n, m, _ in self.layers}
-        for n, m, _ in self.layers:
+                      for n, m in self.layers}
+        for n, m in self.layers:
             m.forward = lambda x, m=m, n=n: self._forward(m, x, n)
 
     def coefficients(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -127,7 +124,7 @@ class ScaledNorms:
         return self
 
     def __exit__(self, *exc):
-        for _, m, _ in self.layers:
+        for _, m in self.layers:
             del m.forward
 
 
