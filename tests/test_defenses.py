@@ -219,6 +219,19 @@ def test_anp_without_norm_layers_is_a_user_error():
         anp_masks(net, torch.randn(8, 1, 8, 8), torch.arange(8) % 4, ANPConfig(iterations=1))
 
 
+@pytest.mark.parametrize("method,item", [("anp", "anp.bn_mode=batch"), ("anp", "anp.noise_step=adam"),
+                                         ("rnp", "rnp.stop_check=never"), ("rnp", "rnp.mask_on=bias")])
+def test_a_bad_mode_fails_when_the_defense_is_built_before_any_work(trained, monkeypatch, method, item):
+    """Repair builds the defense before prepare: a mode outside its choices is a one-line UserError then."""
+    m, x, y = trained
+    _, configs = apply_params([item], [method])
+    with pytest.raises(UserError, match=item.split("=")[0].replace(".", r"\.") + " must be one of"):
+        get(method, configs[method])
+    monkeypatch.setattr("onp_fast.repair.pipeline.prepare", lambda *a, **k: pytest.fail("prepare ran"))
+    with pytest.raises(UserError, match="must be one of"):
+        repair(m, x, y, NUM_CLASSES, method=method, method_config=configs[method], progress=False)
+
+
 def test_rnp_unlearning_stops_at_the_accuracy_threshold(trained, monkeypatch):
     unlearn_mod = importlib.import_module("onp_fast.prepare.unlearn")  # the package re-exports unlearn()
     m, x, y = trained

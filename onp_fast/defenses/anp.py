@@ -62,6 +62,11 @@ class ANPConfig:
     noise_step: str = "sign"  # "sign" (official) | "grad" (ours before: eps/steps * grad, clamped to [-eps, eps])
     bn_mode: str = "train"  # "train" (official, on a copy) | "eval" (ours before)
 
+    def check(self) -> None:
+        """UserError (one line) for a mode that is not one of its choices."""
+        check_mode("anp.noise_step", self.noise_step, ("sign", "grad"))
+        check_mode("anp.bn_mode", self.bn_mode, ("train", "eval"))
+
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every affine norm layer, in module order."""
@@ -190,8 +195,7 @@ def anp_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConfig
     Works on a deep copy: the model's weights and BN statistics are not changed. progress: a bar of the
     iterations on stderr (onp_fast.progress.bar)."""
     cfg = cfg or ANPConfig()
-    check_mode("anp.noise_step", cfg.noise_step, ("sign", "grad"))
-    check_mode("anp.bn_mode", cfg.bn_mode, ("train", "eval"))
+    cfg.check()
     if cfg.bn_mode == "train" and cfg.batch_size < 2 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise UserError("anp: bn_mode 'train' needs batch_size >= 2 (BatchNorm on batch statistics)")

@@ -33,6 +33,9 @@ class Defense:
         if config is not None and self.Config is not None and not isinstance(config, self.Config):
             raise UserError(f"{self.name}: config must be a {self.Config.__name__}")
         self.config = config if config is not None else (self.Config() if self.Config is not None else None)
+        check = getattr(self.config, "check", None)
+        if check is not None:  # a bad setting fails here, before any work
+            check()
 
     def config_dict(self) -> dict:
         return asdict(self.config) if self.config is not None else {}

@@ -70,11 +70,11 @@ class RNPConfig:
     bn_mode: str = "train"  # "train" (official, on copies) | "eval" (ours before)
     mask_on: str = "norm_weight"  # "norm_weight" (official) | "group" (ours before)
 
-
-def _check(cfg: RNPConfig) -> None:
-    check_mode("rnp.stop_check", cfg.stop_check, ("epoch", "step"))
-    check_mode("rnp.bn_mode", cfg.bn_mode, ("train", "eval"))
-    check_mode("rnp.mask_on", cfg.mask_on, ("norm_weight", "group"))
+    def check(self) -> None:
+        """UserError (one line) for a mode that is not one of its choices."""
+        check_mode("rnp.stop_check", self.stop_check, ("epoch", "step"))
+        check_mode("rnp.bn_mode", self.bn_mode, ("train", "eval"))
+        check_mode("rnp.mask_on", self.mask_on, ("norm_weight", "group"))
 
 
 def _batch_count(n: int, batch_size: int, train: bool) -> int:
@@ -96,7 +96,7 @@ def rnp_unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RNPConf
     parameters frozen; info: steps, epochs, accuracy (the last epoch's), epoch_accuracy (every epoch's),
     reached (whether accuracy <= unlearn_target)). x: [N, C, H, W] normalised; y: [N] int64."""
     cfg = cfg or RNPConfig()
-    _check(cfg)
+    cfg.check()
     train = cfg.bn_mode == "train"
     u = copy.deepcopy(model).train(train)
     for p in u.parameters():
@@ -218,7 +218,6 @@ class RNP(Defense):
         "norm_weight"; -inf for a group with none). Unlearning runs here (the official loop), or with
         stop_check "step" reuses prepare's copy when its settings match."""
         c = self.config
-        _check(c)
         if _prepare_unlearns_like(c, ctx):
             unlearned, info, shared = ctx.unlearned, ctx.unlearn_info, True
         else:
