@@ -127,23 +127,24 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     configs: {method: its Config} (missing: published defaults). log: optional callable(str) for progress.
     Each row: the method's CA/ASR/RA/DER, its re-activation (`reactivation_epochs` clean epochs, pruned groups
     held at zero; 0: skipped) and the retuning attack (`retune`, `retune_epochs`; 0: skipped).
-    Everything runs on cfg.device within cfg.max_memory (a training batch it cannot hold is an error before any
-    work: `training_batches`, the re-activation's and the retuning attack's batches).
+    Everything runs on cfg.device within cfg.max_memory (a training step it cannot hold whole runs as
+    micro-batches; a budget under a step's smallest micro-batch is an error before any work: `training_batches`,
+    the re-activation's and the retuning attack's batches).
     Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "reward_backend", "oracle_rule",
     "peak_memory" (`repair.pipeline.memory_part` at the end)} (fractions, seconds); an ONP row also has
     "policy_reward" (its policy phase's backend, masks/s, images/s)."""
     cfg = cfg or RepairConfig()
     specs = [method_spec(m) for m in (methods or DEFAULT_METHODS)]
     defenses = [get(name, (configs or {}).get(name)) for name, _ in specs]
-    cfg = checked_config(x, y, num_classes, cfg)
+    cfg = checked_config(x, y, num_classes, cfg).for_model(model)
     batches = training_batches(y, cfg, [(d, purify_mode_of(cfg, d, mode)) for (_, mode), d in zip(specs, defenses)])
     if reactivation_epochs > 0:
-        batches["the re-activation fine-tune"] = min(FINETUNE_BATCH, len(x))
+        batches["the re-activation fine-tune"] = (min(FINETUNE_BATCH, len(x)), 2)
     if retune_epochs > 0:
-        batches["the retuning attack"] = min(RETUNE_BATCH, len(x) + 5)
+        batches["the retuning attack"] = (min(RETUNE_BATCH, len(x) + 5), 2)
     check_training_budget(model, x, batches, cfg)
     device = torch.device(cfg.device)
-    test = (test_x, test_y, mean, std, cfg.max_memory)
+    test = (test_x, test_y, mean, std, cfg.activation_memory)
     say = log or (lambda s: None)
     first = next(model.parameters(), None)
     here = first is None or first.device == device  # the CLI's model is on the device already
@@ -180,12 +181,12 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
                                **at_depth(defense, ctx, res, own["own_rule_groups"], before, test, attack, target)}
         if reactivation_epochs > 0:
             ft = finetune_pruned(copy.deepcopy(res.model), res.groups, res.prune, x, y, epochs=reactivation_epochs,
-                                 seed=cfg.seed, max_memory=cfg.max_memory)
+                                 seed=cfg.seed, max_memory=cfg.activation_memory)
             re = _eval(ft, test, attack, target)
             row["reactivation"] = {"epochs": reactivation_epochs, "ca": re["ca"], "asr": re["asr"]}
         if retune_epochs > 0:
             rt = _eval(retune(res.model, res.groups, x, y, mean, std, attack, target, epochs=retune_epochs,
-                              seed=cfg.seed, max_memory=cfg.max_memory), test, attack, target)
+                              seed=cfg.seed, max_memory=cfg.activation_memory), test, attack, target)
             row["retune"] = {"epochs": retune_epochs, "poisoned": 5, "ca": rt["ca"], "asr": rt["asr"]}
         row["oracle"] = oracle(defense, ctx, res, before, test, attack, target, oracle_tolerance)
         rows.append(row)

@@ -1,6 +1,7 @@
 """Memory budgets (`--max-memory`, RepairConfig.max_memory): parse sizes like "512MB", estimate what a model's
-forward takes per image, pick how many images (or masks) run at once under a budget, refuse a fixed batch that
-does not fit, and read the process's peak memory. One place for each, shared by every layer above.
+forward takes per image, pick how many images (or masks) run at once under a budget, split a training step into
+micro-batches (refusing one whose smallest micro-batch does not fit), and read the process's peak memory. One
+place for each, shared by every layer above.
 
 The budget covers activations (the tensors a forward creates), not the weights."""
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch.utils._pytree import tree_flatten
 from .errors import UserError
 
 DEFAULT_MAX_MEMORY = "1GB"  # the activation budget wherever none is given (RepairConfig, RewardEngine, the CLI)
+RUNTIME_RESERVE = 1024**3  # of a whole-process budget: torch, the data, the bookkeeping (docs/design.md)
+MODEL_COPIES = 10  # of a whole-process budget: the copies of the model's weights a repair holds at once
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
@@ -37,6 +40,14 @@ def parse_memory(value: int | float | str) -> int:
     if size < 1:
         raise UserError(f"memory budget must be at least one byte, got {value!r}")
     return size
+
+
+def reserved_bytes(model: nn.Module) -> int:
+    """What a repair's whole-process memory budget keeps for other than activations: RUNTIME_RESERVE plus
+    MODEL_COPIES x the bytes of `model`'s parameters and buffers (the frozen and unlearned copies, the pruned
+    one, purification's teacher, saved states and optimiser buffers)."""
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return RUNTIME_RESERVE + MODEL_COPIES * weights
 
 
 def format_bytes(n: float) -> str:
@@ -125,19 +136,39 @@ def fit_batch(model: nn.Module, sample: torch.Tensor, budget: int | str | None, 
     return max(1, min(cap, budget // per))
 
 
-def check_batch(model: nn.Module, sample: torch.Tensor, batch: int, budget: int | str | None, what: str) -> None:
-    """Where the batch is part of the algorithm (BatchNorm in training mode normalises over it; one SGD step
-    is taken per batch), it is never split: UserError (one line, naming `what` and the budget it needs) when
-    `batch` images of `model` (shaped like sample [n, ...]) need more than `budget` by `activation_bytes`.
-    budget None: nothing is checked."""
-    if budget is None or batch < 1 or len(sample) == 0:
-        return
+def micro_batch(model: nn.Module, sample: torch.Tensor, batch: int, budget: int | str | None, what: str = "a step",
+                min_size: int = 2) -> int:
+    """Images per micro-batch of a training step of `batch` images of `model` (shaped like sample [n, ...]) whose
+    gradients are accumulated over micro-batches: `batch` when `budget` (bytes or a size string; None: no budget)
+    holds them all by `activation_bytes` (the step then runs whole, as without a budget), else the most that fit
+    (`fit_batch`), at least `min_size` (2 where BatchNorm runs in training mode and needs two images to
+    normalise over, 1 in eval mode). UserError (one line, naming `what` and the budget needed) when not even
+    min(min_size, batch) images fit."""
+    batch = max(1, int(batch))
+    if budget is None or len(sample) == 0:
+        return batch
     budget = parse_memory(budget)
-    need = activation_bytes(model, sample) * batch
+    smallest = min(max(1, min_size), batch)
+    need = activation_bytes(model, sample) * smallest
     if need > budget:
-        raise UserError(f"max_memory {format_bytes(budget)} is too small for {what}, a batch of {batch} images "
-                        f"kept whole (it is part of the algorithm): it needs about {format_bytes(need)} "
+        whole = f" (of a step's {batch})" if smallest < batch else ""
+        raise UserError(f"max_memory {format_bytes(budget)} is too small for {what}: even a micro-batch of "
+                        f"{smallest} image{'s' if smallest > 1 else ''}{whole} needs about {format_bytes(need)} "
                         f"(raise --max-memory / max_memory to at least that)")
+    return fit_batch(model, sample, budget, batch)
+
+
+def check_batch(model: nn.Module, sample: torch.Tensor, batch: int, budget: int | str | None, what: str, *,
+                min_size: int = 2) -> int:
+    """A training step of `batch` images (BatchNorm in training mode, one SGD step per batch) is split into
+    micro-batches with its gradients accumulated when `budget` cannot hold it whole (`micro_batch`): UserError
+    (one line, naming `what` and the budget it needs) only when not even a micro-batch of `min_size` images
+    (2 by default: BatchNorm in training mode) of `model` (shaped like sample [n, ...]) fits `budget` by
+    `activation_bytes`; what callers run before any long work. budget None: nothing is checked. -> the
+    micro-batch size (`batch` when not split)."""
+    if batch < 1:
+        return batch
+    return micro_batch(model, sample, batch, budget, what, min_size)
 
 
 def peak_memory(device: str | torch.device = "cpu") -> dict:

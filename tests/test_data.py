@@ -189,3 +189,18 @@ def test_npz_loader(tmp_path):
     assert not os.path.exists(tmp_path / "nope.npz")
     with pytest.raises(UserError, match="not found"):
         load_dataset(f"npz:{tmp_path / 'nope.npz'}")
+
+
+def test_a_split_of_one_image_per_class_still_holds_out_images():
+    """40 classes of one image each (many classes, few images): the singletons are split as one pool, a fifth
+    held out; classes with 2+ images keep their own share as before."""
+    from onp_fast.data import stratified_split
+
+    a, b = stratified_split(torch.arange(40), 0.2, seed=0)
+    assert len(b) == 8 and len(a) == 32 and sorted(torch.cat([a, b]).tolist()) == list(range(40))
+    assert stratified_split(torch.arange(40), 0.2, seed=1)[1].tolist() != b.tolist()  # seeded, not by class id
+    y = torch.cat([torch.arange(10).repeat(5), torch.tensor([10, 11])])  # 10 classes of 5, two singletons
+    a, b = stratified_split(y, 0.2, seed=0)
+    assert all(int((y[b] == c).sum()) == 1 for c in range(10)) and len(b) == 10  # round(0.2 x 2) = 0 of the pool
+    a, b = stratified_split(torch.tensor([0, 1]), 0.2, seed=0)
+    assert len(a) == 1 and len(b) == 1  # b would be empty: one goes there

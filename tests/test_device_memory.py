@@ -19,10 +19,10 @@ from onp_fast.defenses import ONPConfig
 from onp_fast.errors import UserError
 from onp_fast.groups import find_groups
 from onp_fast.io import save_model
-from onp_fast.memory import activation_bytes, fit_batch, parse_memory
-from onp_fast.prepare import RepairConfig, accuracy_of
+from onp_fast.memory import activation_bytes, fit_batch, parse_memory, reserved_bytes
+from onp_fast.prepare import RepairConfig, accuracy_of, prepare
 from onp_fast.repair import repair
-from onp_fast.reward import GroupPoints, RewardEngine
+from onp_fast.reward import GroupPoints, RewardEngine, RewardWeights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,24 +156,24 @@ def test_device_cpu_gives_the_same_masks_and_report_as_no_flag(files, tmp_path):
 def test_the_report_and_the_summary_carry_the_peak_memory(files, tmp_path):
     out = tmp_path / "o.pt"
     res = _run(["repair", files["model"], "--dataset", files["data"], "--out", out, "--defense-size", "60",
-                "--method", "clp", "--purify", "none", "--skip-accuracy-check", "--max-memory", "256MB"])
+                "--method", "clp", "--purify", "none", "--skip-accuracy-check", "--max-memory", "2GB"])
     assert res.exit_code == 0, res.output
     part = json.loads((tmp_path / "o.report.json").read_text())["peak_memory"]
     assert part["rss_bytes"] > 10 * 2**20  # a Python process with torch loaded: tens of MiB at least
     assert part["cuda_max_allocated_bytes"] is None  # on the CPU
-    assert (part["device"], part["max_memory"], part["max_memory_bytes"]) == ("cpu", "256MB", 256 * 10**6)
+    assert (part["device"], part["max_memory"], part["max_memory_bytes"]) == ("cpu", "2GB", 2 * 10**9)
     line = [s for s in res.output.splitlines() if s.startswith("peak memory:")]
-    assert len(line) == 1 and "resident" in line[0] and "--max-memory 256MB" in line[0], res.output
+    assert len(line) == 1 and "resident" in line[0] and "--max-memory 2GB" in line[0], res.output
 
 
 def test_compare_json_carries_the_peak_memory(files, tmp_path):
     out = tmp_path / "r.json"
     res = _run(["compare", files["model"], "--dataset", files["data"], "--attack-spec", files["spec"], "--json", out,
                 "--methods", "clp", "--reactivation-epochs", "0", "--retune-epochs", "0", "--defense-size", "40",
-                "--param", "repair.purify=none", "--skip-accuracy-check", "--quiet", "--max-memory", "64MB"])
+                "--param", "repair.purify=none", "--skip-accuracy-check", "--quiet", "--max-memory", "2GB"])
     assert res.exit_code == 0, res.output
     part = json.loads(out.read_text())["peak_memory"]
-    assert part["rss_bytes"] > 10 * 2**20 and part["max_memory_bytes"] == 64 * 10**6
+    assert part["rss_bytes"] > 10 * 2**20 and part["max_memory_bytes"] == 2 * 10**9
     assert part["device"] == "cpu" and part["cuda_max_allocated_bytes"] is None
 
 
@@ -200,9 +200,9 @@ def test_max_memory_reaches_the_reward_engine_of_repair_and_the_rewards_stay(mon
     onp = ONPConfig(iterations=2, samples=8)
     cfg = dict(reward_batch=48, seed=3, purify="none")
     seen = _chunks_seen(monkeypatch)
-    big = repair(m, x, y, NUM_CLASSES, "onp", RepairConfig(**cfg, max_memory="1GB"), onp, progress=False)
+    big = repair(m, x, y, NUM_CLASSES, "onp", RepairConfig(**cfg, max_memory="2GB"), onp, progress=False)
     assert [(k, n) for k, n, _ in seen[:2]] == [(8, 48), (8, 48)]  # the policy's two iterations: 8 masks, 48 images
-    assert all(c == k for k, _, c in seen)  # 1GB holds every call's masks at once
+    assert all(c == k for k, _, c in seen)  # 2GB (about 1GB of it for activations) holds every call's masks at once
     # a budget that holds the policy's 8 masks about two at a time (the engine's own estimate) and every training
     # batch (unlearning: the 48 images of D_opt)
     probe = RewardEngine(m, GroupPoints(find_groups(m, (1, 8, 8))), strategy="batched")
@@ -210,9 +210,11 @@ def test_max_memory_reaches_the_reward_engine_of_repair_and_the_rewards_stay(mon
     budget = max(shared + 2 * per_mask, 48 * activation_bytes(m, x))
     assert budget < shared + 8 * per_mask, "the test needs a budget under the policy's 8 masks"
     seen.clear()
-    small = repair(m, x, y, NUM_CLASSES, "onp", RepairConfig(**cfg, max_memory=int(budget)), onp, progress=False)
+    whole = reserved_bytes(m) + int(budget)  # the process's budget: the weights' and runtime's share, then that
+    small = repair(m, x, y, NUM_CLASSES, "onp", RepairConfig(**cfg, max_memory=whole), onp, progress=False)
     assert all(c < 8 for _, _, c in seen[:2]), seen  # several chunks per policy call
-    assert small.report["peak_memory"]["max_memory_bytes"] == int(budget)
+    assert small.report["peak_memory"]["max_memory_bytes"] == whole
+    assert small.report["config"]["reserved_memory"] == reserved_bytes(m)
     assert torch.equal(big.prune, small.prune) and torch.equal(big.scores, small.scores)
     assert big.report["details"]["reward_curve"] == small.report["details"]["reward_curve"]
     assert big.report["stopping_rule"]["table"] == small.report["stopping_rule"]["table"]
@@ -230,20 +232,81 @@ def test_the_cli_budget_reaches_the_reward_engine(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine_mod.RewardEngine, "__init__", init)
     res = _run(["repair", files["model"], "--dataset", files["data"], "--out", tmp_path / "o.pt", "--defense-size",
-                "60", *ONP_FAST, "--max-memory", "3MB"])
+                "60", *ONP_FAST, "--max-memory", str(reserved_bytes(files["module"]) + 3 * 10**6)])
     assert res.exit_code == 0, res.output
-    assert budget and set(budget) == {3 * 10**6}
+    assert budget and set(budget) == {3 * 10**6}  # what the weights and the runtime leave to activations
     assert any(c < k for k, _, c in seen), seen  # 3MB splits the policy's masks on this model
 
 
-def test_a_training_batch_the_budget_cannot_hold_is_an_error_before_any_work(files, tmp_path, monkeypatch):
+def _micro_sizes(monkeypatch) -> list:
+    """Records (images of the step, images per micro-batch) of every fine-tuning (finetune_pruned) run."""
+    import onp_fast.prepare.finetune as finetune_mod
+
+    seen = []
+    real = finetune_mod.micro_batch
+
+    def spy(model, sample, batch, *a, **k):
+        seen.append((batch, real(model, sample, batch, *a, **k)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(finetune_mod, "micro_batch", spy)
+    return seen
+
+
+def test_a_training_batch_the_budget_cannot_hold_is_split_into_micro_batches(files, tmp_path, monkeypatch):
+    """The command that stopped before any work while training batches were never split (1MB: unlearning's 48
+    images need about 2.8 MiB) now runs: unlearning and purification (sam+proxy: 48 images and their 48
+    proxy-stamped copies) take their steps in micro-batches of the images the budget holds."""
+    per_image = activation_bytes(files["module"], normalize(files["test"][0], MEAN, STD))
+    fits = 10**6 // per_image
+    assert 2 <= fits < 48, "the test needs a budget between 2 images and unlearning's 48"
+    seen = _micro_sizes(monkeypatch)
+    res = _run(["repair", files["model"], "--dataset", files["data"], "--out", tmp_path / "o.pt", "--defense-size",
+                "60", "--iterations", "2", "--samples", "4", "--purify", "sam+proxy", "--purify-epochs", "1", "--quiet",
+                "--skip-accuracy-check", "--max-memory", str(reserved_bytes(files["module"]) + 10**6)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["unlearn"]["micro_batch"] == fits and report["unlearn"]["steps"] > 0
+    assert report["purify"]["mode"] == "sam+proxy" and report["purify"]["epochs"] == 1
+    assert seen == [(96, fits)], seen  # purification's one run: 48 images and their copies, split
+    assert report["peak_memory"]["max_memory_bytes"] == reserved_bytes(files["module"]) + 10**6
+
+
+def test_unlearning_in_micro_batches_gives_the_same_unlearned_model():
+    """prepare's unlearning (BatchNorm frozen) under a budget of 7 of its 48 images: the same steps and the same
+    weights up to float rounding as without a budget."""
+    m = _model(1)
+    x, y = _pixels(60, seed=4)
+    x = normalize(x, MEAN, STD)
+    cfg = dict(reward_batch=48, seed=3, purify="none", weights=RewardWeights(ca_t=0.0))  # no proxies to make
+    whole = prepare(m, x, y, NUM_CLASSES, RepairConfig(**cfg), progress=False)
+    budget = reserved_bytes(m) + 7 * activation_bytes(m, x)
+    split = prepare(m, x, y, NUM_CLASSES, RepairConfig(**cfg, max_memory=budget), progress=False)
+    assert whole.unlearn_info["micro_batch"] == 48 and split.unlearn_info["micro_batch"] == 7
+    info = {k: v for k, v in whole.unlearn_info.items() if k != "micro_batch"}
+    assert info == {k: v for k, v in split.unlearn_info.items() if k != "micro_batch"} and info["steps"] > 0
+    for p, q, r in zip(whole.unlearned.parameters(), split.unlearned.parameters(), m.parameters()):
+        assert torch.allclose(p, q, atol=1e-5, rtol=1e-4)
+    assert any(not torch.allclose(p, r, atol=1e-4) for p, r in zip(whole.unlearned.parameters(), m.parameters()))
+
+
+def test_a_budget_under_the_smallest_micro_batch_is_an_error_before_any_work(files, tmp_path, monkeypatch):
+    """Not even one image of unlearning (BatchNorm frozen), or two of purification (BatchNorm in training mode
+    normalises over them), fits: one line naming the phase, the micro-batch and the budget it needs, before
+    anything is prepared or written."""
     import onp_fast.repair.pipeline as pipeline
 
+    per_image = activation_bytes(files["module"], normalize(files["test"][0], MEAN, STD))
+    keep = reserved_bytes(files["module"])
     monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: pytest.fail("prepare ran"))
     line = one_line_error(_run(["repair", files["model"], "--dataset", files["data"], "--out", tmp_path / "o.pt",
-                                "--defense-size", "60", *ONP_FAST, "--max-memory", "1MB"]),
-                          "too small for unlearning", "batch of 48 images", "needs about")
+                                "--defense-size", "60", *ONP_FAST, "--max-memory", str(keep + per_image - 1)]),
+                          "too small for unlearning", "micro-batch of 1 image", "of a step's 48", "needs about")
     assert "--max-memory" in line
+    sam = [a if a != "none" else "sam" for a in ONP_FAST]  # --purify sam
+    one_line_error(_run(["repair", files["model"], "--dataset", files["data"], "--out", tmp_path / "o.pt",
+                         "--defense-size", "60", *sam, "--max-memory", str(keep + 2 * per_image - 1)]),
+                   "too small for purification (sam)", "micro-batch of 2 images", "of a step's 48", "needs about")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -93,3 +93,65 @@ def test_stamp_and_sample_give_each_image_a_proxy_of_another_class():
     top = ((fam == 1) & (c == 0)).float().mean()
     assert top > 0.9  # the anomalous (family, class) gets nearly every copy
     assert ((fam == 0) | (c != 0)).any()  # ... but not all of them
+
+
+def _many_class_task(classes: int, planted: bool, n: int = 240, seed: int = 0):
+    """`classes` classes on 8x8 images: class c is its own random prototype plus noise, read by a linear
+    classifier; planted: the TARGET logit also reads a 2x2 corner patch (a BadNets-like backdoor) -> (model,
+    x [n, 1, 8, 8], y [n])."""
+    g = torch.Generator().manual_seed(seed)
+    proto = torch.randn(classes, 64, generator=g)
+    proto = proto / proto.norm(dim=1, keepdim=True) * 3
+    y = torch.arange(n) % classes
+    x = (proto[y] + 0.3 * torch.randn(n, 64, generator=g)).reshape(n, 1, 8, 8)
+    lin = nn.Linear(64, classes)
+    with torch.no_grad():
+        lin.weight.copy_(proto)
+        lin.bias.zero_()
+        if planted:
+            corner = torch.zeros(1, 8, 8)
+            corner[:, :2, :2] = 1.0
+            lin.weight[TARGET] += 6.0 * corner.reshape(64)
+    return nn.Sequential(nn.Flatten(), lin).eval(), x, y
+
+
+def test_many_classes_are_screened_and_the_planted_target_is_refined_and_flagged():
+    """Planted: 40 classes, a corner-patch backdoor to TARGET. With at most 8 classes optimised, the screen must
+    rank TARGET first, the refined rows are its 4 leading candidates and 4 random reference classes, and the
+    anomaly index against the reference flags TARGET; the proxies' tensors hold 8 rows, not 40."""
+    model, x, y = _many_class_task(40, planted=True)
+    from onp_fast.prepare.trigger import screen_classes
+    scores = screen_classes(model, x, y, 40, steps=60, seed=0)
+    assert int(scores.argmax()) == TARGET
+    ps = synthesize_proxies(model, x, y, 40, steps=100, seed=0, max_classes=8)
+    assert len(ps.classes) == 8 and ps.masks.shape[0] == 8 and int(ps.reference.sum()) == 4
+    assert TARGET in ps.classes.tolist() and not bool(ps.reference[ps.row(TARGET)])
+    s = ps.suspect()
+    assert s.target == TARGET and s.anomaly_index >= 2.0
+    ref = ps.norms["patch"][ps.reference]  # the index is measured against the random reference classes only
+    med = ref.median()
+    mad = torch.maximum((ref - med).abs().median(), 0.05 * med)
+    assert torch.allclose(ps.z_scores("patch"), (med - ps.norms["patch"]) / (1.4826 * mad))
+    other = y != TARGET
+    assert (model(s.apply(x[other])).argmax(1) == TARGET).float().mean() > 0.9
+    fam, rows = ps.sample(y, torch.Generator().manual_seed(0))
+    assert not (ps.classes[rows] == y).any()  # a copy is never stamped towards its own class
+
+
+def test_without_a_backdoor_the_screened_classes_do_not_stand_out():
+    """The same 40-class task without the planted patch: whatever the screen picks, nothing is flagged."""
+    model, x, y = _many_class_task(40, planted=False)
+    ps = synthesize_proxies(model, x, y, 40, steps=100, seed=0, max_classes=8)
+    assert max(ps.anomaly().values()) < 2.0
+
+
+def test_with_few_classes_every_class_is_refined_as_before():
+    """At most max_classes classes: no screen, every class is a row and its own reference (the proxies are those
+    of a run that never heard of screening: rows = classes, the median over all)."""
+    x, y = _block_images(40)
+    ps = synthesize_proxies(_block_model(), x, y, 4, steps=5, seed=0, max_classes=4)
+    assert ps.classes.tolist() == [0, 1, 2, 3] and bool(ps.reference.all())
+    n = ps.norms["patch"]
+    med = n.median()
+    mad = torch.maximum((n - med).abs().median(), 0.05 * med.abs())
+    assert torch.allclose(ps.z_scores("patch"), (med - n) / (1.4826 * mad))

@@ -1,4 +1,5 @@
 """ONP repair end to end on tiny models: determinism, no peeking, bad inputs, atomic outputs."""
+import math
 import json
 import signal
 import subprocess
@@ -308,3 +309,63 @@ def test_finetune_holds_pruned_groups_at_zero_and_stays_finite():
         with groups.masked(ft, (~prune).float()):
             masked = ft(x)
     torch.testing.assert_close(plain, masked, rtol=0, atol=1e-5)  # the pruned groups carry nothing
+
+
+def test_a_model_of_more_classes_than_defense_images_is_repaired_with_screened_proxies():
+    """40 images of 30 classes (as 40 images of an ImageNet model's 1,000): the split still gives D_val images,
+    the trigger screen keeps trigger_classes of the 30 classes, and the run ends; fewer than 10 images is still
+    refused before any work."""
+    torch.manual_seed(0)
+    m = models.build("preactresnet18", num_classes=30, in_channels=1, width=0.125, input_size=8).eval()
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 30
+    res = repair(m, x, y, 30, "onp", _tiny_cfg(trigger_classes=6, purify="none"), TINY_ONP, progress=False)
+    assert (res.report["defense"]["n_opt"], res.report["defense"]["n_val"]) == (26, 14)  # 10 + round(20 / 5)
+    scan = res.report["trigger_proxy"]["scan"]
+    assert len(scan["classes"]) == 6 and sum(scan["reference"]) == 3
+    assert all(len(f["norms"]) == 6 for f in scan["families"].values())
+    with pytest.raises(UserError, match="fewer than the 10 a defense needs"):
+        repair(m, x[:9], y[:9], 30, "onp", _tiny_cfg(), TINY_ONP, progress=False)
+
+
+def test_the_trigger_phase_follows_the_effort_the_methods_ask_for():
+    """ONP at 1 iteration x 2 masks (2 of the default 960 masks) gets 1 trigger step of 5 images per class, the
+    defaults 100 of 24; a baseline has no say (alone: 100 of 24); explicit settings are kept; the report
+    carries what ran."""
+    from onp_fast.defenses import get
+    from onp_fast.prepare import with_effort
+
+    def steps_batch(cfg, *efforts):
+        c = with_effort(cfg, efforts)
+        return c.trigger_steps, c.trigger_batch
+
+    assert get("onp", ONPConfig(iterations=1, samples=2)).effort() == pytest.approx(2 / 960)
+    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=1, samples=2)).effort()) == (1, 5)
+    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=30, samples=16)).effort()) == (50, 24)
+    assert steps_batch(RepairConfig(), get("onp").effort()) == (100, 24)
+    assert get("fp").effort() is None and steps_batch(RepairConfig(), get("fp").effort()) == (100, 24)
+    assert steps_batch(RepairConfig(), get("fp").effort(), 0.01) == (1, 24)  # fp has no say: ONP's 0.01 rules
+    assert steps_batch(RepairConfig(trigger_steps=7), 0.01) == (7, 24)
+    assert steps_batch(RepairConfig(trigger_batch=3), 1.0) == (100, 3)
+    for key in ("trigger_steps", "trigger_batch"):
+        with pytest.raises(UserError, match=key):
+            RepairConfig(**{key: 0}).check()
+
+
+def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckpt, tmp_path, monkeypatch):
+    """`onp-fast repair --iterations 2 --samples 4` (8 of 960 masks) synthesises the proxies in 1 step of 20
+    images per class; --trigger-steps sets the steps by hand (24 images)."""
+    import onp_fast.prepare.context as context_mod
+
+    seen = []
+    real = context_mod.synthesize_proxies
+    monkeypatch.setattr(context_mod, "synthesize_proxies", lambda *a, **k: seen.append((k["steps"], k["batch"]))
+                        or real(*a, **k))
+    short = (math.ceil(100 * 8 / 960), math.ceil(2400 * 8 / 960))
+    for extra, want in (([], short), (["--trigger-steps", "3"], (3, 24))):
+        out = tmp_path / f"r{len(seen)}.pt"
+        res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                        "--defense-size", "40", "--purify", "none", *FAST, *extra])
+        assert res.exit_code == 0, res.output
+        assert seen[-1] == want
+        cfg = json.loads(out.with_suffix(".report.json").read_text())["config"]
+        assert (cfg["trigger_steps"], cfg["trigger_batch"]) == want

@@ -59,6 +59,9 @@ def _weights(text: str | None):
               help="ONP: masks scored per iteration (K) [default: 16].")
 @click.option("--algorithm", type=click.Choice(["ppo", "reinforce"]), default=None, help="ONP: [default: ppo].")
 @click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_t=1,ca_u=0,ca_p=0,sparsity=0.1")
+@click.option("--trigger-steps", type=click.IntRange(min=1), default=None,
+              help="Optimisation steps of the trigger proxies [default: 100, scaled down with a run of fewer RL "
+                   "iterations x samples than ONP's defaults].")
 @click.option("--tolerance", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="Accuracy drop (a fraction) allowed on the held-out defense images when choosing the depth "
                    "[default: 0.02, raised to one held-out image when there are fewer than 50].")
@@ -85,7 +88,8 @@ def _weights(text: str | None):
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
-            iterations, samples, algorithm, reward_weights, tolerance, reward_backend, compact_model, purify,
+            iterations, samples, algorithm, reward_weights, trigger_steps, tolerance, reward_backend, compact_model,
+            purify,
             purify_epochs, purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet,
             device, max_memory, **model_opts):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
@@ -95,6 +99,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     from ..defenses import get as get_defense
     from ..distributed import init_from_env
     from ..io import save_model
+    from ..prepare import with_effort
     from ..repair import RepairConfig, repair
     from ..repair.output import masks_json, write_json, write_plot, write_trigger_png
 
@@ -117,9 +122,12 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     rank, _, device = init_from_env(device)  # under torchrun: mask scoring shared; rank 0 alone writes and talks
     quiet = quiet or rank > 0
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,
-                       reward_backend=reward_backend, purify=purify, purify_epochs=purify_epochs, **given,
+                       reward_backend=reward_backend, trigger_steps=trigger_steps, purify=purify,
+                       purify_epochs=purify_epochs, **given,
                        finetune_epochs=finetune_epochs, compact=compact_model, device=device,
                        max_memory=max_memory).check()
+    # a short run (few RL iterations x samples) gets a short trigger phase, unless --trigger-steps sets it
+    cfg = with_effort(cfg, [get_defense(method, onp if method == "onp" else None).effort()])
 
     loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, device=device, **model_opts)
     # Only the train split is read (defense images); the test split stays untouched.
@@ -157,13 +165,15 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
 
 def memory_line(part: dict) -> str:
     """The report's "peak_memory" part in one line: the process's peak resident memory (and CUDA's peak
-    allocation), beside the activation budget and the device."""
+    allocation), beside the budget (and the activations' share of it, when the part has "activation_bytes")
+    and the device."""
     from ..memory import format_bytes
 
     cuda = part.get("cuda_max_allocated_bytes")
     gpu = f", CUDA {format_bytes(cuda)} allocated at most" if cuda is not None else ""
-    budget = ("no activation budget (--max-memory not given)" if part["max_memory_bytes"] is None else
-              f"activation budget --max-memory {part['max_memory']} ({format_bytes(part['max_memory_bytes'])})")
+    share = f", {format_bytes(part['activation_bytes'])} of it for activations" if part.get("activation_bytes") else ""
+    budget = ("no memory budget (--max-memory not given)" if part["max_memory_bytes"] is None else
+              f"budget --max-memory {part['max_memory']} ({format_bytes(part['max_memory_bytes'])}{share})")
     return (f"peak memory: {format_bytes(part['rss_bytes'])} resident (the whole process){gpu}; {budget} on "
             f"{part['device']}")
 

@@ -22,7 +22,8 @@ def format_scan(result: dict) -> str:
     for f, fam in result["families"].items():
         lines.append(f"{f} family (proxy size: {'mask L1, pixels' if f == 'patch' else 'relative RMS of the delta'})")
         lines.append(f"  {'class':>5}  {'proxy size':>10}  {'anomaly index':>13}")
-        for c, (norm, z) in enumerate(zip(fam["norms"], fam["z_scores"])):
+        classes = result.get("classes", range(len(fam["norms"])))
+        for c, norm, z in zip(classes, fam["norms"], fam["z_scores"]):
             mark = "  <- most anomalous" if c == fam["class"] else ""
             lines.append(f"  {c:>5}  {norm:>10.4f}  {z:>13.2f}{mark}")
     lines.append(verdict(result))
@@ -40,12 +41,14 @@ def format_scan(result: dict) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing --image file.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the defense subset and the proxies (repair with the same seed gives the same verdict).")
+@click.option("--trigger-steps", type=click.IntRange(min=1), default=None,
+              help="Optimisation steps of the proxies [default: 100, as a default repair].")
 @checkpoint_options
 @compute_options
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def command(model_path, dataset, defense_size, as_json, image_path, force, seed, skip_accuracy_check, quiet,
-            device, max_memory, **model_opts):
+def command(model_path, dataset, defense_size, as_json, image_path, force, seed, trigger_steps, skip_accuracy_check,
+            quiet, device, max_memory, **model_opts):
     """Scan MODEL for a backdoor: synthesise every class's smallest trigger (patch and additive families) from
     clean images and flag a class whose trigger is anomalously small (MAD anomaly index >= 2), as repair does.
 
@@ -70,7 +73,7 @@ def command(model_path, dataset, defense_size, as_json, image_path, force, seed,
     check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check, max_memory=max_memory,
                            echo=None if quiet or as_json else lambda s: click.echo(s, err=True))
     xn = normalize(x, mean, std)
-    cfg = RepairConfig(seed=seed, device=device, max_memory=max_memory)
+    cfg = RepairConfig(seed=seed, device=device, max_memory=max_memory, trigger_steps=trigger_steps)
     result, proxies = scan_with_proxies(loaded.model, xn, y, splits.num_classes, cfg,
                                         progress=not (quiet or as_json))
     result = {"model": str(model_path), "dataset": dataset, **result}

@@ -16,15 +16,26 @@ def shuffled_by_class(y: torch.Tensor, seed: int) -> list[torch.Tensor]:
 
 
 def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """y [N] -> (idx_a, idx_b) int64 sorted: round(fraction x count) of every class to b (at least one where a
-    class has 2+ images), the rest to a."""
-    a, b = [], []
+    """y [N] -> (idx_a, idx_b) int64 sorted: round(fraction x count) of every class with 2+ images to b (at least
+    one), the rest to a. The classes with one image (many classes, few images: e.g. 40 images of 1,000 classes)
+    are split as one pool, shuffled by a generator of its own (seed + 1), round(fraction x their count) to b,
+    and at least one when b would otherwise be empty, so both parts hold images whenever N >= 2."""
+    a, b, single = [], [], []
     for idx in shuffled_by_class(y, seed):
-        n_b = int(round(len(idx) * fraction))
-        if len(idx) >= 2:
-            n_b = max(1, n_b)
+        if len(idx) == 1:
+            single.append(idx)
+            continue
+        n_b = max(1, int(round(len(idx) * fraction)))
         b.append(idx[:n_b])
         a.append(idx[n_b:])
+    if single:
+        pool = torch.cat(single)
+        pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(seed) + 1))]
+        n_b = int(round(len(pool) * fraction))
+        if not b and len(pool) >= 2:
+            n_b = max(1, n_b)
+        b.append(pool[:n_b])
+        a.append(pool[n_b:])
     return torch.cat(a).sort().values, torch.cat(b).sort().values
 
 

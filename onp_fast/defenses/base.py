@@ -28,6 +28,7 @@ class Defense:
     Config: type | None = None
     prunes: bool = True  # False: a fine-tuning defense; its scores are ignored and the depth is 0
     purify: str = "none"  # the purification after pruning when RepairConfig.purify is "auto"
+    splits_training: bool = False  # its own training steps run through finetune_pruned (micro-batched)
 
     def __init__(self, config=None):
         if config is not None and self.Config is not None and not isinstance(config, self.Config):
@@ -46,10 +47,16 @@ class Defense:
 
     def train_batch(self) -> int | None:
         """Images in one training step of the method's own scoring or last step: its Config's `batch_size` (FP's
-        and FT-SAM's fine-tune, ANP's and RNP's mask optimisation), a batch the algorithm fixes and the memory
-        budget never splits; an upper bound (a smaller defense set gives smaller batches, except ANP, which
-        draws it with replacement). None when the method trains with no such batch."""
+        and FT-SAM's fine-tune, micro-batched under a memory budget that cannot hold it: `splits_training`;
+        ANP's and RNP's mask optimisation, kept whole); an upper bound (a smaller defense set gives smaller
+        batches, except ANP, which draws it with replacement). None when the method trains with no such batch."""
         return getattr(self.config, "batch_size", None)
+
+    def effort(self) -> float | None:
+        """The share in (0, 1] of the method's default work its Config asks for, by which `onp-fast repair`
+        scales the shared trigger phase (`prepare.with_effort`); None: the method has no say (it does not read
+        the proxies), and the phase is the full one."""
+        return None
 
     def after(self, ctx: DefenseContext, model: nn.Module, prune: torch.Tensor) -> dict:
         """A step after pruning, in place on `model` (the pruned copy; prune [G] bool) -> its report part. The

@@ -67,7 +67,7 @@ def mean_activation(ctx: DefenseContext, layer: str, candidates: np.ndarray, bat
         total.add_(t.sum(0))
         count += t.shape[0]
 
-    batch_size = fit_batch(model, ctx.x_opt, ctx.cfg.max_memory, batch_size)  # before the hook: not recorded
+    batch_size = fit_batch(model, ctx.x_opt, ctx.cfg.activation_memory, batch_size)  # before the hook: not recorded
     mod = modules[where]
     if at_input:
         handle = mod.register_forward_pre_hook(lambda m, inp: record(inp[0]))
@@ -87,6 +87,7 @@ class FP(Defense):
     name = "fp"
     title = "Fine-Pruning (Liu et al. 2018)"
     Config = FPConfig
+    splits_training = True  # its fine-tune is finetune_pruned
 
     def scores(self, ctx: DefenseContext) -> tuple[torch.Tensor, dict]:
         """-> [G]: the last layer's K channels get 1 - 0.49 * rank / (K - 1), rank 0 = least active (so all K
@@ -110,5 +111,5 @@ class FP(Defense):
             with ctx.phase("fp finetune"):
                 finetune_pruned(model, ctx.groups, prune, x, y, epochs=c.finetune_epochs, lr=c.finetune_lr,
                                 batch_size=c.batch_size, seed=ctx.cfg.seed, progress=ctx.progress,
-                                max_memory=ctx.cfg.max_memory)
+                                max_memory=ctx.cfg.activation_memory)
         return {"finetune": {"epochs": c.finetune_epochs, "lr": c.finetune_lr, "images": len(x)}}

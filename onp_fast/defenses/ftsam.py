@@ -41,6 +41,7 @@ class FTSAM(Defense):
     title = "FT-SAM: sharpness-aware fine-tuning (Zhu et al. 2023)"
     Config = FTSAMConfig
     prunes = False
+    splits_training = True  # its fine-tune is finetune_pruned
 
     def scores(self, ctx: DefenseContext) -> tuple[torch.Tensor, dict]:
         """-> -inf for every group: FT-SAM prunes nothing."""

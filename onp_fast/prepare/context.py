@@ -13,17 +13,18 @@ import torch.nn as nn
 from ..data import stratified_split
 from ..errors import UserError
 from ..groups import NeuronGroups, find_groups
-from ..memory import DEFAULT_MAX_MEMORY, check_batch, parse_memory
+from ..memory import DEFAULT_MAX_MEMORY, check_batch, format_bytes, parse_memory, reserved_bytes
 from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
 from ..torchutil import DEFAULT_DEVICE, check_device
 from .perturb import adversarial_perturbations
-from .trigger import ProxySet, TriggerProxy, synthesize_proxies
+from .trigger import MAX_CLASSES, ProxySet, TriggerProxy, synthesize_proxies
 from .unlearn import unlearn
 
 
 PURIFY_MODES = ("auto", "none", "sam", "proxy", "sam+proxy")  # auto: the method's own default (Defense.purify)
 UNLEARN_BATCH = 128  # images per step of prepare's unlearning
+TRIGGER_STEPS, TRIGGER_BATCH = 100, 24  # the trigger proxies' Adam steps and images per class at full effort
 
 
 @dataclass
@@ -44,6 +45,9 @@ class RepairConfig:
     perturb_eps: float = 0.4
     unlearn_lr: float = 0.01
     anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
+    trigger_steps: int | None = None  # the proxies' Adam steps; None: TRIGGER_STEPS (`repair` CLI: with_effort)
+    trigger_batch: int | None = None  # images per class per step; None: TRIGGER_BATCH (`repair` CLI: with_effort)
+    trigger_classes: int = MAX_CLASSES  # classes whose proxies are optimised; more are screened first
     purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
     purify_epochs: int = 10
     purify_lr: float = 0.003
@@ -56,7 +60,8 @@ class RepairConfig:
     finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
     compact: bool = False  # also build the compact model (pruned channels removed)
     device: str = DEFAULT_DEVICE  # where every phase runs: cpu, cuda or cuda:N (results come back on the CPU)
-    max_memory: int | str | None = None  # activation budget (bytes, "512MB"); None: none (check_training_budget)
+    max_memory: int | str | None = None  # the whole process's budget (bytes, "512MB"); None: none
+    reserved_memory: int = 0  # of max_memory, kept for weights and the runtime (for_model); the rest: activations
 
     def check(self) -> "RepairConfig":
         """UserError (one line) for a setting no repair can run with; checked before any work. The device is
@@ -75,11 +80,35 @@ class RepairConfig:
             raise UserError("the purification learning rate must be positive and its gradient clip not negative")
         if not (math.isfinite(self.tolerance) and self.tolerance <= 1):  # negative: no change is allowed at all
             raise UserError(f"the tolerance is a drop in accuracy, a fraction up to 1: got {self.tolerance}")
+        for key in ("trigger_steps", "trigger_batch"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise UserError(f"{key} must be at least 1 (or None: by the methods' effort), not {getattr(self, key)}")
+        if self.trigger_classes < 2:
+            raise UserError(f"trigger_classes must be at least 2, not {self.trigger_classes}")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"the held-out fraction must lie in (0, 1): got {self.val_fraction}")
         if not all(math.isfinite(v) for v in self.weights.to_dict().values()):
             raise UserError(f"reward weights must be finite: got {self.weights.to_dict()}")
         return self
+
+    @property
+    def activation_memory(self) -> int | None:
+        """The activation budget every phase splits its batches to: max_memory less reserved_memory (None: no
+        budget)."""
+        return None if self.max_memory is None else parse_memory(self.max_memory) - self.reserved_memory
+
+    def for_model(self, model: nn.Module) -> "RepairConfig":
+        """The config with reserved_memory set for `model` (`memory.reserved_bytes`: the runtime and the copies
+        of its weights a repair holds), so the whole process stays within max_memory; UserError when that
+        leaves the activations nothing (naming the budget it needs). No budget: unchanged."""
+        if self.max_memory is None:
+            return self
+        budget, keep = parse_memory(self.max_memory), reserved_bytes(model)
+        if budget <= keep:
+            raise UserError(f"max_memory {format_bytes(budget)} is too small for this model: its weights, their "
+                            f"copies and the runtime take about {format_bytes(keep)}, leaving nothing to the "
+                            f"activations (raise --max-memory)")
+        return replace(self, reserved_memory=keep)
 
     def for_defense_set(self, y: torch.Tensor, num_classes: int) -> "RepairConfig":
         """Checks the defense set (labels y [N]) and returns the config with the tolerance its held-out part can
@@ -163,16 +192,23 @@ class DefenseContext:
             x, y = self.x_opt[sub], self.y_opt[sub]
         return MaskScorer(self.groups, self.model, x, y, self.cfg.weights, self.unlearned, self.perturbations,
                           self.trigger, backend=self.cfg.reward_backend,
-                          max_memory=DEFAULT_MAX_MEMORY if self.cfg.max_memory is None else self.cfg.max_memory)
+                          max_memory=(DEFAULT_MAX_MEMORY if self.cfg.activation_memory is None
+                                      else self.cfg.activation_memory))
+
+
+MIN_DEFENSE_IMAGES = 10  # a defense set may hold fewer images than classes (1,000 classes) but not fewer than this
 
 
 def check_defense_set(y: torch.Tensor, num_classes: int) -> None:
-    """UserError for a defense set (labels y [N]) no defense can run on: empty, fewer images than classes, or
-    labels out of range."""
+    """UserError for a defense set (labels y [N]) no defense can run on: empty, fewer images than
+    min(classes, MIN_DEFENSE_IMAGES) (a model of many classes may be repaired with images of some of them only;
+    stratified_split still gives both parts images), or labels out of range."""
     if len(y) == 0:
         raise UserError("the defense set is empty")
-    if len(y) < num_classes:
-        raise UserError(f"the defense set has {len(y)} images, fewer than the {num_classes} classes")
+    if len(y) < min(num_classes, MIN_DEFENSE_IMAGES):
+        raise UserError(f"the defense set has {len(y)} images, fewer than "
+                        + (f"the {num_classes} classes" if num_classes <= MIN_DEFENSE_IMAGES
+                           else f"the {MIN_DEFENSE_IMAGES} a defense needs"))
     if y.min() < 0 or y.max() >= num_classes:
         raise UserError(f"defense labels must lie in [0, {num_classes - 1}]")
 
@@ -190,17 +226,19 @@ def checked_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     """What every run on a defense set (x [N, C, H, W], y [N]) starts with: UserError for inputs or a config no
     repair can run with -> (a frozen eval copy of `model` on cfg.device, the config checked and fit to the
     defense set)."""
-    cfg = checked_config(x, y, num_classes, cfg)
+    cfg = checked_config(x, y, num_classes, cfg).for_model(model)
     return copy.deepcopy(model).eval().requires_grad_(False).to(cfg.device), cfg
 
 
-def check_training_budget(model: nn.Module, x: torch.Tensor, batches: dict[str, int], cfg: RepairConfig) -> None:
-    """UserError (one line, naming the phase and the budget it needs) when one of `batches` ({what: images of one
-    training step}) does not fit cfg.max_memory: those batches are part of their algorithm (BatchNorm in
-    training mode, one SGD step per batch) and are never split (`memory.check_batch`, estimated on x [N, C, H,
-    W], images shaped like the defense set's). Callers run it before any long work."""
-    for what, batch in batches.items():
-        check_batch(model, x, batch, cfg.max_memory, what)
+def check_training_budget(model: nn.Module, x: torch.Tensor, batches: dict[str, tuple[int, int]],
+                          cfg: RepairConfig) -> None:
+    """UserError (one line, naming the phase and the budget it needs) when one of `batches` ({what: (images of
+    one training step, the fewest a micro-batch of it may hold: the step itself where it is never split)} does
+    not fit the activation budget (`RepairConfig.activation_memory` for `model`) even in its smallest micro-batch
+    (`memory.check_batch`, estimated on x [N, C, H, W], images shaped like the defense set's). Callers run it
+    before any long work."""
+    for what, (batch, smallest) in batches.items():
+        check_batch(model, x, batch, cfg.for_model(model).activation_memory, what, min_size=smallest)
 
 
 def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
@@ -224,21 +262,48 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
         groups = find_groups(model, tuple(x.shape[1:]))
     with Phase("unlearn", times, progress):
         unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, batch_size=UNLEARN_BATCH,
-                                          seed=cfg.seed, progress=progress, max_memory=cfg.max_memory)
+                                          seed=cfg.seed, progress=progress, max_memory=cfg.activation_memory)
     with Phase("trigger", times, progress):
         need = cfg.weights.ca_t or cfg.purify != "none"
-        proxies = (synthesize_proxies(model, x_opt, y_opt, num_classes, seed=cfg.seed, progress=progress,
-                                      max_memory=cfg.max_memory)
+        proxies = (synthesize_proxies(model, x_opt, y_opt, num_classes, **trigger_settings(cfg),
+                                      progress=progress, max_memory=cfg.activation_memory)
                    if need else None)
     proxy = proxies.suspect() if proxies is not None else None
     trigger = proxy if proxy is not None and proxy.anomaly_index >= cfg.anomaly_threshold else None
     with Phase("perturbations", times, progress):
         perts = (adversarial_perturbations(model, groups, x_opt, y_opt, count=cfg.perturbations,
                                            eps=cfg.perturb_eps, seed=cfg.seed, progress=progress,
-                                           max_memory=cfg.max_memory)
+                                           max_memory=cfg.activation_memory)
                  if cfg.weights.ca_p else None)
     return DefenseContext(model, num_classes, cfg, x_opt, y_opt, x_val, y_val, groups, unlearned, unlearn_info,
                           trigger, perts, times, progress, proxy, proxies)
+
+
+def trigger_settings(cfg: RepairConfig) -> dict:
+    """synthesize_proxies' keywords under cfg: seed, steps and batch (trigger_steps / trigger_batch; None: full
+    effort, TRIGGER_STEPS / TRIGGER_BATCH), max_classes."""
+    return {"seed": cfg.seed, "steps": TRIGGER_STEPS if cfg.trigger_steps is None else cfg.trigger_steps,
+            "batch": TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch,
+            "max_classes": cfg.trigger_classes}
+
+
+def with_effort(cfg: RepairConfig, efforts) -> RepairConfig:
+    """cfg with trigger_steps and trigger_batch resolved where they are None, from e = the largest of `efforts`
+    (each in (0, 1], the share of its method's default work a run asks for: `Defense.effort`; None entries have
+    no say; 1 when none has): steps =
+    ceil(TRIGGER_STEPS x e), at least 1; batch = ceil(TRIGGER_STEPS x TRIGGER_BATCH x e / steps), between 2
+    and TRIGGER_BATCH. So the phase's images per class (steps x batch) follow e, a short run (one RL iteration
+    of two masks) has a short trigger phase, and the defaults the full one. Steps set by hand keep the batch
+    set by hand, else TRIGGER_BATCH. `onp-fast repair` applies it with its method's effort; the library's
+    repair and compare take the config as given (None: the full phase), so a compare row stays what repair
+    gives with the same config."""
+    if cfg.trigger_steps is not None:  # set by hand: the batch too, or the full one
+        return replace(cfg, trigger_batch=TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch)
+    effort = min(1.0, max([float(e) for e in efforts if e is not None] or [1.0]))
+    steps = max(1, math.ceil(TRIGGER_STEPS * effort - 1e-9))
+    batch = cfg.trigger_batch if cfg.trigger_batch is not None else \
+        min(TRIGGER_BATCH, max(2, math.ceil(TRIGGER_STEPS * TRIGGER_BATCH * effort / steps - 1e-9)))
+    return replace(cfg, trigger_steps=steps, trigger_batch=batch)
 
 
 class Phase:

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..groups import NeuronGroups
-from ..memory import check_batch, fit_batch
+from ..memory import fit_batch, micro_batch
 from ..progress import bar
 
 
@@ -20,7 +20,8 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
                     augment=None, after_epoch=None,
                     teacher: nn.Module | None = None, temperature: float = 2.0,
                     max_grad_norm: float | None = None, hard_weight: float = 0.0, labels_where_wrong: bool = False,
-                    progress: bool = False, max_memory: int | str | None = None) -> nn.Module:
+                    progress: bool = False, max_memory: int | str | None = None,
+                    info: dict | None = None) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
     BatchNorm in training mode (batch statistics, running statistics updated; why: docs/design.md). Batches of
@@ -45,8 +46,18 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     (onp_fast.progress.bar).
     Device: x, y on the model's device; the shuffles and `augment`'s draws use a CPU generator, so a seed
     gives the same batches on every device. max_memory (bytes or "512MB"; None: no budget): a step's batch
-    (with `augment`'s copies) is never split, BatchNorm normalising over it: UserError before the first step
-    when it does not fit (`memory.check_batch`); the teacher's pass is chunked to it.
+    (with `augment`'s copies) that it holds, or any batch without a budget, runs whole, bit for bit as before
+    budgets split steps. One it cannot hold is split into micro-batches of at most the images it holds
+    (`memory.micro_batch`, at least 2), each with a near-equal share of the batch's own images and of the
+    copies; the gradient (and the sharpness-aware one at w + e) is accumulated over them, each micro-batch's
+    loss weighted so that the sum is the whole batch's loss (the own images' mean terms by own_k / own, the
+    copies' cross-entropy by copies_k / total; without a teacher CE by size_k / total), then clipped and
+    stepped once. The one approximation: BatchNorm in training mode normalises over each micro-batch ("ghost
+    batch" statistics, Hoffer et al. 2017) and updates its running statistics once per micro-batch; without
+    BatchNorm in training mode the step is the whole batch's up to float rounding. UserError before the first
+    step when not even 2 images fit. The teacher's pass is chunked to it. info: optional dict filled at the
+    first step (left as it is when no step is taken) with {"batch": images of that step, the largest,
+    "micro_batch": images in its largest micro-batch (= batch when not split), "micro_batches": their count}.
     Returns the model in eval mode, its parameters not requiring grad."""
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -66,11 +77,19 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             soft = F.softmax(soft, dim=1)
         wrong = soft.argmax(1) != y if labels_where_wrong else None
 
-    def loss_of(xb, yb, sb, wb):
+    def loss_of(xb, yb, sb, wb, whole=None):
+        """The step's loss on (xb, yb): own images first (sb, wb: their teacher's softmax and labels_where_wrong
+        flags, or None), then augment's copies. whole: None for the step's whole batch; for a micro-batch,
+        (own images, images) of the whole batch, each term then weighted by its share of the whole (own_k / own
+        for the own images' means, copies_k / total for the copies', size_k / total without a teacher), so that
+        the micro-batches' losses add up to the whole batch's."""
         out = model(xb)
         if sb is None:
-            return smooth_cross_entropy(out, yb, label_smoothing)
+            loss = smooth_cross_entropy(out, yb, label_smoothing)
+            return loss if whole is None else len(xb) / whole[1] * loss
         n, total = len(sb), len(xb)
+        if n == 0:  # a micro-batch of copies only (more copies than micro-batches have own images)
+            return (total - n) / whole[1] * smooth_cross_entropy(out, yb, label_smoothing)
         log_p = F.log_softmax(out[:n] / temperature, dim=1)
         if wb is not None and bool(wb.any()):  # the labels' cross-entropy in place of the distillation term on those images
             per_image = torch.where(wb, F.cross_entropy(out[:n], yb[:n], reduction="none") / temperature ** 2,
@@ -80,12 +99,25 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             loss = temperature ** 2 * F.kl_div(log_p, sb, reduction="batchmean")
         if hard_weight:
             loss = (1 - hard_weight) * loss + hard_weight * smooth_cross_entropy(out[:n], yb[:n], label_smoothing)
+        if whole is not None:
+            loss = n / whole[0] * loss
         if total > n:
-            loss = loss + (total - n) / total * smooth_cross_entropy(out[n:], yb[n:], label_smoothing)
+            loss = loss + (total - n) / (total if whole is None else whole[1]) * \
+                smooth_cross_entropy(out[n:], yb[n:], label_smoothing)
         return loss
 
+    def gradient(xb, yb, sb, wb, own, micro):
+        """Backward of the step's loss into .grad: the whole batch at once when `micro` holds it, else over
+        micro-batches (`_micro_batches`), the gradients accumulating."""
+        if len(xb) <= micro:
+            loss_of(xb, yb, sb, wb).backward()
+            return
+        for mine, part in _micro_batches(own, len(xb), micro, xb.device):
+            loss_of(xb[part], yb[part], None if sb is None else sb[mine], None if wb is None else wb[mine],
+                    (own, len(xb))).backward()
+
     shown = bar(steps, "fine-tune", progress)
-    checked = False
+    micro = None
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=g).to(x.device)
         for i in range(0, len(x), batch_size):
@@ -95,16 +127,19 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             xb, yb = x[idx], y[idx]
             sb = soft[idx] if soft is not None else None
             wb = wrong[idx] if wrong is not None else None
+            own = len(idx)
             if augment is not None:
                 xb, yb = augment(xb, yb, g)
-            if not checked:  # the first batch is the largest (a later one is only ever a shorter tail)
-                check_batch(model, xb, len(xb), max_memory, "fine-tuning")
-                checked = True
+            if micro is None:  # the first batch is the largest (a later one is only ever a shorter tail)
+                micro = micro_batch(model, xb, len(xb), max_memory, "fine-tuning", min_size=2)
+                if info is not None:
+                    parts = [p for _, p in _micro_batches(own, len(xb), micro)] if len(xb) > micro else [xb]
+                    info.update(batch=len(xb), micro_batch=max(len(p) for p in parts), micro_batches=len(parts))
             opt.zero_grad(set_to_none=True)
-            loss_of(xb, yb, sb, wb).backward()
+            gradient(xb, yb, sb, wb, own, micro)
             if rho > 0:
                 with _running_stats_frozen(model, sam_bn_frozen):
-                    _sharpness_aware_gradient(params, rho, lambda: loss_of(xb, yb, sb, wb))
+                    _sharpness_aware_gradient(params, rho, lambda: gradient(xb, yb, sb, wb, own, micro))
             if max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
@@ -151,9 +186,24 @@ class _running_stats_frozen:
             m.momentum = mom
 
 
-def _sharpness_aware_gradient(params: list[torch.Tensor], rho: float, loss_fn) -> None:
+def _micro_batches(own: int, total: int, size: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The micro-batches of a step's batch of `total` images whose first `own` are its own images and the rest
+    augment's copies: [(own positions, all positions: those own ones then its copies' positions)] on `device`.
+    k = ceil(total / size) micro-batches, at most total // 2 so that each has the two images BatchNorm in
+    training mode needs (only where size is 2 and total odd does one then hold 3); each takes a near-equal
+    share of the own images and of the copies, the larger shares of one paired with the smaller of the other,
+    so that sizes differ by at most one."""
+    k = max(1, min(-(-total // size), total // 2))
+    mine = torch.arange(own, device=device).tensor_split(k)
+    copies = torch.arange(own, total, device=device).tensor_split(k)[::-1]
+    return [(a, torch.cat([a, b])) for a, b in zip(mine, copies)]
+
+
+def _sharpness_aware_gradient(params: list[torch.Tensor], rho: float, grad_fn) -> None:
     """Replaces each parameter's .grad (the gradient at w) by the gradient at w + e, the adaptive ascent step of
-    radius rho (e_i = rho |w_i|^2 g_i / ||(|w| g)||_2); the weights are back at w afterwards."""
+    radius rho (e_i = rho |w_i|^2 g_i / ||(|w| g)||_2); the weights are back at w afterwards. grad_fn(): computes
+    the gradient at the current weights into .grad (accumulating, e.g. over micro-batches) and returns None, or
+    returns a loss, which is then backpropagated."""
     with torch.no_grad():
         live = [p for p in params if p.grad is not None]
         scaled = [p.abs() * p.grad for p in live]
@@ -163,7 +213,9 @@ def _sharpness_aware_gradient(params: list[torch.Tensor], rho: float, loss_fn) -
             p.add_(e)
     for p in live:
         p.grad = None
-    loss_fn().backward()
+    loss = grad_fn()
+    if loss is not None:
+        loss.backward()
     with torch.no_grad():
         for p, e in zip(live, steps):
             p.sub_(e)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..data import stratified_split
-from .context import Phase, RepairConfig, checked_inputs
+from .context import Phase, RepairConfig, checked_inputs, trigger_settings
 from .trigger import ProxySet, synthesize_proxies
 
 
@@ -29,7 +29,8 @@ def scan_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes
     i_opt = _d_opt(y, cfg)
     with Phase("trigger", {}, progress):
         return synthesize_proxies(model, x[i_opt].to(cfg.device), y[i_opt].to(cfg.device), num_classes,
-                                  seed=cfg.seed, progress=progress, max_memory=cfg.max_memory).to("cpu")
+                                  **trigger_settings(cfg), progress=progress,
+                                  max_memory=cfg.activation_memory).to("cpu")
 
 
 def _d_opt(y: torch.Tensor, cfg: RepairConfig) -> torch.Tensor:
@@ -38,12 +39,15 @@ def _d_opt(y: torch.Tensor, cfg: RepairConfig) -> torch.Tensor:
 
 
 def summarize(proxies: ProxySet, gate: float) -> dict:
-    """A ProxySet -> its verdict as a JSON-able dict (T classes, F families in `proxies.patterns`' order):
+    """A ProxySet -> its verdict as a JSON-able dict (R classes with a proxy, F families in `proxies.patterns`'
+    order):
 
-    families: {family: {"norms": [T] proxy sizes (patch: mask L1 in pixels; additive: relative RMS of the
-        delta), "z_scores": [T] anomaly index of each class (ProxySet.z_scores), "anomaly_index": the largest,
+    classes: [R] the class of each entry below (every class, unless the screen kept only some: ProxySet);
+    reference: [R] whether that class is in the reference the anomaly index is measured against;
+    families: {family: {"norms": [R] proxy sizes (patch: mask L1 in pixels; additive: relative RMS of the
+        delta), "z_scores": [R] anomaly index of each class (ProxySet.z_scores), "anomaly_index": the largest,
         "class": its class}};
-    per_class_anomaly: [T] each class's largest anomaly index over the families;
+    per_class_anomaly: [R] each class's largest anomaly index over the families;
     suspect: {"target", "family", "anomaly_index"}: the most anomalous proxy (ProxySet.suspect), flagged or not;
     flagged: whether the suspect's anomaly index is >= gate; target / family / anomaly_index: the suspect's when
         flagged, else None;
@@ -53,13 +57,14 @@ def summarize(proxies: ProxySet, gate: float) -> dict:
         z = proxies.z_scores(f)
         families[f] = {"norms": [round(float(v), 4) for v in proxies.norms[f]],
                        "z_scores": [round(float(v), 3) for v in z],
-                       "anomaly_index": round(float(z.max()), 3), "class": int(z.argmax())}
+                       "anomaly_index": round(float(z.max()), 3), "class": int(proxies.classes[int(z.argmax())])}
     per_class = torch.stack([proxies.z_scores(f) for f in proxies.patterns]).amax(dim=0)
     s = proxies.suspect()
     suspect = {"target": s.target, "family": s.family, "anomaly_index": round(s.anomaly_index, 3)}
     flagged = s.anomaly_index >= gate
     return {"flagged": flagged, **{k: (v if flagged else None) for k, v in suspect.items()}, "suspect": suspect,
-            "gate": gate, "families": families, "per_class_anomaly": [round(float(v), 3) for v in per_class]}
+            "gate": gate, "classes": proxies.classes.tolist(), "reference": proxies.reference.tolist(),
+            "families": families, "per_class_anomaly": [round(float(v), 3) for v in per_class]}
 
 
 def scan_with_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,

@@ -8,6 +8,12 @@ Two families, optimised for every class t in one batched pass:
 Each asks that clean images of other classes be classified as t. A backdoor target needs a far smaller trigger
 than the other classes in the family its trigger belongs to: per family, the class with the smallest norm and its
 MAD anomaly index (how far below the median, in MAD units) are kept. Nothing here reads a real trigger.
+
+Many classes (more than `max_classes`, e.g. 1,000): a screen (`screen_classes`) first fits one universal proxy
+per family that sends clean images of any class elsewhere (its cost does not grow with the class count) and ranks
+the classes by how much of their probability it moves to them; the proxies are then refined for the leading
+candidates and for a seeded random sample of the other classes, the reference whose median and MAD the anomaly
+index is measured against. With at most `max_classes` classes every class is refined and is its own reference.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from ..torchutil import frozen
 
 FAMILIES = ("patch", "additive")
 MAD_FLOOR = 0.05  # the least MAD, as a fraction of the median norm (measurements: docs/design.md)
+MAX_CLASSES = 16  # classes whose proxies are optimised together; more are screened first (docs/design.md)
 
 
 def _patch(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -59,23 +66,42 @@ class TriggerProxy:
 
 @dataclass
 class ProxySet:
-    """Every class's proxy in every family. masks [T, 1, H, W] (patch), patterns {family: [T, C, H, W]},
-    norms {family: [T]} (patch: mask L1; additive: RMS of D_t over the input range), lo/hi [1, C, 1, 1]: the
-    defense images' per-channel range."""
+    """The proxies of R classes (rows) in every family: classes [R] int64, the class of each row (ascending;
+    every class 0..T-1 when none was screened out); masks [R, 1, H, W] (patch), patterns {family: [R, C, H, W]},
+    norms {family: [R]} (patch: mask L1; additive: RMS of D_t over the input range), lo/hi [1, C, 1, 1]: the
+    defense images' per-channel range; reference [R] bool: the rows the anomaly index is measured against (every
+    row when none was screened out; else the random sample of the classes the screen did not pick)."""
 
     masks: torch.Tensor
     patterns: dict[str, torch.Tensor]
     norms: dict[str, torch.Tensor]
     lo: torch.Tensor
     hi: torch.Tensor
+    classes: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+
+    def __post_init__(self):
+        rows = len(self.masks)
+        if self.classes is None:
+            self.classes = torch.arange(rows)
+        if self.reference is None:
+            self.reference = torch.ones(rows, dtype=torch.bool)
+
+    def row(self, cls: int) -> int:
+        """The row of class `cls`; KeyError when it has no proxy (screened out)."""
+        hit = torch.nonzero(self.classes.cpu() == int(cls)).flatten()
+        if len(hit) == 0:
+            raise KeyError(f"class {cls} has no proxy (screened out)")
+        return int(hit[0])
 
     def z_scores(self, family: str) -> torch.Tensor:
-        """[T]: (median - norm_t) / (1.4826 MAD) of the family's norms, the anomaly index of class t; the MAD is
-        at least MAD_FLOOR x the median, so a family whose norms cluster tightly does not turn a few percent
-        into an anomaly."""
+        """[R]: (median - norm_r) / (1.4826 MAD), the median and MAD of the family's norms over the reference
+        rows, the anomaly index of each row's class; the MAD is at least MAD_FLOOR x the median, so a family whose
+        norms cluster tightly does not turn a few percent into an anomaly."""
         n = self.norms[family]
-        med = n.median()
-        mad = torch.maximum((n - med).abs().median(), MAD_FLOOR * med.abs()).clamp(min=1e-8)
+        ref = n[self.reference.to(n.device)]
+        med = ref.median()
+        mad = torch.maximum((ref - med).abs().median(), MAD_FLOOR * med.abs()).clamp(min=1e-8)
         return (med - n) / (1.4826 * mad)
 
     def anomaly(self) -> dict[str, float]:
@@ -83,18 +109,20 @@ class ProxySet:
         return {f: float(self.z_scores(f).max()) for f in self.patterns}
 
     def proxy(self, family: str, t: int) -> TriggerProxy:
-        return TriggerProxy(mask=self.masks[t].clone() if family == "patch" else None,
-                            pattern=self.patterns[family][t].clone(), target=t, norms=self.norms[family],
-                            anomaly_index=float(self.z_scores(family)[t]), family=family, lo=self.lo, hi=self.hi)
+        """Class t's proxy in `family` (KeyError when t has none)."""
+        r = self.row(t)
+        return TriggerProxy(mask=self.masks[r].clone() if family == "patch" else None,
+                            pattern=self.patterns[family][r].clone(), target=int(t), norms=self.norms[family],
+                            anomaly_index=float(self.z_scores(family)[r]), family=family, lo=self.lo, hi=self.hi)
 
     def suspect(self) -> TriggerProxy:
         """The most anomalous class of the most anomalous family (ties: the first family)."""
         family = max(self.patterns, key=lambda f: float(self.z_scores(f).max()))
-        return self.proxy(family, int(self.z_scores(family).argmax()))
+        return self.proxy(family, int(self.classes[int(self.z_scores(family).argmax())]))
 
     def stamp(self, x: torch.Tensor, family: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        """x [N, C, H, W]; family [N] int64 (index into FAMILIES' order of `patterns`), cls [N] int64 ->
-        each image stamped with the proxy of its (family, class) [N, C, H, W]."""
+        """x [N, C, H, W]; family [N] int64 (index into FAMILIES' order of `patterns`), cls [N] int64 rows ->
+        each image stamped with the proxy of its (family, row) [N, C, H, W]."""
         names = list(self.patterns)
         out = x.clone()
         for fi, name in enumerate(names):
@@ -108,13 +136,13 @@ class ProxySet:
 
     def sample(self, y: torch.Tensor, gen: torch.Generator, temperature: float = 1.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For labels y [N] -> (family [N], class [N]) on y's device, drawn from softmax(z / temperature) over
-        every (family, class) pair with class != y: suspicious classes are drawn most, none is left out. The
+        """For labels y [N] -> (family [N], row [N]) on y's device, drawn from softmax(z / temperature) over
+        every (family, row) pair whose class != y: suspicious classes are drawn most, none is left out. The
         draw runs on the CPU (gen is a CPU generator), so a seed draws the same pairs on every device."""
-        z = torch.stack([self.z_scores(f) for f in self.patterns]).cpu()  # [F, T]
+        z = torch.stack([self.z_scores(f) for f in self.patterns]).cpu()  # [F, R]
         nf, nt = z.shape
-        logits = (z / temperature).reshape(1, -1).expand(len(y), -1).clone()  # [N, F*T]
-        own = torch.arange(nf * nt) % nt
+        logits = (z / temperature).reshape(1, -1).expand(len(y), -1).clone()  # [N, F*R]
+        own = self.classes.cpu()[torch.arange(nf * nt) % nt]
         logits[own.unsqueeze(0) == y.cpu().unsqueeze(1)] = -float("inf")
         pick = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=gen).squeeze(1).to(y.device)
         return pick // nt, pick % nt
@@ -123,36 +151,53 @@ class ProxySet:
         """This set with every tensor on `device` (a copy; itself where they are there already)."""
         move = (lambda t: t.to(device))
         return ProxySet(masks=move(self.masks), patterns={f: move(p) for f, p in self.patterns.items()},
-                        norms={f: move(n) for f, n in self.norms.items()}, lo=move(self.lo), hi=move(self.hi))
+                        norms={f: move(n) for f, n in self.norms.items()}, lo=move(self.lo), hi=move(self.hi),
+                        classes=self.classes, reference=self.reference)
 
 
 def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
                        batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1,
-                       seed: int = 0, families: tuple[str, ...] = FAMILIES, progress: bool = False,
-                       max_memory: int | str | None = None) -> ProxySet:
-    """x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> every class's proxy in
-    every family of `families`, on that device. `steps` Adam steps (lr) on `batch` images per class per step,
-    all families in one forward; lam weighs the mean mask value, lam_additive the relative RMS of D_t, against
-    the cross-entropy (the defaults' measurements: docs/design.md). The model stays frozen in eval mode, so the
-    step's loss is a sum over images: where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the
-    step's F x T x batch stamped images at once, they run in chunks whose gradients add up to the same step
-    (`memory.fit_batch`). The random draws come from CPU generators whatever the device. progress: a bar of the
-    steps on stderr (onp_fast.progress.bar)."""
+                       seed: int = 0, families: tuple[str, ...] = FAMILIES, max_classes: int = MAX_CLASSES,
+                       progress: bool = False, max_memory: int | str | None = None) -> ProxySet:
+    """x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> the proxies in every family
+    of `families` of every class (at most `max_classes` classes), else of the `max_classes // 2` classes
+    `screen_classes` ranks first and of a seeded random sample of the others (the reference, max_classes minus
+    those), on that device. `steps` Adam steps (lr) on `batch` images per class per step, all families in one
+    forward; lam weighs the mean mask value, lam_additive the relative RMS of D_t, against the cross-entropy (the
+    defaults' measurements: docs/design.md). The model stays frozen in eval mode, so the step's loss is a sum
+    over images: where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch
+    stamped images at once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
+    The random draws come from CPU generators whatever the device. progress: a bar of the steps on stderr
+    (onp_fast.progress.bar)."""
+    if max_classes < 2:
+        raise ValueError(f"max_classes must be at least 2, got {max_classes}")
+    if num_classes <= max_classes:
+        classes, reference = torch.arange(num_classes), None
+    else:
+        ranked = screen_classes(model, x, y, num_classes, steps=steps, batch=batch, lam=lam,
+                                lam_additive=lam_additive, lr=lr, seed=seed, families=families,
+                                progress=progress, max_memory=max_memory).argsort(descending=True, stable=True)
+        keep = max_classes // 2
+        rest = ranked[keep:]
+        pick = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed + 2))[
+            : max_classes - keep]]
+        classes = torch.cat([ranked[:keep], pick]).sort().values
+        reference = torch.isin(classes, pick)
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = x.shape
+    rows = len(classes)
     dev = x.device
-    lo = x.amin(dim=(0, 2, 3)).view(1, c, 1, 1)
-    hi = x.amax(dim=(0, 2, 3)).view(1, c, 1, 1)
+    lo, hi = _range(x)
     span = hi - lo
-    mlog = torch.full((num_classes, 1, h, w), -3.0, device=dev).requires_grad_(True)
-    plog = (torch.randn(num_classes, c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
+    mlog = torch.full((rows, 1, h, w), -3.0, device=dev).requires_grad_(True)
+    plog = (torch.randn(rows, c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
     g_add = torch.Generator().manual_seed(seed + 1)  # its own stream: the patch family is as without it
-    dlog = (torch.randn(num_classes, c, h, w, generator=g_add) * 0.01).to(dev).requires_grad_(True)
+    dlog = (torch.randn(rows, c, h, w, generator=g_add) * 0.01).to(dev).requires_grad_(True)
     params = ([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else [])
     opt = torch.optim.Adam(params, lr=lr)
-    targets = torch.arange(num_classes, device=dev)
-    rows = num_classes * batch * sum(f in families for f in FAMILIES)  # stamped images per step
-    chunk = fit_batch(model, x, max_memory, rows)
+    targets = classes.to(dev)
+    per_step = rows * batch * sum(f in families for f in FAMILIES)  # stamped images per step
+    chunk = fit_batch(model, x, max_memory, per_step)
 
     def current():
         m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
@@ -168,7 +213,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             if "patch" in families:
                 # _patch's formula with pattern * mask taken before the broadcast (the gradients' summation
                 # order, and so the proxies, stay bit-identical to the earlier releases)
-                parts.append(xb.unsqueeze(0) * (1 - m.unsqueeze(1)) + (p * m).unsqueeze(1))  # [T, b, C, H, W]
+                parts.append(xb.unsqueeze(0) * (1 - m.unsqueeze(1)) + (p * m).unsqueeze(1))  # [R, b, C, H, W]
                 penalty = penalty + lam * m.mean(dim=(1, 2, 3)).sum()
             if "additive" in families:
                 parts.append(_additive(xb.unsqueeze(0), d.unsqueeze(1), lo, hi))
@@ -182,8 +227,9 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
                 logits = model(stamped[s0:s1])
                 ce = (F.cross_entropy(logits, tgt[s0:s1], reduction="none") * other[s0:s1]).sum() \
                     / other.sum().clamp(min=1)
-                loss = ce * num_classes * len(parts) + (penalty if s0 == 0 else 0.0)
+                loss = ce * rows * len(parts) + (penalty if s0 == 0 else 0.0)
                 loss.backward(retain_graph=s1 < len(stamped))
+                del logits, ce, loss  # the retained graph frees this chunk's activations before the next forward
             opt.step()
             shown.update(1)
     with torch.no_grad():
@@ -193,7 +239,75 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             patterns["patch"], norms["patch"] = p.clone(), m.sum(dim=(1, 2, 3))
         if "additive" in families:
             patterns["additive"], norms["additive"] = d.clone(), _rms(d / span)
-    return ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi)
+    return ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi, classes=classes,
+                    reference=reference)
+
+
+def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
+                   batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1, seed: int = 0,
+                   families: tuple[str, ...] = FAMILIES, progress: bool = False,
+                   max_memory: int | str | None = None) -> torch.Tensor:
+    """Ranks every class as a likely backdoor target at a cost that does not grow with the class count.
+    x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> scores [num_classes] float32
+    on the CPU, higher = more suspect. One universal proxy per family (a patch: mask [1, 1, H, W] and pattern; an
+    additive delta [1, C, H, W]) is fitted, `steps` Adam steps (lr) on `batch` images, to lower the probability
+    of each image's own class (untargeted), with the size penalties of `synthesize_proxies` (lam, lam_additive):
+    the cheapest way to move every image elsewhere is a backdoor's trigger, and it moves them to its target.
+    Score of class t: the mean probability of t over every (family, image of another class) after the fit.
+    The model stays frozen in eval mode; images run in chunks `max_memory` can hold (`memory.fit_batch`)."""
+    g = torch.Generator().manual_seed(seed + 3)
+    n, c, h, w = x.shape
+    dev = x.device
+    lo, hi = _range(x)
+    span = hi - lo
+    mlog = torch.full((1, 1, h, w), -3.0, device=dev).requires_grad_(True)
+    plog = (torch.randn(1, c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
+    dlog = (torch.randn(1, c, h, w, generator=g) * 0.01).to(dev).requires_grad_(True)
+    opt = torch.optim.Adam(([mlog, plog] if "patch" in families else []) +
+                           ([dlog] if "additive" in families else []), lr=lr)
+
+    def stamps(xb):
+        m, p, d = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog), span * torch.tanh(dlog)
+        out = ([_patch(xb, m, p)] if "patch" in families else []) + \
+              ([_additive(xb, d, lo, hi)] if "additive" in families else [])
+        penalty = (lam * m.mean() if "patch" in families else 0.0) + \
+                  (lam_additive * _rms(d / span).sum() if "additive" in families else 0.0)
+        return torch.cat(out), penalty
+
+    fams = sum(f in families for f in FAMILIES)
+    chunk = fit_batch(model, x, max_memory, batch * fams)
+    with frozen(model), bar(steps, "trigger screen", progress) as shown:
+        for _ in range(steps):
+            idx = torch.randint(0, n, (batch,), generator=g).to(dev)
+            stamped, penalty = stamps(x[idx])
+            own = y[idx].repeat(fams)
+            opt.zero_grad(set_to_none=True)
+            for s0 in range(0, len(stamped), chunk):
+                s1 = min(len(stamped), s0 + chunk)
+                p_own = F.softmax(model(stamped[s0:s1]), dim=1).gather(1, own[s0:s1, None]).sum() / len(stamped)
+                (p_own + (penalty if s0 == 0 else 0.0)).backward(retain_graph=s1 < len(stamped))
+                del p_own  # the retained graph frees this chunk's activations before the next forward
+            opt.step()
+            shown.update(1)
+    scores = torch.zeros(num_classes, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    step = max(1, chunk // fams)
+    with torch.no_grad(), frozen(model):
+        for s0 in range(0, n, step):
+            stamped, _ = stamps(x[s0:s0 + step])
+            prob = F.softmax(model(stamped), dim=1).double().cpu()  # [F*b, T]
+            own = y[s0:s0 + step].cpu().repeat(fams)
+            other = torch.ones_like(prob)
+            other[torch.arange(len(own)), own] = 0.0
+            scores += (prob * other).sum(0)
+            counts += other.sum(0)
+    return (scores / counts.clamp(min=1)).float()
+
+
+def _range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, C, H, W] -> (lo, hi) [1, C, 1, 1]: the per-channel range of the images, the stamps' bounds."""
+    c = x.shape[1]
+    return x.amin(dim=(0, 2, 3)).view(1, c, 1, 1), x.amax(dim=(0, 2, 3)).view(1, c, 1, 1)
 
 
 def _rms(d: torch.Tensor) -> torch.Tensor:

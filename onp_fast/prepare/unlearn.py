@@ -32,12 +32,17 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
     """Returns (U, info): a copy of `model` trained to *maximise* CE on (x, y) until its accuracy on (x, y)
     is <= target_acc (checked after every step), at most `max_epochs` epochs. BN statistics stay frozen
     (eval mode); weights, BN scales and shifts move. x: [N, C, H, W] normalised; y: [N] int64.
-    info: steps, epochs, final accuracy. progress: a bar on stderr (onp_fast.progress.bar) of the most steps
-    it may take, max_epochs x batches per epoch (its ETA is an upper bound; it ends early at target_acc).
-    max_memory (bytes or "512MB"; None: no budget): a step's batch is never split (UserError before the first
-    step when it does not fit, `memory.check_batch`); the accuracy checks are chunked to it. The shuffles come
-    from a CPU generator whatever the device, so a seed gives the same batches on every device."""
-    check_batch(model, x, min(batch_size, len(x)), max_memory, "unlearning")
+    info: steps, epochs, final accuracy, micro_batch (images per forward of a step: the step's batch when it
+    is not split). progress: a bar on stderr (onp_fast.progress.bar) of the most steps it may take, max_epochs x
+    batches per epoch (its ETA is an upper bound; it ends early at target_acc).
+    max_memory (bytes or "512MB"; None: no budget): a step whose batch it cannot hold runs as micro-batches of
+    the most images it holds (`memory.micro_batch`, at least one: BatchNorm is in eval mode), the gradient of
+    -sum CE(chunk) / batch accumulated over them, the same step as the whole batch's up to float rounding (then
+    clipped and taken once); UserError before the first step when not even one image fits (`memory.check_batch`).
+    A batch the budget holds (or no budget) runs whole, bit for bit as without one. The accuracy checks are
+    chunked to it. The shuffles come from a CPU generator whatever the device, so a seed gives the same batches
+    on every device."""
+    micro = check_batch(model, x, min(batch_size, len(x)), max_memory, "unlearning", min_size=1)
     u = copy.deepcopy(model).eval()
     for p in u.parameters():
         p.requires_grad_(True)
@@ -51,9 +56,14 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
             order = torch.randperm(len(x), generator=g).to(x.device)
             for i in range(0, len(x), batch_size):
                 idx = order[i:i + batch_size]
-                loss = -F.cross_entropy(u(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if len(idx) <= micro:  # the whole batch at once: as without a budget
+                    loss = -F.cross_entropy(u(x[idx]), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                else:  # micro-batches: BatchNorm is frozen, so the summed gradients are the whole batch's
+                    opt.zero_grad(set_to_none=True)
+                    for part in idx.split(micro):
+                        (-F.cross_entropy(u(x[part]), y[part], reduction="sum") / len(idx)).backward()
                 nn.utils.clip_grad_norm_(u.parameters(), 20.0)
                 opt.step()
                 steps += 1
@@ -63,4 +73,4 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
                     break
     for p in u.parameters():
         p.requires_grad_(False)
-    return u, {"steps": steps, "epochs": epoch, "accuracy": acc}
+    return u, {"steps": steps, "epochs": epoch, "accuracy": acc, "micro_batch": micro}

@@ -43,10 +43,10 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
     """Repairs a copy of `model` with the clean defense set (x [N, C, H, W] normalised float32, y [N] int64).
     method: a name of onp_fast.defenses.METHODS or a Defense; method_config: that method's Config (None: its
     defaults); config: the shared settings. Never sees test data, triggers or attack specs: only (x, y).
-    Before any work: UserError for a bad defense set or config, or a training batch that config.max_memory
-    cannot hold (`training_batches`)."""
+    Before any work: UserError for a bad defense set or config, or a training step whose smallest micro-batch
+    config.max_memory cannot hold (`training_batches`)."""
     defense = get(method, method_config)  # an unknown method fails before any work
-    cfg = checked_config(x, y, num_classes, config)
+    cfg = checked_config(x, y, num_classes, config).for_model(model)
     check_training_budget(model, x, training_batches(y, cfg, [(defense, purify_mode_of(cfg, defense))]), cfg)
     return run(prepare(model, x, y, num_classes, cfg, progress), defense)
 
@@ -58,32 +58,40 @@ def purify_mode_of(cfg: RepairConfig, defense: Defense, purify: str | None = Non
     return defense.purify if mode == "auto" else mode
 
 
-def training_batches(y: torch.Tensor, cfg: RepairConfig, runs) -> dict[str, int]:
-    """{what: images of one step} of every training step with a batch its algorithm fixes (never split by the
-    memory budget) that `prepare` and then `run` of each (Defense, purification mode) of `runs` take on the
-    defense set with labels y [N] under cfg (checked): prepare's unlearning on D_opt, the method's own
+def training_batches(y: torch.Tensor, cfg: RepairConfig, runs) -> dict[str, tuple[int, int]]:
+    """{what: (images of one step, the fewest images a micro-batch of it may hold)} of every training step with
+    a batch its algorithm fixes (one SGD step per batch) that `prepare` and then `run` of each (Defense,
+    purification mode) of `runs` take on the defense set with labels y [N] under cfg (checked): prepare's
+    unlearning on D_opt, the method's own
     (`Defense.train_batch`), purification on D_opt (with a proxy-stamped copy of each image when the mode
-    unlearns proxies and prepare makes them), the clean fine-tune on all N."""
+    unlearns proxies and prepare makes them), the clean fine-tune on all N. What `check_training_budget` checks
+    before any work. Unlearning, purification and the fine-tunes (`unlearn`, `finetune_pruned`) run a step the
+    memory budget cannot hold whole as micro-batches with its gradient accumulated, so only a budget under a
+    step's smallest micro-batch (1 image for unlearning, in eval mode; 2 in training mode) is an error
+    (`memory.check_batch`); a method's own steps that go through neither (ANP's and RNP's mask optimisation:
+    `Defense.splits_training` False) are kept whole."""
     n = len(y)
     n_opt = len(stratified_split(y.cpu(), cfg.val_fraction, cfg.seed)[0])
     proxies = bool(cfg.weights.ca_t) or cfg.purify != "none"  # when prepare synthesises them
-    out = {"unlearning": min(UNLEARN_BATCH, n_opt)}
+    out = {"unlearning": (min(UNLEARN_BATCH, n_opt), 1)}
     for defense, mode in runs:
         if defense.train_batch():
-            out[f"{defense.name}'s training"] = defense.train_batch()
+            b = defense.train_batch()
+            out[f"{defense.name}'s training"] = (b, 2 if defense.splits_training else b)
         if mode != "none":
-            out[f"purification ({mode})"] = min(FINETUNE_BATCH, n_opt) * (2 if "proxy" in mode and proxies else 1)
+            out[f"purification ({mode})"] = (min(FINETUNE_BATCH, n_opt) * (2 if "proxy" in mode and proxies else 1), 2)
     if cfg.finetune_epochs > 0:
-        out["fine-tuning"] = min(FINETUNE_BATCH, n)
+        out["fine-tuning"] = (min(FINETUNE_BATCH, n), 2)
     return out
 
 
 def memory_part(cfg: RepairConfig) -> dict:
     """The report's "peak_memory": the process's peak so far (`memory.peak_memory`: "rss_bytes", and
-    "cuda_max_allocated_bytes" on CUDA, else None), the device and the activation budget as given and in
-    bytes."""
+    "cuda_max_allocated_bytes" on CUDA, else None), the device, the budget as given and in bytes, and the
+    activations' share of it (`RepairConfig.activation_memory`)."""
     return {**peak_memory(cfg.device), "device": str(cfg.device), "max_memory": cfg.max_memory,
-            "max_memory_bytes": None if cfg.max_memory is None else parse_memory(cfg.max_memory)}
+            "max_memory_bytes": None if cfg.max_memory is None else parse_memory(cfg.max_memory),
+            "activation_bytes": cfg.activation_memory}
 
 
 def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, *, purify: str | None = None,
@@ -130,7 +138,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
         if ctx.cfg.finetune_epochs > 0:
             with ctx.phase("finetune"):
                 finetune_pruned(repaired, ctx.groups, prune, *ctx.defense_set(), epochs=ctx.cfg.finetune_epochs,
-                                seed=ctx.cfg.seed, progress=ctx.progress, max_memory=ctx.cfg.max_memory)
+                                seed=ctx.cfg.seed, progress=ctx.progress, max_memory=ctx.cfg.activation_memory)
         small = None
         if ctx.cfg.compact:
             with ctx.phase("compact"):
@@ -162,7 +170,7 @@ def compacted(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor, x: to
 
 def _no_pruning(ctx: DefenseContext) -> dict:
     """The depth rule's answer for a method that prunes nothing (fine-tuning defenses): depth 0."""
-    ca = accuracy_of(ctx.model, ctx.x_val, ctx.y_val, max_memory=ctx.cfg.max_memory)
+    ca = accuracy_of(ctx.model, ctx.x_val, ctx.y_val, max_memory=ctx.cfg.activation_memory)
     return {"depth": 0, "prune": torch.zeros(ctx.groups.num_groups, dtype=torch.bool), "table": [],
             "ca_b_before": ca, "margin": 0.0, "rule": "none: the method prunes nothing"}
 
@@ -205,7 +213,7 @@ def _report(ctx: DefenseContext, defense: Defense, scores: torch.Tensor, choice:
         "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "margin": choice["margin"],
                           "table": choice["table"]},
         "ca_val_before": choice["ca_b_before"],
-        "ca_val_after": accuracy_of(repaired, ctx.x_val, ctx.y_val, max_memory=ctx.cfg.max_memory),
+        "ca_val_after": accuracy_of(repaired, ctx.x_val, ctx.y_val, max_memory=ctx.cfg.activation_memory),
         "pruned_groups": int(choice["prune"].sum()),
         "pruned_per_layer": pruned_per_layer,
         "layer_sizes": {n: int(len(groups.layer_groups[n])) for n in groups.layers},

@@ -43,21 +43,24 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     curve = []
 
     def check(epoch):  # the last epoch whose held-out CA stays within the tolerance is what purification keeps
-        ca = accuracy_of(model, ctx.x_val, ctx.y_val, max_memory=cfg.max_memory)
+        ca = accuracy_of(model, ctx.x_val, ctx.y_val, max_memory=cfg.activation_memory)
         curve.append(round(ca, 4))
         if ca >= floor:
             best.update(epoch=epoch, state=copy.deepcopy(model.state_dict()), ca=ca)
 
+    steps: dict = {}
     finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=cfg.purify_epochs, lr=cfg.purify_lr,
                     seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check,
                     teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE,
                     hard_weight=cfg.purify_hard, labels_where_wrong=cfg.purify_labels_where_wrong,
                     cosine_t_max=0 if cfg.purify_cosine else None,
-                    max_grad_norm=clip, progress=ctx.progress, max_memory=cfg.max_memory)
+                    max_grad_norm=clip, progress=ctx.progress, max_memory=cfg.activation_memory, info=steps)
     model.load_state_dict(best["state"])
     return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
             "proxy_images_per_epoch": len(ctx.x_opt) if proxies is not None else 0,
             "images": len(ctx.x_opt), "epochs": cfg.purify_epochs, "lr": cfg.purify_lr,
+            "batch": steps.get("batch"), "micro_batch": steps.get("micro_batch"),
+            "micro_batches": steps.get("micro_batches", 1),
             "grad_clip": clip,
             "distill_temperature": DISTILL_TEMPERATURE if cfg.purify_distill else None,
             "hard_label_share": cfg.purify_hard if cfg.purify_distill else None,
@@ -65,5 +68,5 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             "lr_schedule": "cosine" if cfg.purify_cosine else "constant",
             "kept_epochs": best["epoch"], "ca_val_per_epoch": curve,
             "ca_val_after": best["ca"] if best["ca"] is not None else accuracy_of(model, ctx.x_val, ctx.y_val,
-                                                                                  max_memory=cfg.max_memory),
+                                                                                  max_memory=cfg.activation_memory),
             "kept": best["epoch"] > 0}

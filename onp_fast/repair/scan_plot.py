@@ -51,12 +51,13 @@ def _proxies_from_data(result: dict, data: dict) -> dict[str, TriggerProxy]:
     """picture_data's JSON -> {family: TriggerProxy} of the shown class (norms and anomaly index from result)."""
     lo, hi = (torch.tensor(data[k]).view(1, -1, 1, 1) for k in ("lo", "hi"))
     t = shown_class(result)
+    row = list(result.get("classes", range(t + 1))).index(t)
     out = {}
     for f, d in data["proxies"].items():
         fam = result["families"][f]
         out[f] = TriggerProxy(mask=None if d["mask"] is None else torch.tensor(d["mask"]),
                               pattern=torch.tensor(d["pattern"]), target=t, norms=torch.tensor(fam["norms"]),
-                              anomaly_index=float(fam["z_scores"][t]), family=f, lo=lo, hi=hi)
+                              anomaly_index=float(fam["z_scores"][row]), family=f, lo=lo, hi=hi)
     return out
 
 
@@ -158,14 +159,15 @@ def _draw(path, result: dict, shown: dict[str, TriggerProxy], x: torch.Tensor, m
     bars = fig.add_subplot(grid[len(shown), :])
     fams = list(result["families"])
     n = len(result["families"][fams[0]]["z_scores"])
+    classes = result.get("classes", list(range(n)))
     width = 0.8 / len(fams)
     for j, f in enumerate(fams):
         bars.bar([c - 0.4 + width * (j + 0.5) for c in range(n)], result["families"][f]["z_scores"], width,
                  label=f"{f} (largest {result['families'][f]['anomaly_index']:.1f})")
     bars.axhline(result["gate"], color="r", ls="--", lw=1, label=f"gate {result['gate']:g}")
     bars.axhline(0, color="k", lw=0.5)
-    bars.set_xticks(range(n))
-    bars.set_xlabel("class")
+    bars.set_xticks(range(n), [str(c) for c in classes])
+    bars.set_xlabel("class" if len(classes) == n and classes == list(range(n)) else "class (the screened ones)")
     bars.set_ylabel("anomaly index (MAD units)")
     bars.set_title("how far each class's trigger proxy is smaller than the median (above the gate: flagged)",
                    fontsize=9)

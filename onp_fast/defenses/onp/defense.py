@@ -47,7 +47,7 @@ def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]
     seed = ctx.cfg.seed
     with ctx.phase("features"):
         feats = exposure_features(ctx.model, ctx.unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, seed=seed,
-                                  trigger=ctx.trigger, max_memory=ctx.cfg.max_memory)
+                                  trigger=ctx.trigger, max_memory=ctx.cfg.activation_memory)
     with ctx.phase("graphs"):
         graph = build_policy_graph(ctx.model, ctx.groups, feats, eps=cfg.graph_eps,
                                    cross_layer_topk=cfg.cross_layer_topk)
@@ -86,3 +86,8 @@ class ONP(Defense):
     def scores(self, ctx: DefenseContext) -> tuple[torch.Tensor, dict]:
         """-> the trained policy's prune probabilities [G] in (0, 1)."""
         return onp_scores(ctx, self.config)
+
+    def effort(self) -> float:
+        """The masks its RL scores (iterations x samples) as a share of the defaults' (60 x 16), at most 1."""
+        default = ONPConfig()
+        return min(1.0, self.config.iterations * self.config.samples / (default.iterations * default.samples))
