@@ -3,7 +3,9 @@ forward takes per image, pick how many images (or masks) run at once under a bud
 micro-batches (refusing one whose smallest micro-batch does not fit), and read the process's peak memory. One
 place for each, shared by every layer above.
 
-The budget covers activations (the tensors a forward creates), not the weights."""
+The budgets these functions take cover activations (the tensors a forward creates), not the weights; a
+repair's `--max-memory` covers the whole process, `reserved_bytes` of it kept aside for the runtime and the
+weights' copies (RepairConfig.activation_memory)."""
 from __future__ import annotations
 
 import re
@@ -156,19 +158,6 @@ def micro_batch(model: nn.Module, sample: torch.Tensor, batch: int, budget: int 
                         f"{smallest} image{'s' if smallest > 1 else ''}{whole} needs about {format_bytes(need)} "
                         f"(raise --max-memory / max_memory to at least that)")
     return fit_batch(model, sample, budget, batch)
-
-
-def check_batch(model: nn.Module, sample: torch.Tensor, batch: int, budget: int | str | None, what: str, *,
-                min_size: int = 2) -> int:
-    """A training step of `batch` images (BatchNorm in training mode, one SGD step per batch) is split into
-    micro-batches with its gradients accumulated when `budget` cannot hold it whole (`micro_batch`): UserError
-    (one line, naming `what` and the budget it needs) only when not even a micro-batch of `min_size` images
-    (2 by default: BatchNorm in training mode) of `model` (shaped like sample [n, ...]) fits `budget` by
-    `activation_bytes`; what callers run before any long work. budget None: nothing is checked. -> the
-    micro-batch size (`batch` when not split)."""
-    if batch < 1:
-        return batch
-    return micro_batch(model, sample, batch, budget, what, min_size)
 
 
 def peak_memory(device: str | torch.device = "cpu") -> dict:

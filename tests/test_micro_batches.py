@@ -14,7 +14,7 @@ import torch.nn as nn
 from onp_fast import models
 from onp_fast.errors import UserError
 from onp_fast.groups import find_groups
-from onp_fast.memory import activation_bytes, check_batch, micro_batch
+from onp_fast.memory import activation_bytes, micro_batch
 from onp_fast.prepare.finetune import _micro_batches, finetune_pruned
 from onp_fast.prepare.unlearn import unlearn
 
@@ -61,11 +61,11 @@ def test_micro_batch_is_the_whole_batch_or_the_most_that_fit_and_refuses_only_un
     per = activation_bytes(m, x)
     assert micro_batch(m, x, 64, None) == micro_batch(m, x, 64, "1GB") == 64  # whole: as without a budget
     assert micro_batch(m, x, 64, 5 * per) == 5 and micro_batch(m, x, 64, 2 * per) == 2
-    assert check_batch(m, x, 64, 3 * per + 1, "fine-tuning") == 3 and check_batch(m, x, 64, None, "x") == 64
+    assert micro_batch(m, x, 64, 3 * per + 1, "fine-tuning") == 3 and micro_batch(m, x, 64, None, "x") == 64
     assert micro_batch(m, x, 64, per, min_size=1) == 1  # eval mode: one image is a micro-batch
     for budget, min_size in ((2 * per - 1, 2), (per - 1, 1), (1000, 2)):
         with pytest.raises(UserError) as err:
-            check_batch(m, x, 64, budget, "fine-tuning", min_size=min_size)
+            micro_batch(m, x, 64, budget, "fine-tuning", min_size=min_size)
         line = str(err.value)
         assert "\n" not in line and "too small for fine-tuning" in line and "--max-memory" in line
         assert f"micro-batch of {min_size} image" in line and "of a step's 64" in line and "needs about" in line

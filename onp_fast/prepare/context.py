@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..data import stratified_split
 from ..errors import UserError
 from ..groups import NeuronGroups, find_groups
-from ..memory import DEFAULT_MAX_MEMORY, check_batch, format_bytes, parse_memory, reserved_bytes
+from ..memory import DEFAULT_MAX_MEMORY, format_bytes, micro_batch, parse_memory, reserved_bytes
 from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
 from ..torchutil import DEFAULT_DEVICE, check_device
@@ -235,10 +235,10 @@ def check_training_budget(model: nn.Module, x: torch.Tensor, batches: dict[str, 
     """UserError (one line, naming the phase and the budget it needs) when one of `batches` ({what: (images of
     one training step, the fewest a micro-batch of it may hold: the step itself where it is never split)} does
     not fit the activation budget (`RepairConfig.activation_memory` for `model`) even in its smallest micro-batch
-    (`memory.check_batch`, estimated on x [N, C, H, W], images shaped like the defense set's). Callers run it
+    (`memory.micro_batch`, estimated on x [N, C, H, W], images shaped like the defense set's). Callers run it
     before any long work."""
     for what, (batch, smallest) in batches.items():
-        check_batch(model, x, batch, cfg.for_model(model).activation_memory, what, min_size=smallest)
+        micro_batch(model, x, batch, cfg.for_model(model).activation_memory, what, min_size=smallest)
 
 
 def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..memory import check_batch, fit_batch
+from ..memory import fit_batch, micro_batch
 from ..progress import bar
 
 
@@ -38,11 +38,11 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
     max_memory (bytes or "512MB"; None: no budget): a step whose batch it cannot hold runs as micro-batches of
     the most images it holds (`memory.micro_batch`, at least one: BatchNorm is in eval mode), the gradient of
     -sum CE(chunk) / batch accumulated over them, the same step as the whole batch's up to float rounding (then
-    clipped and taken once); UserError before the first step when not even one image fits (`memory.check_batch`).
+    clipped and taken once); UserError before the first step when not even one image fits (`memory.micro_batch`).
     A batch the budget holds (or no budget) runs whole, bit for bit as without one. The accuracy checks are
     chunked to it. The shuffles come from a CPU generator whatever the device, so a seed gives the same batches
     on every device."""
-    micro = check_batch(model, x, min(batch_size, len(x)), max_memory, "unlearning", min_size=1)
+    micro = micro_batch(model, x, min(batch_size, len(x)), max_memory, "unlearning", min_size=1)
     u = copy.deepcopy(model).eval()
     for p in u.parameters():
         p.requires_grad_(True)

@@ -68,7 +68,7 @@ def training_batches(y: torch.Tensor, cfg: RepairConfig, runs) -> dict[str, tupl
     before any work. Unlearning, purification and the fine-tunes (`unlearn`, `finetune_pruned`) run a step the
     memory budget cannot hold whole as micro-batches with its gradient accumulated, so only a budget under a
     step's smallest micro-batch (1 image for unlearning, in eval mode; 2 in training mode) is an error
-    (`memory.check_batch`); a method's own steps that go through neither (ANP's and RNP's mask optimisation:
+    (`memory.micro_batch`); a method's own steps that go through neither (ANP's and RNP's mask optimisation:
     `Defense.splits_training` False) are kept whole."""
     n = len(y)
     n_opt = len(stratified_split(y.cpu(), cfg.val_fraction, cfg.seed)[0])
