@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 from .errors import UserError
 
 DEFAULT_MAX_MEMORY = "1GB"  # the activation budget wherever none is given (RepairConfig, RewardEngine, the CLI)
-RUNTIME_RESERVE = 1024**3  # of a whole-process budget: torch, the data, the bookkeeping (docs/design.md)
+RUNTIME_RESERVE = 1280 * 1024**2  # of a whole-process budget: torch, the data, the bookkeeping (docs/design.md)
 MODEL_COPIES = 10  # of a whole-process budget: the copies of the model's weights a repair holds at once
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
