@@ -234,11 +234,11 @@ def check_training_budget(model: nn.Module, x: torch.Tensor, batches: dict[str, 
                           cfg: RepairConfig) -> None:
     """UserError (one line, naming the phase and the budget it needs) when one of `batches` ({what: (images of
     one training step, the fewest a micro-batch of it may hold: the step itself where it is never split)} does
-    not fit the activation budget (`RepairConfig.activation_memory` for `model`) even in its smallest micro-batch
-    (`memory.micro_batch`, estimated on x [N, C, H, W], images shaped like the defense set's). Callers run it
-    before any long work."""
+    not fit the activation budget (`RepairConfig.activation_memory`; cfg fit to `model` by `for_model`) even in
+    its smallest micro-batch (`memory.micro_batch`, estimated on x [N, C, H, W], images shaped like the defense
+    set's). Callers run it before any long work."""
     for what, (batch, smallest) in batches.items():
-        micro_batch(model, x, batch, cfg.for_model(model).activation_memory, what, min_size=smallest)
+        micro_batch(model, x, batch, cfg.activation_memory, what, min_size=smallest)
 
 
 def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
