@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from .defenses import METHODS, get
 from .evaluate import evaluate
+from .memory import SHARED_COPIES
 from .metrics import defense_effectiveness_rating
 from .data import normalize
 from .errors import UserError
@@ -136,12 +138,13 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     cfg = cfg or RepairConfig()
     specs = [method_spec(m) for m in (methods or DEFAULT_METHODS)]
     defenses = [get(name, (configs or {}).get(name)) for name, _ in specs]
+    cfg = replace(cfg, weight_copies=cfg.weight_copies + SHARED_COPIES)  # what a repair holds, and the shared ones
     cfg = checked_config(x, y, num_classes, cfg).for_model(model)
     batches = training_batches(y, cfg, [(d, purify_mode_of(cfg, d, mode)) for (_, mode), d in zip(specs, defenses)])
     if reactivation_epochs > 0:
-        batches["the re-activation fine-tune"] = (min(FINETUNE_BATCH, len(x)), 2)
+        batches["the re-activation fine-tune"] = (min(FINETUNE_BATCH, len(x)), None)
     if retune_epochs > 0:
-        batches["the retuning attack"] = (min(RETUNE_BATCH, len(x) + 5), 2)
+        batches["the retuning attack"] = (min(RETUNE_BATCH, len(x) + 5), None)
     check_training_budget(model, x, batches, cfg)
     device = torch.device(cfg.device)
     test = (test_x, test_y, mean, std, cfg.activation_memory)

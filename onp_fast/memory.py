@@ -22,7 +22,8 @@ from .errors import UserError
 
 DEFAULT_MAX_MEMORY = "1GB"  # the activation budget wherever none is given (RepairConfig, RewardEngine, the CLI)
 RUNTIME_RESERVE = 1280 * 1024**2  # of a whole-process budget: torch, the data, the bookkeeping (docs/design.md)
-MODEL_COPIES = 10  # of a whole-process budget: the copies of the model's weights a repair holds at once
+MODEL_COPIES = 7  # of a whole-process budget: the copies of the model's weights a repair holds at once (docs/design.md)
+SHARED_COPIES = 2  # and what a comparison holds besides: the caller's model and the unlearned copy its runs share
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
@@ -44,12 +45,13 @@ def parse_memory(value: int | float | str) -> int:
     return size
 
 
-def reserved_bytes(model: nn.Module) -> int:
+def reserved_bytes(model: nn.Module, copies: int = MODEL_COPIES) -> int:
     """What a repair's whole-process memory budget keeps for other than activations: RUNTIME_RESERVE plus
-    MODEL_COPIES x the bytes of `model`'s parameters and buffers (the frozen and unlearned copies, the pruned
-    one, purification's teacher, saved states and optimiser buffers)."""
+    `copies` x the bytes of `model`'s parameters and buffers (at a repair's peak, purification's sharpness-aware
+    step: the frozen model, the pruned one, the state purification keeps, the momentum, the gradient and the
+    ascent step; one more for the optimiser's temporaries)."""
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return RUNTIME_RESERVE + MODEL_COPIES * weights
+    return RUNTIME_RESERVE + copies * weights
 
 
 def format_bytes(n: float) -> str:
@@ -138,19 +140,24 @@ def fit_batch(model: nn.Module, sample: torch.Tensor, budget: int | str | None, 
     return max(1, min(cap, budget // per))
 
 
+def train_mode_min(model: nn.Module) -> int:
+    """The fewest images a training-mode micro-batch of `model` may hold: 2 when it has a BatchNorm (which
+    normalises over the micro-batch), else 1."""
+    return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+
+
 def micro_batch(model: nn.Module, sample: torch.Tensor, batch: int, budget: int | str | None, what: str = "a step",
-                min_size: int = 2) -> int:
+                min_size: int | None = None) -> int:
     """Images per micro-batch of a training step of `batch` images of `model` (shaped like sample [n, ...]) whose
     gradients are accumulated over micro-batches: `batch` when `budget` (bytes or a size string; None: no budget)
     holds them all by `activation_bytes` (the step then runs whole, as without a budget), else the most that fit
-    (`fit_batch`), at least `min_size` (2 where BatchNorm runs in training mode and needs two images to
-    normalise over, 1 in eval mode). UserError (one line, naming `what` and the budget needed) when not even
-    min(min_size, batch) images fit."""
+    (`fit_batch`), at least `min_size` (None: a training-mode step's, `train_mode_min`; 1 in eval mode).
+    UserError (one line, naming `what` and the budget needed) when not even min(min_size, batch) images fit."""
     batch = max(1, int(batch))
     if budget is None or len(sample) == 0:
         return batch
     budget = parse_memory(budget)
-    smallest = min(max(1, min_size), batch)
+    smallest = min(max(1, train_mode_min(model) if min_size is None else min_size), batch)
     need = activation_bytes(model, sample) * smallest
     if need > budget:
         whole = f" (of a step's {batch})" if smallest < batch else ""

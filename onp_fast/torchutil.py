@@ -13,6 +13,14 @@ DEVICES = "cpu, cuda or cuda:N"
 DEFAULT_DEVICE = "cpu"
 
 
+def done_training(params) -> None:
+    """After a model's training: each of `params` stops requiring grad and drops its gradient (a copy of the
+    weights no later step reads)."""
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+
+
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
     """Within the block no parameter of `modules` requires grad (gradients flow to other leaves only, e.g. masks

@@ -2,6 +2,7 @@
 errors; `--device cpu` is the default, bit for bit; the budget reaches the reward engine, evaluation and the
 training-batch check on the real path, and splitting batches under it leaves the numbers unchanged; the repair
 report and compare's JSON carry the peak memory."""
+import gc
 import json
 
 import numpy as np
@@ -19,7 +20,7 @@ from onp_fast.defenses import ONPConfig
 from onp_fast.errors import UserError
 from onp_fast.groups import find_groups
 from onp_fast.io import save_model
-from onp_fast.memory import activation_bytes, fit_batch, parse_memory, reserved_bytes
+from onp_fast.memory import MODEL_COPIES, activation_bytes, fit_batch, parse_memory, reserved_bytes
 from onp_fast.prepare import RepairConfig, accuracy_of, prepare
 from onp_fast.repair import repair
 from onp_fast.reward import GroupPoints, RewardEngine, RewardWeights
@@ -370,3 +371,59 @@ def test_repair_on_cuda_returns_cpu_results_and_reports_cuda_memory():
     assert r.prune.device.type == r.scores.device.type == "cpu"
     assert all(p.device.type == "cpu" for p in r.model.parameters())
     assert r.report["peak_memory"]["cuda_max_allocated_bytes"] > 0
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable from Python (each storage once), gradients included."""
+    seen, total = set(), 0
+    tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    tensors += [t.grad for t in tensors if t.is_leaf and t.grad is not None]
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+@pytest.mark.parametrize("hand_over", [True, False])
+def test_a_repair_holds_at_most_the_weight_copies_its_budget_keeps_room_for(monkeypatch, hand_over):
+    """The live tensors after every backward of a repair (the peaks: gradients complete, a sharpness-aware step's
+    ascent kept), counted in copies of the weights on a model whose weights outweigh everything else. Handed over
+    (copy_model False, what `onp-fast repair` does), purification with SAM holds 6: the frozen model, the pruned
+    one, the state it keeps, the momentum, the gradient and the ascent step; RepairConfig.weight_copies
+    (MODEL_COPIES) keeps one more. Copied, the caller's model is a seventh."""
+    torch.manual_seed(0)
+    m = models.build("preactresnet18", num_classes=NUM_CLASSES, in_channels=1, width=0.5, input_size=8).eval()
+    weights = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    x, y = _pixels(40, seed=5)
+    x = normalize(x, MEAN, STD)
+    peaks: dict[str, float] = {}
+    phase = ["before"]
+    import onp_fast.prepare.context as context_mod
+
+    real_enter, real_backward = context_mod.Phase.__enter__, torch.autograd.backward
+
+    def enter(self):
+        phase[0] = self.name
+        return real_enter(self)
+
+    gc.collect()
+    base = _live_tensor_bytes() - weights  # the caller's data; its model is counted as a copy
+
+    def backward(*a, **k):
+        out = real_backward(*a, **k)
+        peaks[phase[0]] = max(peaks.get(phase[0], 0.0), (_live_tensor_bytes() - base) / weights)
+        return out
+
+    monkeypatch.setattr(context_mod.Phase, "__enter__", enter)
+    monkeypatch.setattr(torch.autograd, "backward", backward)
+    cfg = RepairConfig(seed=0, purify="sam+proxy", purify_epochs=2, trigger_steps=1, trigger_batch=2)  # one step
+    # an epoch: the second one's with momentum
+    repair(m, x, y, NUM_CLASSES, "onp", cfg, ONPConfig(iterations=1, samples=2), progress=False,
+           copy_model=not hand_over)
+    held = 6 if hand_over else 7
+    assert held - 0.5 < peaks["purify"] < held + 0.2, peaks  # measured, and no copy more
+    assert peaks["policy"] < held - 3, peaks  # the frozen model and the unlearned one (without its gradients)
+    assert max(peaks.values()) == peaks["purify"], peaks
+    assert RepairConfig().weight_copies == MODEL_COPIES >= 6 + 1

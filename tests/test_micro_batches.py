@@ -14,7 +14,7 @@ import torch.nn as nn
 from onp_fast import models
 from onp_fast.errors import UserError
 from onp_fast.groups import find_groups
-from onp_fast.memory import activation_bytes, micro_batch
+from onp_fast.memory import activation_bytes, micro_batch, train_mode_min
 from onp_fast.prepare.finetune import _micro_batches, finetune_pruned
 from onp_fast.prepare.unlearn import unlearn
 
@@ -176,3 +176,24 @@ def test_a_budget_under_two_images_is_an_error_before_the_first_step():
     assert "\n" not in line and "too small for fine-tuning" in line and "micro-batch of 2 images" in line
     assert "of a step's 32" in line and "needs about" in line
     assert _equal(m, before)  # no step was taken
+
+
+def test_without_batchnorm_a_training_step_may_run_one_image_at_a_time():
+    """Two images are the least a training-mode micro-batch holds only where a BatchNorm normalises over it: a
+    model without one (a ViT, _plain_model) is purified one image at a time under a budget of one image, the
+    same step as the whole batch's; with BatchNorm the same budget is refused."""
+    plain, bn = _plain_model(), _bn_model()
+    x, y = _data(48)
+    assert train_mode_min(plain) == 1 and train_mode_min(bn) == 2
+    per = activation_bytes(plain, x)
+    assert micro_batch(plain, x, 64, per) == 1
+    with pytest.raises(UserError, match="micro-batch of 2 images"):
+        micro_batch(bn, x, 64, activation_bytes(bn, x))
+    groups = find_groups(plain, (1, 8, 8))
+    none = torch.zeros(groups.num_groups, dtype=torch.bool)
+    whole, split, info = copy.deepcopy(plain), copy.deepcopy(plain), {}
+    finetune_pruned(whole, groups, none, x, y, epochs=1, batch_size=16)
+    finetune_pruned(split, groups, none, x, y, epochs=1, batch_size=16, max_memory=per, info=info)
+    assert info["micro_batch"] == 1 and info["micro_batches"] == 16
+    for p, q in zip(whole.parameters(), split.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5)

@@ -136,7 +136,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check, max_memory=max_memory,
                            echo=None if quiet else lambda s: click.echo(s, err=True))
     result = repair(loaded.model, normalize(x, mean, std), y, splits.num_classes, method,
-                    cfg, onp if method == "onp" else None, progress=not quiet)
+                    cfg, onp if method == "onp" else None, progress=not quiet, copy_model=False)
     report = dict(result.report)
     if compact_model:  # its shapes no longer match the architecture: written as TorchScript
         loaded = dataclasses.replace(loaded, model=result.compact, format="torchscript", source=None)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from ..groups import NeuronGroups
 from ..prepare import DefenseContext, unlearn
 from ..progress import bar
+from ..torchutil import done_training
 from .anp import ScaledNorms, check_mode, group_scores, own_rule_groups, working_copy
 from .base import Defense, register
 
@@ -125,8 +126,7 @@ def rnp_unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RNPConf
             epoch_acc.append(correct / max(1, seen))
             if epoch_acc[-1] <= cfg.unlearn_target:  # checked once per epoch, as the official
                 break
-    for p in u.parameters():
-        p.requires_grad_(False)
+    done_training(u.parameters())
     return u.eval(), {"steps": steps, "epochs": len(epoch_acc), "accuracy": epoch_acc[-1],
                       "epoch_accuracy": epoch_acc, "reached": epoch_acc[-1] <= cfg.unlearn_target,
                       "stop_check": "epoch"}

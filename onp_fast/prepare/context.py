@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..data import stratified_split
 from ..errors import UserError
 from ..groups import NeuronGroups, find_groups
-from ..memory import DEFAULT_MAX_MEMORY, format_bytes, micro_batch, parse_memory, reserved_bytes
+from ..memory import DEFAULT_MAX_MEMORY, MODEL_COPIES, format_bytes, micro_batch, parse_memory, reserved_bytes
 from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
 from ..torchutil import DEFAULT_DEVICE, check_device
@@ -62,6 +62,7 @@ class RepairConfig:
     device: str = DEFAULT_DEVICE  # where every phase runs: cpu, cuda or cuda:N (results come back on the CPU)
     max_memory: int | str | None = None  # the whole process's budget (bytes, "512MB"); None: none
     reserved_memory: int = 0  # of max_memory, kept for weights and the runtime (for_model); the rest: activations
+    weight_copies: int = MODEL_COPIES  # copies of the model's weights reserved_memory keeps room for (compare: more)
 
     def check(self) -> "RepairConfig":
         """UserError (one line) for a setting no repair can run with; checked before any work. The device is
@@ -83,6 +84,8 @@ class RepairConfig:
         for key in ("trigger_steps", "trigger_batch"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"{key} must be at least 1 (or None: by the methods' effort), not {getattr(self, key)}")
+        if self.weight_copies < 1:
+            raise UserError(f"weight_copies must be at least 1, not {self.weight_copies}")
         if self.trigger_classes < 2:
             raise UserError(f"trigger_classes must be at least 2, not {self.trigger_classes}")
         if not 0 < self.val_fraction < 1:
@@ -98,12 +101,12 @@ class RepairConfig:
         return None if self.max_memory is None else parse_memory(self.max_memory) - self.reserved_memory
 
     def for_model(self, model: nn.Module) -> "RepairConfig":
-        """The config with reserved_memory set for `model` (`memory.reserved_bytes`: the runtime and the copies
-        of its weights a repair holds), so the whole process stays within max_memory; UserError when that
+        """The config with reserved_memory set for `model` (`memory.reserved_bytes`: the runtime and
+        weight_copies copies of its weights), so the whole process stays within max_memory; UserError when that
         leaves the activations nothing (naming the budget it needs). No budget: unchanged."""
         if self.max_memory is None:
             return self
-        budget, keep = parse_memory(self.max_memory), reserved_bytes(model)
+        budget, keep = parse_memory(self.max_memory), reserved_bytes(model, self.weight_copies)
         if budget <= keep:
             raise UserError(f"max_memory {format_bytes(budget)} is too small for this model: its weights, their "
                             f"copies and the runtime take about {format_bytes(keep)}, leaving nothing to the "
@@ -141,7 +144,8 @@ class RepairConfig:
 class DefenseContext:
     """What every defense shares on one model and defense set, so ONP and the baselines see the same data, split
     and depth rule: `model` (a frozen eval copy), the split D_opt / D_val (normalised images [n, C, H, W], labels
-    [n]), the neuron groups, the unlearned copy, every class's trigger proxies (`proxies`), the most suspect one
+    [n]), the neuron groups, the unlearned copy (None once a run that shares the context with no later one has
+    ranked and cut: `repair.run`'s `last`), every class's trigger proxies (`proxies`), the most suspect one
     (`proxy`, flagged or not; `trigger` is it when flagged, else None) and the adversarial perturbations [P, G]
     (None when CA_P is off); `times`: seconds per phase. The model, its copies, the images and the proxies live
     on cfg.device; the groups, the perturbations and what defenses return live on the CPU."""
@@ -154,7 +158,7 @@ class DefenseContext:
     x_val: torch.Tensor
     y_val: torch.Tensor
     groups: NeuronGroups
-    unlearned: nn.Module
+    unlearned: nn.Module | None
     unlearn_info: dict
     trigger: TriggerProxy | None
     perturbations: torch.Tensor | None
@@ -222,18 +226,20 @@ def checked_config(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: Repa
 
 
 def checked_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                   cfg: RepairConfig | None) -> tuple[nn.Module, RepairConfig]:
+                   cfg: RepairConfig | None, copy_model: bool = True) -> tuple[nn.Module, RepairConfig]:
     """What every run on a defense set (x [N, C, H, W], y [N]) starts with: UserError for inputs or a config no
     repair can run with -> (a frozen eval copy of `model` on cfg.device, the config checked and fit to the
-    defense set)."""
+    defense set). copy_model False: `model` itself is frozen, put in eval mode and moved (no copy of its
+    weights; the caller hands it over)."""
     cfg = checked_config(x, y, num_classes, cfg).for_model(model)
-    return copy.deepcopy(model).eval().requires_grad_(False).to(cfg.device), cfg
+    return (copy.deepcopy(model) if copy_model else model).eval().requires_grad_(False).to(cfg.device), cfg
 
 
-def check_training_budget(model: nn.Module, x: torch.Tensor, batches: dict[str, tuple[int, int]],
+def check_training_budget(model: nn.Module, x: torch.Tensor, batches: dict[str, tuple[int, int | None]],
                           cfg: RepairConfig) -> None:
     """UserError (one line, naming the phase and the budget it needs) when one of `batches` ({what: (images of
-    one training step, the fewest a micro-batch of it may hold: the step itself where it is never split)} does
+    one training step, the fewest a micro-batch of it may hold: the step itself where it is never split; None: a
+    training-mode step's, `memory.train_mode_min`)} does
     not fit the activation budget (`RepairConfig.activation_memory`; cfg fit to `model` by `for_model`) even in
     its smallest micro-batch (`memory.micro_batch`, estimated on x [N, C, H, W], images shaped like the defense
     set's). Callers run it before any long work."""
@@ -242,7 +248,7 @@ def check_training_budget(model: nn.Module, x: torch.Tensor, batches: dict[str, 
 
 
 def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
-            progress: bool = True) -> DefenseContext:
+            progress: bool = True, copy_model: bool = True) -> DefenseContext:
     """Split, groups, unlearning, trigger proxy and perturbations on a frozen copy of `model`, timed per phase,
     on cfg.device (the copy and the defense set are moved there; random draws stay on CPU generators, so a seed
     gives the same draws on every device) and within cfg.max_memory (`unlearn`, `synthesize_proxies`,
@@ -250,8 +256,9 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     set, the only data a defense sees.
     The trigger proxies are synthesised when CA_T has weight or purification may use them; the suspect is flagged
     (steers the reward) only when its class stands out by `anomaly_threshold` (Neural Cleanse's rule);
-    perturbations are found when CA_P has weight."""
-    model, cfg = checked_inputs(model, x, y, num_classes, cfg)
+    perturbations are found when CA_P has weight. copy_model False: `model` itself becomes the frozen copy
+    (`checked_inputs`); the caller must not use it afterwards."""
+    model, cfg = checked_inputs(model, x, y, num_classes, cfg, copy_model)
     torch.manual_seed(cfg.seed)
     times: dict[str, float] = {}
     with Phase("split", times, progress):

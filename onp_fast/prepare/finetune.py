@@ -7,8 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..groups import NeuronGroups
-from ..memory import fit_batch, micro_batch
+from ..memory import fit_batch, micro_batch, train_mode_min
 from ..progress import bar
+from ..torchutil import done_training
 
 
 FINETUNE_BATCH = 64  # images per step of finetune_pruned (purification, the clean fine-tune, FP's and re-activation)
@@ -48,7 +49,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     gives the same batches on every device. max_memory (bytes or "512MB"; None: no budget): a step's batch
     (with `augment`'s copies) that it holds, or any batch without a budget, runs whole, bit for bit as before
     budgets split steps. One it cannot hold is split into micro-batches of at most the images it holds
-    (`memory.micro_batch`, at least 2), each with a near-equal share of the batch's own images and of the
+    (`memory.micro_batch`, at least 2 with BatchNorm, else 1), each with a near-equal share of the batch's own images and of the
     copies; the gradient (and the sharpness-aware one at w + e) is accumulated over them, each micro-batch's
     loss weighted so that the sum is the whole batch's loss (the own images' mean terms by own_k / own, the
     copies' cross-entropy by copies_k / total; without a teacher CE by size_k / total), then clipped and
@@ -69,6 +70,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     sched = None if cosine_t_max is None else \
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, cosine_t_max or max(1, steps))
     keep = ~prune
+    least = train_mode_min(model)  # the fewest images of a micro-batch
     soft = wrong = None
     if teacher is not None:
         with torch.no_grad():
@@ -112,7 +114,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
         if len(xb) <= micro:
             loss_of(xb, yb, sb, wb).backward()
             return
-        for mine, part in _micro_batches(own, len(xb), micro, xb.device):
+        for mine, part in _micro_batches(own, len(xb), micro, xb.device, least):
             loss_of(xb[part], yb[part], None if sb is None else sb[mine], None if wb is None else wb[mine],
                     (own, len(xb))).backward()
 
@@ -131,9 +133,10 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
             if augment is not None:
                 xb, yb = augment(xb, yb, g)
             if micro is None:  # the first batch is the largest (a later one is only ever a shorter tail)
-                micro = micro_batch(model, xb, len(xb), max_memory, "fine-tuning", min_size=2)
+                micro = micro_batch(model, xb, len(xb), max_memory, "fine-tuning")
                 if info is not None:
-                    parts = [p for _, p in _micro_batches(own, len(xb), micro)] if len(xb) > micro else [xb]
+                    parts = ([p for _, p in _micro_batches(own, len(xb), micro, least=least)] if len(xb) > micro
+                             else [xb])
                     info.update(batch=len(xb), micro_batch=max(len(p) for p in parts), micro_batches=len(parts))
             opt.zero_grad(set_to_none=True)
             gradient(xb, yb, sb, wb, own, micro)
@@ -153,8 +156,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
                 after_epoch(epoch + 1)
             model.train()
     shown.close()
-    for p in params:
-        p.requires_grad_(False)
+    done_training(params)
     return model.eval()
 
 
@@ -186,14 +188,15 @@ class _running_stats_frozen:
             m.momentum = mom
 
 
-def _micro_batches(own: int, total: int, size: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _micro_batches(own: int, total: int, size: int, device=None, least: int = 2
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The micro-batches of a step's batch of `total` images whose first `own` are its own images and the rest
     augment's copies: [(own positions, all positions: those own ones then its copies' positions)] on `device`.
-    k = ceil(total / size) micro-batches, at most total // 2 so that each has the two images BatchNorm in
-    training mode needs (only where size is 2 and total odd does one then hold 3); each takes a near-equal
-    share of the own images and of the copies, the larger shares of one paired with the smaller of the other,
-    so that sizes differ by at most one."""
-    k = max(1, min(-(-total // size), total // 2))
+    k = ceil(total / size) micro-batches, at most total // least so that each has the `least` images a
+    micro-batch needs (2 for BatchNorm in training mode: `memory.train_mode_min`; only where size is 2 and
+    total odd does one then hold 3); each takes a near-equal share of the own images and of the copies, the
+    larger shares of one paired with the smaller of the other, so that sizes differ by at most one."""
+    k = max(1, min(-(-total // size), total // least))
     mine = torch.arange(own, device=device).tensor_split(k)
     copies = torch.arange(own, total, device=device).tensor_split(k)[::-1]
     return [(a, torch.cat([a, b])) for a, b in zip(mine, copies)]
@@ -206,13 +209,14 @@ def _sharpness_aware_gradient(params: list[torch.Tensor], rho: float, grad_fn) -
     returns a loss, which is then backpropagated."""
     with torch.no_grad():
         live = [p for p in params if p.grad is not None]
-        scaled = [p.abs() * p.grad for p in live]
-        norm = torch.sqrt(sum((s * s).sum() for s in scaled)).clamp(min=1e-12)
-        steps = [rho * p.abs() * s / norm for p, s in zip(live, scaled)]
-        for p, e in zip(live, steps):
-            p.add_(e)
-    for p in live:
-        p.grad = None
+        for p in live:
+            p.grad.mul_(p.abs())  # |w| g, in the gradient's own storage
+        norm = torch.sqrt(sum((p.grad * p.grad).sum() for p in live)).clamp(min=1e-12)
+        steps = []
+        for p in live:  # each gradient is freed as its step is made: one copy of the weights at a time
+            steps.append(rho * p.abs() * p.grad / norm)
+            p.add_(steps[-1])
+            p.grad = None
     loss = grad_fn()
     if loss is not None:
         loss.backward()

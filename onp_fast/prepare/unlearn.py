@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..memory import fit_batch, micro_batch
 from ..progress import bar
+from ..torchutil import done_training
 
 
 @torch.no_grad()
@@ -71,6 +72,5 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
                 shown.update(1)
                 if acc <= target_acc:
                     break
-    for p in u.parameters():
-        p.requires_grad_(False)
+    done_training(u.parameters())
     return u, {"steps": steps, "epochs": epoch, "accuracy": acc, "micro_batch": micro}

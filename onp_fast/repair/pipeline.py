@@ -39,8 +39,11 @@ class RepairResult:
 
 
 def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, method: str | Defense = "onp",
-           config: RepairConfig | None = None, method_config=None, progress: bool = True) -> RepairResult:
+           config: RepairConfig | None = None, method_config=None, progress: bool = True,
+           copy_model: bool = True) -> RepairResult:
     """Repairs a copy of `model` with the clean defense set (x [N, C, H, W] normalised float32, y [N] int64).
+    copy_model False: `model` itself becomes the frozen reference the repair reads (one copy of its weights
+    less; the caller hands it over and must not use it afterwards).
     method: a name of onp_fast.defenses.METHODS or a Defense; method_config: that method's Config (None: its
     defaults); config: the shared settings. Never sees test data, triggers or attack specs: only (x, y).
     Before any work: UserError for a bad defense set or config, or a training step whose smallest micro-batch
@@ -48,7 +51,7 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
     defense = get(method, method_config)  # an unknown method fails before any work
     cfg = checked_config(x, y, num_classes, config).for_model(model)
     check_training_budget(model, x, training_batches(y, cfg, [(defense, purify_mode_of(cfg, defense))]), cfg)
-    return run(prepare(model, x, y, num_classes, cfg, progress), defense)
+    return run(prepare(model, x, y, num_classes, cfg, progress, copy_model), defense, last=True)
 
 
 def purify_mode_of(cfg: RepairConfig, defense: Defense, purify: str | None = None) -> str:
@@ -58,8 +61,9 @@ def purify_mode_of(cfg: RepairConfig, defense: Defense, purify: str | None = Non
     return defense.purify if mode == "auto" else mode
 
 
-def training_batches(y: torch.Tensor, cfg: RepairConfig, runs) -> dict[str, tuple[int, int]]:
-    """{what: (images of one step, the fewest images a micro-batch of it may hold)} of every training step with
+def training_batches(y: torch.Tensor, cfg: RepairConfig, runs) -> dict[str, tuple[int, int | None]]:
+    """{what: (images of one step, the fewest images a micro-batch of it may hold; None: a training-mode step's,
+    `memory.train_mode_min`)} of every training step with
     a batch its algorithm fixes (one SGD step per batch) that `prepare` and then `run` of each (Defense,
     purification mode) of `runs` take on the defense set with labels y [N] under cfg (checked): prepare's
     unlearning on D_opt, the method's own
@@ -67,7 +71,8 @@ def training_batches(y: torch.Tensor, cfg: RepairConfig, runs) -> dict[str, tupl
     unlearns proxies and prepare makes them), the clean fine-tune on all N. What `check_training_budget` checks
     before any work. Unlearning, purification and the fine-tunes (`unlearn`, `finetune_pruned`) run a step the
     memory budget cannot hold whole as micro-batches with its gradient accumulated, so only a budget under a
-    step's smallest micro-batch (1 image for unlearning, in eval mode; 2 in training mode) is an error
+    step's smallest micro-batch (1 image for unlearning, in eval mode; in training mode 2 with BatchNorm, else 1)
+    is an error
     (`memory.micro_batch`); a method's own steps that go through neither (ANP's and RNP's mask optimisation:
     `Defense.splits_training` False) are kept whole."""
     n = len(y)
@@ -77,11 +82,12 @@ def training_batches(y: torch.Tensor, cfg: RepairConfig, runs) -> dict[str, tupl
     for defense, mode in runs:
         if defense.train_batch():
             b = defense.train_batch()
-            out[f"{defense.name}'s training"] = (b, 2 if defense.splits_training else b)
+            out[f"{defense.name}'s training"] = (b, None if defense.splits_training else b)
         if mode != "none":
-            out[f"purification ({mode})"] = (min(FINETUNE_BATCH, n_opt) * (2 if "proxy" in mode and proxies else 1), 2)
+            out[f"purification ({mode})"] = (min(FINETUNE_BATCH, n_opt) * (2 if "proxy" in mode and proxies else 1),
+                                             None)
     if cfg.finetune_epochs > 0:
-        out["fine-tuning"] = (min(FINETUNE_BATCH, n), 2)
+        out["fine-tuning"] = (min(FINETUNE_BATCH, n), None)
     return out
 
 
@@ -95,11 +101,14 @@ def memory_part(cfg: RepairConfig) -> dict:
 
 
 def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, *, purify: str | None = None,
-        ranked: RepairResult | None = None) -> RepairResult:
+        ranked: RepairResult | None = None, last: bool = False) -> RepairResult:
     """One defense on a prepared context (left unchanged, so `compare` shares one context among methods), on its
     device (ctx.cfg.device); the result comes back on the CPU.
     purify: overrides the purification mode (`purify_mode_of`). ranked: an earlier result of the same method on
-    this context whose scores are taken instead of scoring again (compare's "onp/none" row).
+    this context whose scores are taken instead of scoring again (compare's "onp/none" row). last: no later run
+    shares ctx, so the unlearned copy, which only the ranking and the depth rule read, is dropped from it once
+    the method's own step after the cut is done (ctx.unlearned None): one copy of the weights less at
+    purification's peak (docs/design.md, "Memory").
     report["method_times_s"]: this method's own phases; report["scoring_times_s"]: those of its ranking (taken
     from `ranked` when given); report["times_s"]: the shared ones and this method's; report["peak_memory"]:
     `memory_part` at the end of the run."""
@@ -131,6 +140,8 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
         with ctx.phase("apply"):
             repaired = ctx.groups.pruned_copy(ctx.model, prune)
         details.update(defense.after(ctx, repaired, prune))
+        if last:
+            ctx.unlearned = None
         purified = None
         if mode != "none":
             with ctx.phase("purify"):

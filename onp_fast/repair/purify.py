@@ -39,14 +39,16 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             return torch.cat([xb, proxies.stamp(xb, family, cls)]), torch.cat([yb, yb])
     sam = "sam" in mode or proxies is None
     floor = ca_val_before - cfg.tolerance - 1e-12
-    best = {"epoch": 0, "state": copy.deepcopy(model.state_dict()), "ca": None}
+    best = {"epoch": 0, "state": copy.deepcopy(model.state_dict()), "ca": None}  # one copy, overwritten in place
     curve = []
 
     def check(epoch):  # the last epoch whose held-out CA stays within the tolerance is what purification keeps
         ca = accuracy_of(model, ctx.x_val, ctx.y_val, max_memory=cfg.activation_memory)
         curve.append(round(ca, 4))
         if ca >= floor:
-            best.update(epoch=epoch, state=copy.deepcopy(model.state_dict()), ca=ca)
+            for name, value in model.state_dict().items():
+                best["state"][name].copy_(value)
+            best.update(epoch=epoch, ca=ca)
 
     steps: dict = {}
     finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=cfg.purify_epochs, lr=cfg.purify_lr,
