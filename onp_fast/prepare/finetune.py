@@ -49,17 +49,17 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     gives the same batches on every device. max_memory (bytes or "512MB"; None: no budget): a step's batch
     (with `augment`'s copies) that it holds, or any batch without a budget, runs whole, bit for bit as before
     budgets split steps. One it cannot hold is split into micro-batches of at most the images it holds
-    (`memory.micro_batch`, at least 2 with BatchNorm, else 1), each with a near-equal share of the batch's own images and of the
-    copies; the gradient (and the sharpness-aware one at w + e) is accumulated over them, each micro-batch's
-    loss weighted so that the sum is the whole batch's loss (the own images' mean terms by own_k / own, the
-    copies' cross-entropy by copies_k / total; without a teacher CE by size_k / total), then clipped and
-    stepped once. The one approximation: BatchNorm in training mode normalises over each micro-batch ("ghost
+    (`memory.micro_batch`, at least 2 with BatchNorm, else 1), each with a near-equal share of the batch's own
+    images and of the copies; the gradient (and the sharpness-aware one at w + e) is accumulated over them,
+    each micro-batch's loss weighted so that the sum is the whole batch's loss (the own images' mean terms by
+    own_k / own, the copies' cross-entropy by copies_k / total; without a teacher CE by size_k / total), then
+    clipped and stepped once. The one approximation: BatchNorm in training mode normalises over each micro-batch ("ghost
     batch" statistics, Hoffer et al. 2017) and updates its running statistics once per micro-batch; without
     BatchNorm in training mode the step is the whole batch's up to float rounding. UserError before the first
-    step when not even 2 images fit. The teacher's pass is chunked to it. info: optional dict filled at the
+    step when not even that least micro-batch fits. The teacher's pass is chunked to it. info: optional dict filled at the
     first step (left as it is when no step is taken) with {"batch": images of that step, the largest,
     "micro_batch": images in its largest micro-batch (= batch when not split), "micro_batches": their count}.
-    Returns the model in eval mode, its parameters not requiring grad."""
+    Returns the model in eval mode, its parameters not requiring grad and without gradients."""
     g = torch.Generator().manual_seed(seed)
     model.train()
     params = [p for p in model.parameters()]
