@@ -1,8 +1,10 @@
-"""Scale-out of mask scoring over torch.distributed ranks (started by `torchrun`).
+"""Scale-out of mask scoring and the trigger screen over torch.distributed ranks (started by `torchrun`).
 
-Every rank runs the same seeded repair on the whole defense set; only the scoring of candidate masks is split:
-the K masks of one scoring call are cut into contiguous shares, one per rank, and the reward terms of every
-share are all-gathered, so every rank holds the terms one process would have computed and takes the same
+Every rank runs the same seeded repair on the whole defense set; only the scoring of candidate masks and the
+class screen's image passes are split. The K masks of one scoring call are cut into contiguous shares, one per
+rank, and the reward terms of every share are all-gathered (`gather_rows`); the screen's stamped images of
+each step, and its scoring images, are cut the same way and their gradients and sums all-reduced (`all_sum`).
+So every rank holds what one process would have computed (up to the order of float sums) and takes the same
 decisions. Outside a process group (the default) nothing here changes anything.
 """
 from __future__ import annotations
@@ -67,3 +69,19 @@ def gather_rows(parts: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tenso
         out[name] = torch.cat([every[r][:share(k, r, size).stop - share(k, r, size).start].cpu()
                                for r in range(size)])
     return out
+
+
+def all_sum(tensors: list[torch.Tensor]) -> None:
+    """Each of `tensors` (any device, the same shapes on every rank) replaced in place by its sum over the ranks;
+    nothing outside a process group. Under NCCL a CPU tensor makes the trip through the rank's CUDA device."""
+    rank, size = world()
+    if size == 1:
+        return
+    nccl = dist.get_backend() == "nccl"
+    for t in tensors:
+        if nccl and t.device.type != "cuda":
+            on = t.cuda()
+            dist.all_reduce(on)
+            t.copy_(on.cpu())
+        else:
+            dist.all_reduce(t)

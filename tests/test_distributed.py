@@ -1,15 +1,17 @@
-"""Mask scoring shared across torch.distributed ranks: two gloo processes started by torchrun repair to the same
-masks as one process, each scoring its share of the masks."""
+"""Mask scoring and the trigger screen shared across torch.distributed ranks: two gloo processes started by
+torchrun repair to the same masks as one process, each scoring its share of the masks, and screen the classes of
+a planted 40-class task as one process does, each passing its share of the images."""
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from onp_fast.distributed import gather_rows, share, world
+from onp_fast.distributed import all_sum, gather_rows, share, world
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -36,6 +38,26 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+SCREEN = textwrap.dedent("""
+    import json, sys
+    import torch
+    from onp_fast.distributed import init_from_env
+    from onp_fast.prepare.trigger import screen_classes
+
+    rank, size, _ = init_from_env("cpu")
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[2])
+    from test_proxies import TARGET, _many_class_task
+
+    model, x, y = _many_class_task(40, planted=True)
+    seen = [0]
+    model.register_forward_pre_hook(lambda m, a: seen.__setitem__(0, seen[0] + len(a[0])))
+    scores = screen_classes(model, x, y, 40, steps=60, seed=0)
+    json.dump({"rank": rank, "size": size, "scores": scores.tolist(), "images": seen[0], "target": TARGET},
+              open(sys.argv[1] + f".{rank}.json", "w"))
+""")
+
+
 def test_shares_cover_every_row_once_in_rank_order():
     for k in range(0, 9):
         for size in (1, 2, 3, 4):
@@ -45,16 +67,19 @@ def test_shares_cover_every_row_once_in_rank_order():
     assert world() == (0, 1)
     parts = {"ca_b": torch.arange(3.0)}
     assert gather_rows(parts, 3) is parts  # outside a process group nothing changes
+    t = torch.arange(3.0)
+    all_sum([t])
+    assert t.tolist() == [0.0, 1.0, 2.0]
 
 
-def _run(tmp_path, nproc):
+def _run(tmp_path, nproc, text=SCRIPT, *args):
     script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
+    script.write_text(text)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
            if nproc > 1 else [sys.executable])
-    out = subprocess.run(cmd + [str(script), str(tmp_path / f"n{nproc}")], env=env, capture_output=True,
+    out = subprocess.run(cmd + [str(script), str(tmp_path / f"n{nproc}"), *args], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads((tmp_path / f"n{nproc}.{r}.json").read_text()) for r in range(nproc)]
@@ -71,3 +96,19 @@ def test_two_gloo_ranks_repair_to_the_masks_of_one_process(tmp_path):
     # each rank scored about half of the masks, and together all of them
     assert sum(r["masks_here"] for r in two) == one["masks"]
     assert all(0 < r["masks_here"] < one["masks"] for r in two)
+
+
+def test_two_gloo_ranks_screen_the_classes_as_one_process_each_passing_half_the_images(tmp_path):
+    """The class screen (issue 18's trigger phase above 16 classes) on the planted 40-class task of test_proxies:
+    both ranks hold the same scores, those of one process up to the order of float sums, and rank the planted
+    target first; each rank passed about half of the images one process passes, together all of them."""
+    here = str(Path(__file__).resolve().parent)
+    one, = _run(tmp_path, 1, SCREEN, here)
+    two = _run(tmp_path, 2, SCREEN, here)
+    target = one["target"]
+    assert max(range(40), key=lambda c: one["scores"][c]) == target
+    assert two[0]["scores"] == two[1]["scores"]  # summed over the ranks: the same on each
+    assert torch.allclose(torch.tensor(two[0]["scores"]), torch.tensor(one["scores"]), rtol=1e-3, atol=1e-5)
+    assert max(range(40), key=lambda c: two[0]["scores"][c]) == target
+    assert sum(r["images"] for r in two) == one["images"]
+    assert all(0.4 * one["images"] < r["images"] < 0.6 * one["images"] for r in two)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import all_sum, share, world
 from ..memory import fit_batch
 from ..progress import bar
 from ..torchutil import frozen
@@ -254,7 +255,10 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     of each image's own class (untargeted), with the size penalties of `synthesize_proxies` (lam, lam_additive):
     the cheapest way to move every image elsewhere is a backdoor's trigger, and it moves them to its target.
     Score of class t: the mean probability of t over every (family, image of another class) after the fit.
-    The model stays frozen in eval mode; images run in chunks `max_memory` can hold (`memory.fit_batch`)."""
+    The model stays frozen in eval mode; images run in chunks `max_memory` can hold (`memory.fit_batch`).
+    Under torch.distributed each rank passes its share of every step's stamped images and of the scoring
+    images (`distributed.share`), the proxies' gradients and the scores summed over the ranks (`all_sum`): every
+    rank fits the same proxies, up to the order of float sums."""
     g = torch.Generator().manual_seed(seed + 3)
     n, c, h, w = x.shape
     dev = x.device
@@ -276,31 +280,41 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
 
     fams = sum(f in families for f in FAMILIES)
     chunk = fit_batch(model, x, max_memory, batch * fams)
+    rank, size = world()
+    params = [t for group in opt.param_groups for t in group["params"]]
     with frozen(model), bar(steps, "trigger screen", progress) as shown:
         for _ in range(steps):
             idx = torch.randint(0, n, (batch,), generator=g).to(dev)
             stamped, penalty = stamps(x[idx])
             own = y[idx].repeat(fams)
+            mine = share(len(stamped), rank, size)  # every row when there is one process
             opt.zero_grad(set_to_none=True)
-            for s0 in range(0, len(stamped), chunk):
-                s1 = min(len(stamped), s0 + chunk)
+            for s0 in range(mine.start, mine.stop, chunk):
+                s1 = min(mine.stop, s0 + chunk)
                 p_own = F.softmax(model(stamped[s0:s1]), dim=1).gather(1, own[s0:s1, None]).sum() / len(stamped)
-                (p_own + (penalty if s0 == 0 else 0.0)).backward(retain_graph=s1 < len(stamped))
+                (p_own + (penalty if s0 == 0 else 0.0)).backward(retain_graph=s1 < mine.stop)
                 del p_own  # the retained graph frees this chunk's activations before the next forward
+            if size > 1:
+                for t in params:
+                    if t.grad is None:
+                        t.grad = torch.zeros_like(t)
+                all_sum([t.grad for t in params])
             opt.step()
             shown.update(1)
     scores = torch.zeros(num_classes, dtype=torch.float64)
     counts = torch.zeros(num_classes, dtype=torch.float64)
     step = max(1, chunk // fams)
+    mine = share(n, rank, size)
     with torch.no_grad(), frozen(model):
-        for s0 in range(0, n, step):
-            stamped, _ = stamps(x[s0:s0 + step])
+        for s0 in range(mine.start, mine.stop, step):
+            stamped, _ = stamps(x[s0:min(s0 + step, mine.stop)])
             prob = F.softmax(model(stamped), dim=1).double().cpu()  # [F*b, T]
-            own = y[s0:s0 + step].cpu().repeat(fams)
+            own = y[s0:min(s0 + step, mine.stop)].cpu().repeat(fams)
             other = torch.ones_like(prob)
             other[torch.arange(len(own)), own] = 0.0
             scores += (prob * other).sum(0)
             counts += other.sum(0)
+    all_sum([scores, counts])
     return (scores / counts.clamp(min=1)).float()
 
 
