@@ -233,3 +233,12 @@ def test_compare_shares_one_rule_and_can_skip_the_reactivation_check(backdoored)
     for r in res["rows"]:
         assert r["depth_rule"].endswith("- 0.0") and "reactivation" not in r
         assert r["ca_val"][1] >= r["ca_val"][0]  # tolerance 0: no CA loss on D_val
+
+
+def test_cli_compare_refuses_a_bad_method_mode_before_reading_anything(backdoored, tmp_path):
+    """A mode outside a method's choices (`--param rnp.stop_check=hourly`) is the only line printed: no model
+    or data was read (the defense-accuracy line comes after those), exit code 2."""
+    root = backdoored["root"]
+    res = _run(["compare", str(root / "m.pt"), "--dataset", f"npz:{root / 'data.npz'}", "--attack-spec",
+                str(root / "m.attack.json"), "--methods", "onp,rnp", "--param", "rnp.stop_check=hourly"])
+    one_line_error(res, "rnp.stop_check must be one of epoch, step, not 'hourly'")

@@ -63,7 +63,7 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     from ..atomic import check_outputs
     from ..compare import compare, format_table
     from ..data import normalize
-    from ..defenses import apply_params
+    from ..defenses import apply_params, get as get_defense
     from ..evaluate import load_attack_spec
     from ..poison import check_target
     from ..repair import RepairConfig
@@ -75,6 +75,8 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
         base.reward_backend = reward_backend
     cfg, configs = apply_params(params, [n.partition("/")[0] for n in names], base)
     cfg.check()  # --param repair.device=... / repair.max_memory=... too: before anything is read
+    for name in names:  # a method's mode outside its choices (--param rnp.stop_check=...): before anything is read
+        get_defense(name.partition("/")[0], configs.get(name.partition("/")[0]))
     check_outputs({"--json": json_path}, {"model": model_path, "attack spec": spec_path, **data_files(dataset)},
                   force)
     spec = load_attack_spec(spec_path)
