@@ -74,8 +74,7 @@ def gather_rows(parts: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tenso
 def all_sum(tensors: list[torch.Tensor]) -> None:
     """Each of `tensors` (any device, the same shapes on every rank) replaced in place by its sum over the ranks;
     nothing outside a process group. Under NCCL a CPU tensor makes the trip through the rank's CUDA device."""
-    rank, size = world()
-    if size == 1:
+    if world()[1] == 1:
         return
     nccl = dist.get_backend() == "nccl"
     for t in tensors:

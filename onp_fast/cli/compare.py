@@ -73,10 +73,11 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     base = RepairConfig(seed=seed, device=device, max_memory=max_memory)
     if reward_backend is not None:
         base.reward_backend = reward_backend
-    cfg, configs = apply_params(params, [n.partition("/")[0] for n in names], base)
+    bases = [n.partition("/")[0] for n in names]
+    cfg, configs = apply_params(params, bases, base)
     cfg.check()  # --param repair.device=... / repair.max_memory=... too: before anything is read
-    for name in names:  # a method's mode outside its choices (--param rnp.stop_check=...): before anything is read
-        get_defense(name.partition("/")[0], configs.get(name.partition("/")[0]))
+    for name in bases:  # a method's mode outside its choices (--param rnp.stop_check=...): before anything is read
+        get_defense(name, configs.get(name))
     check_outputs({"--json": json_path}, {"model": model_path, "attack spec": spec_path, **data_files(dataset)},
                   force)
     spec = load_attack_spec(spec_path)

@@ -108,7 +108,7 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
     this context whose scores are taken instead of scoring again (compare's "onp/none" row). last: no later run
     shares ctx, so the unlearned copy, which only the ranking and the depth rule read, is dropped from it once
     the method's own step after the cut is done (ctx.unlearned None): one copy of the weights less at
-    purification's peak (docs/design.md, "Memory").
+    purification's peak (docs/design.md, "Large models").
     report["method_times_s"]: this method's own phases; report["scoring_times_s"]: those of its ranking (taken
     from `ranked` when given); report["times_s"]: the shared ones and this method's; report["peak_memory"]:
     `memory_part` at the end of the run."""
