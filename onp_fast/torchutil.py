@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import os
 import re
 
 import torch
@@ -11,6 +14,31 @@ from .errors import UserError
 
 DEVICES = "cpu, cuda or cuda:N"
 DEFAULT_DEVICE = "cpu"
+# glibc mallopt parameters; the values `keep_freed_memory` sets, and glibc's documented defaults (mallopt(3))
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_KEEP = ((_M_MMAP_THRESHOLD, 2**31 - 1), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 2**30))
+_RETURN = ((_M_MMAP_THRESHOLD, 128 * 1024), (_M_TRIM_THRESHOLD, 128 * 1024), (_M_TOP_PAD, 128 * 1024))
+
+
+def keep_freed_memory(keep: bool = True) -> bool:
+    """keep: glibc's malloc serves large CPU tensors from its heap and keeps what they free for the next one,
+    instead of mapping fresh pages (and faulting them in) for every activation and returning them on free; the
+    process's peak resident memory grows by what the heap keeps (why, and by how much: docs/design.md, "The CPU
+    allocator"). keep=False: freed memory goes back to the system at once (glibc's default thresholds, fixed),
+    so the resident memory follows the live tensors (the CLI's choice under --max-memory). Only the allocator
+    changes: every result stays bit for bit the same. Returns whether it was applied: not on a libc without
+    mallopt (macOS, musl) or with ONP_FAST_MALLOC=system in the environment."""
+    if os.environ.get("ONP_FAST_MALLOC", "") == "system":
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in (_KEEP if keep else _RETURN))
 
 
 def done_training(params) -> None:

@@ -369,3 +369,19 @@ def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckp
         assert seen[-1] == want
         cfg = json.loads(out.with_suffix(".report.json").read_text())["config"]
         assert (cfg["trigger_steps"], cfg["trigger_batch"]) == want
+
+
+def test_cli_repair_reward_sequential_option(tiny_ckpt, tmp_path):
+    out = tmp_path / "fixed.pt"
+    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                    "--defense-size", "60", "--purify", "none", "--reward-sequential", "0.5",
+                                    "--iterations", "2", "--samples", "4", "--skip-accuracy-check"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "fixed.report.json").read_text())
+    assert report["config"]["reward_sequential"] == 0.5
+    rate = report["details"]["policy_reward"]
+    assert rate["sequential"] == 0.5 and 0 <= rate["stopped"] <= rate["masks"] == 8
+    assert f"first look 0.5 of the images, {rate['stopped']} masks stopped there" in res.output
+    bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                    "--reward-sequential", "1", *FAST])
+    assert bad.exit_code == 2 and "reward-sequential" in bad.output

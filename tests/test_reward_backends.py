@@ -8,6 +8,7 @@ mobilenet_v2 and vit_small at small widths.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from onp_fast.errors import UserError
 from onp_fast.groups import find_groups
 from onp_fast.models import build
 from onp_fast.reward import GroupPoints, MaskScorer, RewardEngine, RewardWeights
+from onp_fast.reward.scorer import SEQUENTIAL_Z
 
 ARCHS = ["preactresnet18", "resnet18", "vgg16_bn", "mobilenet_v2", "vit_small"]
 SIZE, B, CLASSES = 8, 6, 10
@@ -193,3 +195,64 @@ def test_engine_cuda_masks_every_group_kind(setup):
     got = RewardEngine(gpu, GroupPoints(groups)).score(keep.cuda(), x.cuda(), y.cuda(), return_logits=True)
     scale = float(want.abs().amax())
     torch.testing.assert_close(got.logits[0, 0], want, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.fixture(scope="module")
+def labelled_by_itself():
+    """preactresnet18 at a small width with 128 random images labelled by its own argmax: CA_B 1.0 unmasked."""
+    model = small_model("preactresnet18", 0)
+    groups = find_groups(model, (3, SIZE, SIZE))
+    x = torch.randn(128, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, groups, x, y
+
+
+def graded_prunes(groups) -> torch.Tensor:
+    """[8, G] bool: nothing, then 1, 1, 1, 2, 4, 36 and 324 random groups pruned (this random model loses from
+    none to all of its accuracy to a single group)."""
+    g = torch.Generator().manual_seed(8)
+    out = torch.zeros(8, groups.num_groups, dtype=torch.bool)
+    for row, k in enumerate((0, 1, 1, 1, 2, 4, 36, 324)):
+        out[row, torch.randperm(groups.num_groups, generator=g)[:k]] = True
+    return out
+
+
+@pytest.mark.parametrize("backend", ["engine", "hooks"])
+def test_sequential_test_stops_only_masks_clearly_under_the_floor_and_scores_the_rest_in_full(
+        labelled_by_itself, backend):
+    model, groups, x, y = labelled_by_itself
+    prune = graded_prunes(groups)
+    weights = RewardWeights(ca_b=1.0, ca_t=1.0, sparsity=0.1)
+    full = MaskScorer(groups, model, x, y, weights, trigger=Stamp(), backend=backend)
+    seq = MaskScorer(groups, model, x, y, weights, trigger=Stamp(), backend=backend, sequential=0.25,
+                     tolerance=0.02)
+    want, got = full.terms(prune), seq.terms(prune)
+    assert seq.floor() == pytest.approx(0.98)  # labels are the model's own: CA_B 1.0 unmasked
+    n1, n1_t = seq._first_look()
+    assert (n1, n1_t) == (32, math.ceil(0.25 * len(seq.x_t)))
+    # the first look on its own, by hooks: which masks are clearly (three standard errors) under 0.98 there
+    first = MaskScorer(groups, model, x[:n1], y[:n1], weights, trigger=None, backend="hooks").terms(prune)["ca_b"]
+    p, z = first.double(), SEQUENTIAL_Z
+    upper = (p + z * z / (2 * n1) + z * torch.sqrt(p * (1 - p) / n1 + z * z / (4 * n1 * n1))) / (1 + z * z / n1)
+    stopped = upper < 0.98
+    assert 0 < int(stopped.sum()) < len(prune) - 1 and not stopped[0]  # the planted grades: some stop, some go on
+    assert (want["ca_b"][stopped] < 0.9).all()  # every stopped mask is far under the tolerance on all images
+    torch.testing.assert_close(got["ca_b"][stopped], first[stopped], rtol=0, atol=1e-6)
+    for name in ("ca_b", "ca_t", "sparsity"):  # the masks that go on are scored exactly as without the test
+        torch.testing.assert_close(got[name][~stopped], want[name][~stopped], rtol=0, atol=1e-5, msg=name)
+    stamped = len(seq.x_t)
+    assert seq.scored["stopped"] == int(stopped.sum())
+    assert full.scored["images"] - seq.scored["images"] == int(stopped.sum()) * (128 - n1 + stamped - n1_t)
+    one = seq.terms(prune[-1:])  # a single mask (the depth rule's standard error, a bench call) is never stopped
+    torch.testing.assert_close(one["ca_b"], want["ca_b"][-1:], rtol=0, atol=1e-6)
+
+
+def test_sequential_test_is_off_by_default_and_refuses_a_share_outside_0_1(labelled_by_itself):
+    model, groups, x, y = labelled_by_itself
+    scorer = MaskScorer(groups, model, x, y, RewardWeights())
+    scorer.terms(graded_prunes(groups))
+    assert scorer.scored["stopped"] == 0
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UserError, match="first look"):
+            MaskScorer(groups, model, x, y, RewardWeights(), sequential=bad)

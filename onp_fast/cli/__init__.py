@@ -13,6 +13,7 @@ import sys
 import click
 
 from ..errors import UserError
+from ..torchutil import keep_freed_memory
 
 # Sub-command modules; each defines a click command named `command`.
 _COMMAND_MODULES = [
@@ -31,6 +32,7 @@ class _Group(click.Group):
     def main(self, *args, **kwargs):
         # Ctrl-C always interrupts, even when started from a shell that ignored SIGINT (a background job).
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        keep_freed_memory()  # glibc: activations reuse the heap, not fresh pages (same results); not under --max-memory
         kwargs.setdefault("standalone_mode", True)
         try:
             return super().main(*args, standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "standalone_mode"})

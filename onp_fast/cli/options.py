@@ -49,10 +49,16 @@ def _device(ctx, param, value):
 
 
 def _memory(ctx, param, value):
-    """--max-memory: a size (memory.parse_memory) -> the text as given, checked; None when not given."""
+    """--max-memory: a size (memory.parse_memory) -> the text as given, checked; None when not given. Given, the
+    allocator returns freed memory at once (`keep_freed_memory(False)`), so the resident memory follows the
+    budgeted tensors."""
     from ..memory import parse_memory
+    from ..torchutil import keep_freed_memory
 
-    return _checked_by(parse_memory)(ctx, param, value)
+    out = _checked_by(parse_memory)(ctx, param, value)
+    if out is not None:
+        keep_freed_memory(False)
+    return out
 
 
 def compute_options(f):

@@ -68,6 +68,10 @@ def _weights(text: str | None):
 @click.option("--reward-backend", type=click.Choice(["engine", "hooks"]), default="engine", show_default=True,
               help="How masks are scored: the batched reward engine, or one hooked forward per mask (the reference); "
                    "both give the same rewards.")
+@click.option("--reward-sequential", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+              show_default=True,
+              help="ONP's policy: score every mask on this share of the reward images first and stop scoring the "
+                   "masks whose clean accuracy already fails the tolerance by three standard errors (0: off).")
 @click.option("--compact", "compact_model", is_flag=True,
               help="Remove pruned channels physically (written as TorchScript: its shapes no longer match the arch).")
 @click.option("--purify", type=click.Choice(["auto", "none", "sam", "proxy", "sam+proxy"]), default="auto",
@@ -88,7 +92,8 @@ def _weights(text: str | None):
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
-            iterations, samples, algorithm, reward_weights, trigger_steps, tolerance, reward_backend, compact_model,
+            iterations, samples, algorithm, reward_weights, trigger_steps, tolerance, reward_backend, reward_sequential,
+            compact_model,
             purify,
             purify_epochs, purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet,
             device, max_memory, **model_opts):
@@ -122,7 +127,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     rank, _, device = init_from_env(device)  # under torchrun: mask scoring shared; rank 0 alone writes and talks
     quiet = quiet or rank > 0
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,
-                       reward_backend=reward_backend, trigger_steps=trigger_steps, purify=purify,
+                       reward_backend=reward_backend, reward_sequential=reward_sequential,
+                       trigger_steps=trigger_steps, purify=purify,
                        purify_epochs=purify_epochs, **given,
                        finetune_epochs=finetune_epochs, compact=compact_model, device=device,
                        max_memory=max_memory).check()
@@ -214,5 +220,7 @@ def summary(report: dict, asked_tolerance: float | None = None) -> str:
     rate = report["details"].get("policy_reward")
     if rate is not None:
         lines.append(f"policy reward ({rate['backend']}): {rate['masks']} masks, {rate['masks_per_s']} masks/s, "
-                     f"{rate['images_per_s']} images/s")
+                     f"{rate['images_per_s']} images/s"
+                     + (f"; sequential test: first look {rate['sequential']:g} of the images, {rate['stopped']} "
+                        "masks stopped there" if rate.get("sequential") else ""))
     return "\n".join(lines)

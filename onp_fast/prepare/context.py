@@ -41,6 +41,7 @@ class RepairConfig:
     val_fraction: float = 0.2
     reward_batch: int = 128  # images of D_opt scored per reward call (a fixed seeded subset)
     reward_backend: str = "engine"  # engine (batched RewardEngine) or hooks (one hooked forward per mask; reference)
+    reward_sequential: float = 0.0  # the policy's sequential test: share of the images in its first look (0: off)
     perturbations: int = 2  # adversarial neuron perturbations for CA_P (when its weight is not 0)
     perturb_eps: float = 0.4
     unlearn_lr: float = 0.01
@@ -68,6 +69,8 @@ class RepairConfig:
         """UserError (one line) for a setting no repair can run with; checked before any work. The device is
         written back in torch's spelling ("CUDA:0" -> "cuda:0")."""
         check_backend(self.reward_backend)
+        if not 0 <= self.reward_sequential < 1:
+            raise UserError(f"reward_sequential is a share of the images in [0, 1): got {self.reward_sequential}")
         self.device = str(check_device(self.device))
         if self.max_memory is not None:
             parse_memory(self.max_memory)
@@ -187,7 +190,8 @@ class DefenseContext:
 
     def scorer(self, on: str = "opt") -> MaskScorer:
         """The reward (onp.md section 5) on the fixed seeded D_opt subset of `reward_batch` images (on="opt") or
-        on all of D_val (on="val"), computed by the `reward_backend`."""
+        on all of D_val (on="val"), computed by the `reward_backend`; the sequential test (`reward_sequential`,
+        against the depth rule's `tolerance`) on D_opt only: the depth rule scores every depth on every image."""
         if on == "val":
             x, y = self.x_val, self.y_val
         else:
@@ -197,7 +201,8 @@ class DefenseContext:
         return MaskScorer(self.groups, self.model, x, y, self.cfg.weights, self.unlearned, self.perturbations,
                           self.trigger, backend=self.cfg.reward_backend,
                           max_memory=(DEFAULT_MAX_MEMORY if self.cfg.activation_memory is None
-                                      else self.cfg.activation_memory))
+                                      else self.cfg.activation_memory),
+                          sequential=self.cfg.reward_sequential if on == "opt" else 0.0, tolerance=self.cfg.tolerance)
 
 
 MIN_DEFENSE_IMAGES = 10  # a defense set may hold fewer images than classes (1,000 classes) but not fewer than this

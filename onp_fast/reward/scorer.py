@@ -12,9 +12,16 @@ fraction of neurons (weight rows) pruned.
 Two backends compute the same terms: "engine" (RewardEngine on the groups' mask points: all K masks of a call in
 one batched pass per model, CA_B and CA_T images in one forward, the fused epilogue returning counts and
 true-label probability sums) and "hooks" (the reference: one hooked forward per mask, `NeuronGroups.masked`).
+
+The sequential test (`sequential` > 0, either backend) scores CA_B and CA_T of all K masks on a first share of
+the images, and only the masks not already clearly failing the depth rule's tolerance on the rest: a mask whose
+CA_B upper confidence bound on the first look (Wilson, z = SEQUENTIAL_Z) lies under the unmasked model's CA_B on
+these images minus `tolerance` keeps its first-look CA_B and CA_T (unbiased estimates: the images are a seeded
+random subset), the others are scored on every image as without the test.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,6 +36,7 @@ from .neurons import GroupPoints
 
 TERMS = ("ca_b", "ca_t", "ca_u", "ca_p", "sparsity")
 BACKENDS = ("engine", "hooks")
+SEQUENTIAL_Z = 3.0  # the sequential test stops a mask only when its CA_B is this many standard errors under the floor
 
 
 def check_backend(backend: str) -> str:
@@ -65,17 +73,24 @@ class MaskScorer:
     hooks, `NeuronGroups.masked`, in batches of at most `batch_size` images, fewer where `max_memory` cannot
     hold them); both give the same terms up to float rounding. `standard_error` (one mask, per-image values)
     always runs the hooked forward. Device: the models, x and y on one device; masks and the terms [K] on the
-    CPU (the engine moves masks to the models and its results back)."""
+    CPU (the engine moves masks to the models and its results back). sequential: the share of the images in the
+    sequential test's first look (0: off; module docstring), with `tolerance` the CA_B drop it measures against;
+    it applies where CA_B is on and more than one mask is scored. `scored` counts the masks and image forwards
+    scored so far and the masks the test stopped."""
 
     def __init__(self, groups: NeuronGroups, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  weights: RewardWeights, unlearned: nn.Module | None = None,
                  perturbations: torch.Tensor | None = None, trigger=None, batch_size: int = 512,
                  backend: str = "engine", strategy: str = "batched",
-                 max_memory: int | str = DEFAULT_MAX_MEMORY):
+                 max_memory: int | str = DEFAULT_MAX_MEMORY, sequential: float = 0.0, tolerance: float = 0.02):
         self.backend = check_backend(backend)
+        if not 0 <= sequential < 1:
+            raise UserError(f"the sequential test's first look is a share of the images in [0, 1): got {sequential}")
+        self.sequential, self.tolerance = sequential, tolerance
+        self._floor: float | None = None
         self._engine_args = {"strategy": strategy, "max_memory": max_memory}
         self._engines: dict[str, RewardEngine] = {}
-        self.scored = {"masks": 0, "masks_here": 0, "images": 0}  # by `terms` so far, and the image forwards
+        self.scored = {"masks": 0, "masks_here": 0, "images": 0, "stopped": 0}
         self.groups, self.model, self.unlearned = groups, model, unlearned
         self.x, self.y, self.weights = x, y, weights
         self.perturbations = perturbations
@@ -126,8 +141,7 @@ class MaskScorer:
 
     def _b_t(self, keep: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-image CA_B and CA_T values of keep [G] (None for a term that is off)."""
-        w = self.weights
-        with_t = bool(w.ca_t) and self.x_t is not None and len(self.x_t) > 0
+        w, with_t = self.weights, self._with_t()
         if w.ca_b and with_t:
             return self._clean_and_triggered(keep)
         return (self._per_image(self.model, keep) if w.ca_b else None,
@@ -141,13 +155,89 @@ class MaskScorer:
         rank, size = world()
         keep = (~prune[share(k, rank, size)]).float()
         out = {t: torch.zeros(len(keep)) for t in TERMS if t != "sparsity"}
+        out["stopped"] = torch.zeros(len(keep))
         if len(keep):
+            out.update(self._b_t_terms(keep, sequential=k > 1))
             out.update(self._engine_terms(keep) if self.backend == "engine" else self._hooked_terms(keep))
         out = gather_rows(out, k)
+        stopped = out.pop("stopped").bool()
         out["sparsity"] = prune.float() @ self.group_size
         self.scored["masks"] += k
         self.scored["masks_here"] += len(keep)
-        self.scored["images"] += k * self.images_per_mask()
+        self.scored["stopped"] += int(stopped.sum())
+        self.scored["images"] += k * self.images_per_mask() - int(stopped.sum()) * self._unseen()
+        return out
+
+    def _with_t(self) -> bool:
+        """Whether CA_T is on and has stamped images."""
+        return bool(self.weights.ca_t) and self.x_t is not None and len(self.x_t) > 0
+
+    def _first_look(self) -> tuple[int, int]:
+        """(clean, stamped) images of the sequential test's first look."""
+        n_t = len(self.x_t) if self._with_t() else 0
+        return max(1, math.ceil(self.sequential * len(self.x))), math.ceil(self.sequential * n_t)
+
+    def _unseen(self) -> int:
+        """Image forwards a mask the sequential test stops is spared (0 with the test off)."""
+        if not self.sequential or not self.weights.ca_b:
+            return 0
+        n1, n1_t = self._first_look()
+        return len(self.x) - n1 + ((len(self.x_t) - n1_t) if self._with_t() else 0)
+
+    def floor(self) -> float:
+        """CA_B of the unmasked model on the scorer's images minus the tolerance (computed once)."""
+        if self._floor is None:
+            correct, _ = self._b_t_sums(torch.ones(1, self.groups.num_groups), slice(0, len(self.x)), slice(0, 0))
+            self._floor = float(correct[0]) / len(self.x) - self.tolerance
+        return self._floor
+
+    def _b_t_sums(self, keep: torch.Tensor, clean: slice, stamped: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """keep [K, G] float -> (CA_B correct counts on x[clean] [K], CA_T true-label probability sums on
+        x_t[stamped] [K]), float64, in one pass per mask set by the scorer's backend."""
+        x, y = self.x[clean], self.y[clean]
+        x_t, y_t = (self.x_t[stamped], self.y_t[stamped]) if self._with_t() else (self.x[:0], self.y[:0])
+        if self.backend == "engine":
+            res_b, res_t = self._engine("b").score_parts(keep, [(x, y), (x_t, y_t)])
+            prob = res_t.prob_sum[0, 0].double() if len(x_t) else torch.zeros(len(keep), dtype=torch.float64)
+            return res_b.correct[0, 0].double().cpu(), prob.cpu()
+        correct = torch.zeros(len(keep), dtype=torch.float64)
+        prob = torch.zeros(len(keep), dtype=torch.float64)
+        both = torch.cat([x, x_t])
+        for i in range(len(keep)):
+            logits = self._logits(self.model, keep[i], both)
+            correct[i] = self._score(logits[:len(x)], y, False).sum()
+            prob[i] = self._score(logits[len(x):], y_t, True).sum()
+        return correct, prob
+
+    def _b_t_terms(self, keep: torch.Tensor, sequential: bool) -> dict[str, torch.Tensor]:
+        """keep [K, G] float -> {"ca_b", "ca_t" (those on), "stopped"}: [K] float32; the sequential test where
+        it is on and `sequential`."""
+        w, n = self.weights, len(self.x)
+        with_t = self._with_t()
+        n_t = len(self.x_t) if with_t else 0
+        if not (w.ca_b or with_t):
+            return {}
+        stopped = torch.zeros(len(keep), dtype=torch.bool)
+        if self.sequential and w.ca_b and sequential and self._unseen() > 0:
+            n1, n1_t = self._first_look()
+            correct, prob = self._b_t_sums(keep, slice(0, n1), slice(0, n1_t))
+            stopped = _upper_bound(correct, n1) < self.floor()
+            live = ~stopped
+            if live.any():
+                rest_c, rest_p = self._b_t_sums(keep[live], slice(n1, n), slice(n1_t, n_t))
+                correct[live] += rest_c
+                prob[live] += rest_p
+            seen = torch.where(stopped, n1, n).double()
+            seen_t = torch.where(stopped, n1_t, n_t).double()
+        else:
+            correct, prob = self._b_t_sums(keep, slice(0, n if w.ca_b else 0), slice(0, n_t))
+            seen = torch.full((len(keep),), float(n), dtype=torch.float64)
+            seen_t = torch.full((len(keep),), float(n_t), dtype=torch.float64)
+        out = {"stopped": stopped.float()}
+        if w.ca_b:
+            out["ca_b"] = (correct / seen.clamp(min=1)).float()
+        if with_t:
+            out["ca_t"] = (prob / seen_t.clamp(min=1)).float()
         return out
 
     def images_per_mask(self) -> int:
@@ -167,20 +257,10 @@ class MaskScorer:
         return self._engines[which]
 
     def _engine_terms(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """keep [K, G] float -> {term: [K] float32} for the model terms that are on, by the engine: CA_B (clean
-        correct / n) and CA_T (true-label probability sum / n_t on the stamped images) from one forward,
-        CA_U on U, CA_P as the K x P masks keep * perturbation, averaged over P."""
+        """keep [K, G] float -> {term: [K] float32} for CA_U and CA_P where they are on, by the engine: CA_U on U,
+        CA_P as the K x P masks keep * perturbation, averaged over P (CA_B and CA_T: `_b_t_terms`)."""
         w, k = self.weights, len(keep)
-        with_t = bool(w.ca_t) and self.x_t is not None and len(self.x_t) > 0
         out = {}
-        if w.ca_b or with_t:
-            empty = (self.x[:0], self.y[:0])
-            clean, stamped = self._engine("b").score_parts(
-                keep, [(self.x, self.y) if w.ca_b else empty, (self.x_t, self.y_t) if with_t else empty])
-            if w.ca_b:
-                out["ca_b"] = _mean(clean.correct[0, 0], len(self.x))
-            if with_t:
-                out["ca_t"] = _mean(stamped.prob_sum[0, 0], len(self.x_t))
         if w.ca_u and self.unlearned is not None:
             out["ca_u"] = _mean(self._engine("u").score(keep, self.x, self.y).correct[0, 0], len(self.x))
         if w.ca_p and self.perturbations is not None:
@@ -191,20 +271,15 @@ class MaskScorer:
         return out
 
     def _hooked_terms(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """keep [K, G] float -> {term: [K] float32} for the model terms that are on: one hooked forward per
+        """keep [K, G] float -> {term: [K] float32} for CA_U and CA_P where they are on: one hooked forward per
         mask (and per perturbation for CA_P)."""
-        k = len(keep)
-        out = {t: torch.zeros(k) for t in ("ca_b", "ca_t", "ca_u", "ca_p")}
-        w = self.weights
-        for i in range(k):
-            for name, v in zip(("ca_b", "ca_t"), self._b_t(keep[i])):
-                if v is not None:
-                    out[name][i] = float(v.mean())
-            if w.ca_u and self.unlearned is not None:
-                out["ca_u"][i] = self._accuracy(self.unlearned, keep[i])
-            if w.ca_p and self.perturbations is not None:
-                out["ca_p"][i] = sum(self._accuracy(self.model, keep[i] * p) for p in self.perturbations) / len(
-                    self.perturbations)
+        k, w = len(keep), self.weights
+        out = {}
+        if w.ca_u and self.unlearned is not None:
+            out["ca_u"] = torch.tensor([self._accuracy(self.unlearned, keep[i]) for i in range(k)])
+        if w.ca_p and self.perturbations is not None:
+            out["ca_p"] = torch.tensor([sum(self._accuracy(self.model, keep[i] * p) for p in self.perturbations)
+                                        / len(self.perturbations) for i in range(k)])
         return out
 
     def standard_error(self, prune: torch.Tensor) -> float:
@@ -223,6 +298,14 @@ class MaskScorer:
 
     def __call__(self, prune: torch.Tensor) -> torch.Tensor:
         return self.weights.combine(self.terms(prune))
+
+
+def _upper_bound(correct: torch.Tensor, n: int, z: float = SEQUENTIAL_Z) -> torch.Tensor:
+    """Wilson score upper confidence bound [K] of an accuracy from correct counts [K] over n images."""
+    p = correct / n
+    centre = p + z * z / (2 * n)
+    spread = z * torch.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre + spread) / (1 + z * z / n)
 
 
 def _mean(total: torch.Tensor, n: int) -> torch.Tensor:
