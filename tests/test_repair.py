@@ -159,13 +159,19 @@ def test_cli_repair_method_runs_a_baseline_through_the_same_depth_rule(method, t
     assert masks["num_pruned"] == report["pruned_groups"]
 
 
+def _short_repair(tiny_ckpt, tmp_path, *options) -> tuple:
+    """`onp-fast repair` of the tiny checkpoint with 2 x 4 masks and no purification, plus `options` -> (the
+    result, the report); the run must succeed."""
+    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out",
+                                    str(tmp_path / "fixed.pt"), "--defense-size", "60", "--purify", "none",
+                                    "--iterations", "2", "--samples", "4", "--skip-accuracy-check", *options])
+    assert res.exit_code == 0, res.output
+    return res, json.loads((tmp_path / "fixed.report.json").read_text())
+
+
 def test_cli_repair_reward_backend_option(tiny_ckpt, tmp_path):
     out = tmp_path / "fixed.pt"
-    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
-                                    "--defense-size", "60", "--purify", "none", "--reward-backend", "hooks",
-                                    "--iterations", "2", "--samples", "4", "--skip-accuracy-check"])
-    assert res.exit_code == 0, res.output
-    report = json.loads((tmp_path / "fixed.report.json").read_text())
+    res, report = _short_repair(tiny_ckpt, tmp_path, "--reward-backend", "hooks")
     assert report["config"]["reward_backend"] == "hooks"
     assert report["details"]["policy_reward"]["backend"] == "hooks"
     assert "policy reward (hooks): 8 masks, " in res.output
@@ -372,16 +378,11 @@ def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckp
 
 
 def test_cli_repair_reward_sequential_option(tiny_ckpt, tmp_path):
-    out = tmp_path / "fixed.pt"
-    res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
-                                    "--defense-size", "60", "--purify", "none", "--reward-sequential", "0.5",
-                                    "--iterations", "2", "--samples", "4", "--skip-accuracy-check"])
-    assert res.exit_code == 0, res.output
-    report = json.loads((tmp_path / "fixed.report.json").read_text())
+    res, report = _short_repair(tiny_ckpt, tmp_path, "--reward-sequential", "0.5")
     assert report["config"]["reward_sequential"] == 0.5
     rate = report["details"]["policy_reward"]
     assert rate["sequential"] == 0.5 and 0 <= rate["stopped"] <= rate["masks"] == 8
     assert f"first look 0.5 of the images, {rate['stopped']} masks stopped there" in res.output
-    bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
-                                    "--reward-sequential", "1", *FAST])
+    bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out",
+                                    str(tmp_path / "fixed.pt"), "--reward-sequential", "1", *FAST])
     assert bad.exit_code == 2 and "reward-sequential" in bad.output
