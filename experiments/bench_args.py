@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from onp_fast import attacks
+from onp_fast.torchutil import keep_freed_memory
 
 
 def add_run_options(ap: argparse.ArgumentParser) -> None:
@@ -16,7 +17,9 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
 
 
 def apply_run_options(args: argparse.Namespace) -> dict[str, dict]:
-    """Sets the thread count -> {attack name: its parameters}."""
+    """Sets the thread count and, as the CLI does, keeps the allocator's freed pages (torchutil.keep_freed_memory)
+    -> {attack name: its parameters}."""
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     return attacks.params_by_attack(args.param)

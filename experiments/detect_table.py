@@ -23,6 +23,7 @@ from quality import backdoored
 
 from onp_fast.data import defense_subset, load_dataset, normalize, stratified_split
 from onp_fast.prepare import RepairConfig, synthesize_proxies
+from onp_fast.prepare.trigger import DEFAULT_FAMILIES
 
 
 def parse_model(text: str) -> dict:
@@ -40,11 +41,13 @@ def main(argv=None):
     ap.add_argument("--models", required=True, help="comma-separated DATASET/ATTACK[/sSEED][/wWIDTH][/nTRAIN][/eEPOCHS]")
     ap.add_argument("--arch", default="preactresnet18")
     ap.add_argument("--defense-size", type=int, default=500)
+    ap.add_argument("--trigger-families", default=",".join(DEFAULT_FAMILIES),
+                    help="proxy families (onp_fast.prepare.trigger.FAMILIES), comma-separated")
     ap.add_argument("--json", default=None)
     add_run_options(ap)
     args = ap.parse_args(argv)
     params = apply_run_options(args)
-    cfg = RepairConfig()
+    cfg = RepairConfig(trigger_families=args.trigger_families).check()
     rows = []
     for text in args.models.split(","):
         m = parse_model(text)
@@ -55,7 +58,8 @@ def main(argv=None):
         xn = normalize(x, splits.mean, splits.std)
         i_opt, _ = stratified_split(y, cfg.val_fraction, cfg.seed)
         t = time.perf_counter()
-        ps = synthesize_proxies(model, xn[i_opt], y[i_opt], splits.num_classes, seed=cfg.seed)
+        ps = synthesize_proxies(model, xn[i_opt], y[i_opt], splits.num_classes, seed=cfg.seed,
+                                families=cfg.trigger_families)
         seconds = time.perf_counter() - t
         fam = {f: {"class": int(ps.z_scores(f).argmax()), "anomaly": float(ps.z_scores(f).max()),
                    "z_target0": float(ps.z_scores(f)[0]), "norms": ps.norms[f].tolist()} for f in ps.patterns}

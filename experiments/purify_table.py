@@ -22,6 +22,7 @@ from quality import backdoored, ev
 from onp_fast.compare import retune
 from onp_fast.data import defense_subset, load_dataset, normalize
 from onp_fast.prepare import RepairConfig, finetune_pruned, prepare
+from onp_fast.prepare.trigger import DEFAULT_FAMILIES
 from onp_fast.repair import run
 from onp_fast.repair.purify import purify
 
@@ -49,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--no-only", action="store_true", help="skip the purification-only rows (no pruning)")
     ap.add_argument("--train-subset", type=int, default=0, help="backdoored model trained on this many images")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trigger-families", default=",".join(DEFAULT_FAMILIES),
+                    help="proxy families (onp_fast.prepare.trigger.FAMILIES), comma-separated")
     ap.add_argument("--json", default=None)
     add_run_options(ap)
     args = ap.parse_args(argv)
@@ -62,7 +65,8 @@ def main(argv=None):
         xn = normalize(x, splits.mean, splits.std)
         before = ev(model, splits, attack)
         t = time.perf_counter()
-        ctx = prepare(model, xn, y, splits.num_classes, RepairConfig(seed=args.seed), progress=False)
+        cfg = RepairConfig(seed=args.seed, trigger_families=args.trigger_families).check()
+        ctx = prepare(model, xn, y, splits.num_classes, cfg, progress=False)
         res = run(ctx, "onp", purify="none")
         rows = {"pruning only": measure(res.model, res.groups, res.prune, splits, attack, xn, y, args.seed)}
         print(f"== {name}: before CA {before['ca']:.4f} ASR {before['asr']:.4f}; pruned {int(res.prune.sum())} "

@@ -1,9 +1,13 @@
 """Trigger proxies (onp_fast.prepare.trigger): planted signals each family must find, the suspect rule, the
 per-image stamping and sampling purification uses."""
+import pytest
 import torch
 import torch.nn as nn
 
+from onp_fast.errors import UserError
 from onp_fast.prepare import FAMILIES, synthesize_proxies
+from onp_fast.prepare.context import check_families
+from onp_fast.prepare.trigger import DEFAULT_FAMILIES
 
 TARGET = 0
 
@@ -70,9 +74,62 @@ def test_the_patch_family_is_unchanged_by_the_additive_one():
     model = _block_model()
     both = synthesize_proxies(model, x, y, 4, steps=20, seed=3)
     patch = synthesize_proxies(model, x, y, 4, steps=20, seed=3, families=("patch",))
-    assert list(both.patterns) == list(FAMILIES) and list(patch.patterns) == ["patch"]
+    assert list(both.patterns) == list(DEFAULT_FAMILIES) and list(patch.patterns) == ["patch"]
     assert torch.allclose(both.masks, patch.masks, atol=1e-6)
     assert torch.allclose(both.patterns["patch"], patch.patterns["patch"], atol=1e-6)
+
+
+def _column_wave(freq: int) -> torch.Tensor:
+    """[1, 8, 8]: cos(2 pi freq j / 8) along the columns j, the same on every row."""
+    j = torch.arange(8, dtype=torch.float32)
+    return torch.cos(2 * torch.pi * freq * j / 8).view(1, 1, 8).expand(1, 8, 8).clone()
+
+
+def test_the_periodic_family_finds_a_planted_stripe_backdoor_and_its_frequency():
+    """Planted: the target logit also reads stripes of 2 cycles across the image. Must find: the periodic
+    family's smallest trigger is on the target, clearly anomalous; its delta's column spectrum peaks at 2
+    cycles; its stamp flips other classes to the target. The free additive delta does not single the target
+    out here: every class has a cheap adversarial delta."""
+    model = _block_model(_column_wave(2), gain=1.0)
+    x, y = _block_images(80)
+    ps = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=FAMILIES)
+    assert list(ps.patterns) == list(FAMILIES)
+    z = ps.z_scores("periodic")
+    assert int(z.argmax()) == TARGET and float(z[TARGET]) >= 2.0
+    assert float(ps.z_scores("additive")[TARGET]) < 2.0
+    s = ps.proxy("periodic", TARGET)
+    assert s.mask is None
+    spectrum = torch.fft.rfft(s.pattern[0].mean(0)).abs()  # over the columns, rows averaged: [5] (0..4 cycles)
+    assert int(spectrum[1:].argmax()) + 1 == 2
+    other = y != TARGET
+    assert (model(s.apply(x[other])).argmax(1) == TARGET).float().mean() > 0.9
+
+
+def test_without_a_backdoor_no_class_of_the_periodic_family_stands_far_out():
+    x, y = _block_images(80)
+    ps = synthesize_proxies(_block_model(), x, y, 4, steps=150, seed=0, families=FAMILIES)
+    norms = ps.norms["periodic"]
+    assert float(norms.max() / norms.min()) < 1.5
+
+
+def test_the_default_families_are_unchanged_by_the_periodic_one():
+    """The periodic family has its own parameters, random stream and Adam group: the patch and additive proxies
+    are the same with or without it."""
+    x, y = _block_images(40)
+    model = _block_model()
+    default = synthesize_proxies(model, x, y, 4, steps=20, seed=3)
+    every = synthesize_proxies(model, x, y, 4, steps=20, seed=3, families=FAMILIES)
+    assert torch.allclose(default.masks, every.masks, atol=1e-6)
+    for f in DEFAULT_FAMILIES:
+        assert torch.allclose(default.patterns[f], every.patterns[f], atol=1e-6), f
+
+
+def test_trigger_families_are_checked_and_put_in_order():
+    assert check_families("periodic, patch") == ("patch", "periodic")
+    assert check_families(["additive"]) == ("additive",)
+    for bad in ("patch,wave", "", "patch,patch"):
+        with pytest.raises(UserError, match="trigger families"):
+            check_families(bad)
 
 
 def test_stamp_and_sample_give_each_image_a_proxy_of_another_class():

@@ -140,8 +140,17 @@ def test_cli_text_verdict_for_both_models(tiny, scanned):
     assert clean.output.strip().splitlines()[-1] == f"no class stands out (largest anomaly index {s:.2f} < gate 2)"
 
 
+def test_cli_scans_with_the_periodic_family_too(tiny):
+    res = _run(tiny["root"] / "clean.pt", "--dataset", tiny["data"], "--json", "--trigger-families",
+               "periodic,patch,additive", "--trigger-steps", "5")
+    assert res.exit_code in (0, 3), res.output
+    got = json.loads(res.output)
+    assert list(got["families"]) == ["patch", "additive", "periodic"]
+    assert len(got["families"]["periodic"]["z_scores"]) == 10
+
+
 @pytest.mark.parametrize("case", ["missing-model", "bad-dataset", "image-is-model", "image-folder", "defense-size",
-                                  "too-many", "unknown-option"])
+                                  "too-many", "unknown-option", "unknown-family"])
 def test_cli_bad_inputs_fail_with_one_error_line(case, tiny, tmp_path):
     model = tiny["root"] / "backdoored.pt"
     args = {"missing-model": (tmp_path / "none.pt", "--dataset", tiny["data"]),
@@ -150,5 +159,6 @@ def test_cli_bad_inputs_fail_with_one_error_line(case, tiny, tmp_path):
             "image-folder": (model, "--dataset", tiny["data"], "--image", tmp_path / "no" / "x.png"),
             "defense-size": (model, "--dataset", tiny["data"], "--defense-size", "0"),
             "too-many": (model, "--dataset", tiny["data"], "--defense-size", "100000"),
-            "unknown-option": (model, "--dataset", tiny["data"], "--nope")}[case]
+            "unknown-option": (model, "--dataset", tiny["data"], "--nope"),
+            "unknown-family": (model, "--dataset", tiny["data"], "--trigger-families", "patch,wave")}[case]
     one_line_error(_run(*args))

@@ -95,6 +95,24 @@ def checkpoint_options(f):
     return click.option("--arch", default=None, help="Architecture, for checkpoints that do not record it.")(f)
 
 
+def _families(ctx, param, value):
+    """--trigger-families: comma-separated proxy family names -> the text, checked (`check_families`)."""
+    from ..prepare.context import check_families
+
+    return _checked_by(check_families)(ctx, param, value)
+
+
+def trigger_families_option(f):
+    """--trigger-families, for the commands that synthesise trigger proxies (repair, scan); checked while the
+    command line is parsed. The command receives `trigger_families` (the text; RepairConfig takes it as is)."""
+    from ..prepare.trigger import DEFAULT_FAMILIES, FAMILIES
+
+    return click.option("--trigger-families", callback=_families, default=",".join(DEFAULT_FAMILIES),
+                        show_default=True, metavar="NAMES",
+                        help=f"Trigger-proxy families, comma-separated among {', '.join(FAMILIES)} (periodic: "
+                             "stripes of any frequency over the whole image, for sinusoid-like triggers).")(f)
+
+
 def accuracy_check_option(f):
     """--skip-accuracy-check, for the commands that run a defense on the model (`check_defense_accuracy`)."""
     return click.option("--skip-accuracy-check", is_flag=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, compute_options,
-                      data_files, defense_images, load_model_and_data)
+                      data_files, defense_images, load_model_and_data, trigger_families_option)
 
 EXIT_FLAGGED = 3
 
@@ -43,13 +43,15 @@ def format_scan(result: dict) -> str:
               help="Seed of the defense subset and the proxies (repair with the same seed gives the same verdict).")
 @click.option("--trigger-steps", type=click.IntRange(min=1), default=None,
               help="Optimisation steps of the proxies [default: 100, as a default repair].")
+@trigger_families_option
 @checkpoint_options
 @compute_options
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def command(model_path, dataset, defense_size, as_json, image_path, force, seed, trigger_steps, skip_accuracy_check,
-            quiet, device, max_memory, **model_opts):
-    """Scan MODEL for a backdoor: synthesise every class's smallest trigger (patch and additive families) from
+def command(model_path, dataset, defense_size, as_json, image_path, force, seed, trigger_steps, trigger_families,
+            skip_accuracy_check, quiet, device, max_memory, **model_opts):
+    """Scan MODEL for a backdoor: synthesise every class's smallest trigger (patch and additive families, more
+    with --trigger-families) from
     clean images and flag a class whose trigger is anomalously small (MAD anomaly index >= 2), as repair does.
 
     \b
@@ -73,7 +75,8 @@ def command(model_path, dataset, defense_size, as_json, image_path, force, seed,
     check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check, max_memory=max_memory,
                            echo=None if quiet or as_json else lambda s: click.echo(s, err=True))
     xn = normalize(x, mean, std)
-    cfg = RepairConfig(seed=seed, device=device, max_memory=max_memory, trigger_steps=trigger_steps)
+    cfg = RepairConfig(seed=seed, device=device, max_memory=max_memory, trigger_steps=trigger_steps,
+                       trigger_families=trigger_families)
     result, proxies = scan_with_proxies(loaded.model, xn, y, splits.num_classes, cfg,
                                         progress=not (quiet or as_json))
     result = {"model": str(model_path), "dataset": dataset, **result}

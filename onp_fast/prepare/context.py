@@ -18,7 +18,7 @@ from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
 from ..torchutil import DEFAULT_DEVICE, check_device
 from .perturb import adversarial_perturbations
-from .trigger import MAX_CLASSES, ProxySet, TriggerProxy, synthesize_proxies
+from .trigger import DEFAULT_FAMILIES, FAMILIES, MAX_CLASSES, ProxySet, TriggerProxy, synthesize_proxies
 from .unlearn import unlearn
 
 
@@ -49,6 +49,7 @@ class RepairConfig:
     trigger_steps: int | None = None  # the proxies' Adam steps; None: TRIGGER_STEPS (`repair` CLI: with_effort)
     trigger_batch: int | None = None  # images per class per step; None: TRIGGER_BATCH (`repair` CLI: with_effort)
     trigger_classes: int = MAX_CLASSES  # classes whose proxies are optimised; more are screened first
+    trigger_families: tuple[str, ...] = DEFAULT_FAMILIES  # proxy families (prepare.trigger.FAMILIES)
     purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
     purify_epochs: int = 10
     purify_lr: float = 0.003
@@ -91,6 +92,7 @@ class RepairConfig:
             raise UserError(f"weight_copies must be at least 1, not {self.weight_copies}")
         if self.trigger_classes < 2:
             raise UserError(f"trigger_classes must be at least 2, not {self.trigger_classes}")
+        self.trigger_families = check_families(self.trigger_families)
         if not 0 < self.val_fraction < 1:
             raise UserError(f"the held-out fraction must lie in (0, 1): got {self.val_fraction}")
         if not all(math.isfinite(v) for v in self.weights.to_dict().values()):
@@ -293,10 +295,21 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
 
 def trigger_settings(cfg: RepairConfig) -> dict:
     """synthesize_proxies' keywords under cfg: seed, steps and batch (trigger_steps / trigger_batch; None: full
-    effort, TRIGGER_STEPS / TRIGGER_BATCH), max_classes."""
+    effort, TRIGGER_STEPS / TRIGGER_BATCH), max_classes, families."""
     return {"seed": cfg.seed, "steps": TRIGGER_STEPS if cfg.trigger_steps is None else cfg.trigger_steps,
             "batch": TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch,
-            "max_classes": cfg.trigger_classes}
+            "max_classes": cfg.trigger_classes, "families": cfg.trigger_families}
+
+
+def check_families(families) -> tuple[str, ...]:
+    """Proxy family names (a sequence, or one comma-separated string) -> a tuple in FAMILIES' order; UserError
+    (one line) for none, an unknown one or a repeated one."""
+    names = [f.strip() for f in (families.split(",") if isinstance(families, str) else families)]
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown or not names or len(set(names)) < len(names):
+        raise UserError(f"trigger families must be distinct names among {', '.join(FAMILIES)}: got "
+                        f"{','.join(names) or 'none'}")
+    return tuple(f for f in FAMILIES if f in names)
 
 
 def with_effort(cfg: RepairConfig, efforts) -> RepairConfig:

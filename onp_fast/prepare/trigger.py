@@ -1,10 +1,14 @@
 """Trigger proxies synthesised from clean data only (Neural Cleanse style), for the reward term CA_T and for
 purification.
 
-Two families, optimised for every class t in one batched pass:
+Families, optimised for every class t in one batched pass (the default: patch and additive):
 - patch: x * (1 - M_t) + P_t * M_t, mask M_t [1, H, W], pattern P_t [C, H, W], L1 penalty on M_t (a small patch);
 - additive: clip(x + D_t, lo, hi), D_t [C, H, W] over the whole image, penalty on its RMS amplitude (a blend or a
-  sinusoid: a global, faint change).
+  sinusoid: a global, faint change);
+- periodic (opt-in): clip(x + D_t, lo, hi) with D_t = span * tanh(sum_f a_f b_f(j) + sum_f c_f b_f(i)), b_f the
+  cosines and sines of every frequency 1..side/2 along the columns j and the rows i: stripes of any frequency,
+  phase and mix, and nothing else (a free delta fits every class with an adversarial pattern; a stripe pattern
+  is cheap only for a class a periodic trigger was planted for), penalty on its RMS amplitude.
 Each asks that clean images of other classes be classified as t. A backdoor target needs a far smaller trigger
 than the other classes in the family its trigger belongs to: per family, the class with the smallest norm and its
 MAD anomaly index (how far below the median, in MAD units) are kept. Nothing here reads a real trigger.
@@ -17,6 +21,7 @@ index is measured against. With at most `max_classes` classes every class is ref
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +33,11 @@ from ..memory import fit_batch
 from ..progress import bar
 from ..torchutil import frozen
 
-FAMILIES = ("patch", "additive")
+FAMILIES = ("patch", "additive", "periodic")  # every family, in the order of a ProxySet's patterns
+DEFAULT_FAMILIES = ("patch", "additive")
+ADDITIVE = ("additive", "periodic")  # families whose pattern is a delta added to the image (no mask)
+LAM_PERIODIC = 10.0  # the periodic family's size penalty (measurements: docs/design.md, "A periodic proxy family")
+PERIODIC_LR = 0.05  # the periodic family's Adam rate (measurements: docs/design.md, "A periodic proxy family")
 MAD_FLOOR = 0.05  # the least MAD, as a fraction of the median norm (measurements: docs/design.md)
 MAX_CLASSES = 16  # classes whose proxies are optimised together; more are screened first (docs/design.md)
 
@@ -60,7 +69,7 @@ class TriggerProxy:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W] (normalised) -> stamped [N, C, H, W]."""
-        if self.family == "additive":
+        if self.family in ADDITIVE:
             return _additive(x, self.pattern, self.lo, self.hi)
         return _patch(x, self.mask, self.pattern)
 
@@ -69,7 +78,7 @@ class TriggerProxy:
 class ProxySet:
     """The proxies of R classes (rows) in every family: classes [R] int64, the class of each row (ascending;
     every class 0..T-1 when none was screened out); masks [R, 1, H, W] (patch), patterns {family: [R, C, H, W]},
-    norms {family: [R]} (patch: mask L1; additive: RMS of D_t over the input range), lo/hi [1, C, 1, 1]: the
+    norms {family: [R]} (patch: mask L1; additive, periodic: RMS of D_t over the input range), lo/hi [1, C, 1, 1]: the
     defense images' per-channel range; reference [R] bool: the rows the anomaly index is measured against (every
     row when none was screened out; else the random sample of the classes the screen did not pick)."""
 
@@ -131,7 +140,7 @@ class ProxySet:
             if not bool(sel.any()):
                 continue
             xs, p = x[sel], self.patterns[name][cls[sel]]
-            out[sel] = (_additive(xs, p, self.lo, self.hi) if name == "additive"
+            out[sel] = (_additive(xs, p, self.lo, self.hi) if name in ADDITIVE
                         else _patch(xs, self.masks[cls[sel]], p))
         return out
 
@@ -158,14 +167,16 @@ class ProxySet:
 
 def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
                        batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1,
-                       seed: int = 0, families: tuple[str, ...] = FAMILIES, max_classes: int = MAX_CLASSES,
+                       lam_periodic: float = LAM_PERIODIC,
+                       seed: int = 0, families: tuple[str, ...] = DEFAULT_FAMILIES, max_classes: int = MAX_CLASSES,
                        progress: bool = False, max_memory: int | str | None = None) -> ProxySet:
     """x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> the proxies in every family
     of `families` of every class (at most `max_classes` classes), else of the `max_classes // 2` classes
     `screen_classes` ranks first and of a seeded random sample of the others (the reference, max_classes minus
     those), on that device. `steps` Adam steps (lr) on `batch` images per class per step, all families in one
-    forward; lam weighs the mean mask value, lam_additive the relative RMS of D_t, against the cross-entropy (the
-    defaults' measurements: docs/design.md). The model stays frozen in eval mode, so the step's loss is a sum
+    forward; lam weighs the mean mask value, lam_additive (lam_periodic) the relative RMS of the additive
+    (periodic) D_t, against the cross-entropy (the defaults' measurements: docs/design.md; the periodic family's
+    coefficients take Adam at PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum
     over images: where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch
     stamped images at once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
     The random draws come from CPU generators whatever the device. progress: a bar of the steps on stderr
@@ -195,7 +206,8 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     g_add = torch.Generator().manual_seed(seed + 1)  # its own stream: the patch family is as without it
     dlog = (torch.randn(rows, c, h, w, generator=g_add) * 0.01).to(dev).requires_grad_(True)
     params = ([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else [])
-    opt = torch.optim.Adam(params, lr=lr)
+    waves = _Waves(rows, c, h, w, seed, dev)  # its own stream: the other families are as without it
+    opt = _adam(params, waves.params if "periodic" in families else [], lr)
     targets = classes.to(dev)
     per_step = rows * batch * sum(f in families for f in FAMILIES)  # stamped images per step
     chunk = fit_batch(model, x, max_memory, per_step)
@@ -203,13 +215,13 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     def current():
         m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
         d = span * torch.tanh(dlog)
-        return m, p, d
+        return m, p, d, waves.delta(span)
 
     with frozen(model), bar(steps, "trigger proxies", progress) as shown:
         for _ in range(steps):
             idx = torch.randint(0, n, (batch,), generator=g).to(dev)
             xb, yb = x[idx], y[idx]
-            m, p, d = current()
+            m, p, d, pd = current()
             parts, penalty = [], 0.0
             if "patch" in families:
                 # _patch's formula with pattern * mask taken before the broadcast (the gradients' summation
@@ -219,6 +231,9 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             if "additive" in families:
                 parts.append(_additive(xb.unsqueeze(0), d.unsqueeze(1), lo, hi))
                 penalty = penalty + lam_additive * _rms(d / span).sum()
+            if "periodic" in families:
+                parts.append(_additive(xb.unsqueeze(0), pd.unsqueeze(1), lo, hi))
+                penalty = penalty + lam_periodic * _rms(pd / span).sum()
             stamped = torch.cat(parts).reshape(-1, c, h, w)
             tgt = targets.repeat_interleave(batch).repeat(len(parts))
             other = (yb.unsqueeze(0) != targets.unsqueeze(1)).reshape(-1).float().repeat(len(parts))
@@ -234,25 +249,29 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             opt.step()
             shown.update(1)
     with torch.no_grad():
-        m, p, d = current()
+        m, p, d, pd = current()
         patterns, norms = {}, {}
         if "patch" in families:
             patterns["patch"], norms["patch"] = p.clone(), m.sum(dim=(1, 2, 3))
         if "additive" in families:
             patterns["additive"], norms["additive"] = d.clone(), _rms(d / span)
+        if "periodic" in families:
+            patterns["periodic"], norms["periodic"] = pd.clone(), _rms(pd / span)
     return ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi, classes=classes,
                     reference=reference)
 
 
 def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
                    batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1, seed: int = 0,
-                   families: tuple[str, ...] = FAMILIES, progress: bool = False,
+                   lam_periodic: float = LAM_PERIODIC,
+                   families: tuple[str, ...] = DEFAULT_FAMILIES, progress: bool = False,
                    max_memory: int | str | None = None) -> torch.Tensor:
     """Ranks every class as a likely backdoor target at a cost that does not grow with the class count.
     x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> scores [num_classes] float32
     on the CPU, higher = more suspect. One universal proxy per family (a patch: mask [1, 1, H, W] and pattern; an
-    additive delta [1, C, H, W]) is fitted, `steps` Adam steps (lr) on `batch` images, to lower the probability
-    of each image's own class (untargeted), with the size penalties of `synthesize_proxies` (lam, lam_additive):
+    additive delta [1, C, H, W]; a periodic one) is fitted, `steps` Adam steps (lr) on `batch` images, to lower the probability
+    of each image's own class (untargeted), with the size penalties of `synthesize_proxies` (lam, lam_additive,
+    lam_periodic):
     the cheapest way to move every image elsewhere is a backdoor's trigger, and it moves them to its target.
     Score of class t: the mean probability of t over every (family, image of another class) after the fit.
     The model stays frozen in eval mode; images run in chunks `max_memory` can hold (`memory.fit_batch`).
@@ -267,15 +286,19 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     mlog = torch.full((1, 1, h, w), -3.0, device=dev).requires_grad_(True)
     plog = (torch.randn(1, c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
     dlog = (torch.randn(1, c, h, w, generator=g) * 0.01).to(dev).requires_grad_(True)
-    opt = torch.optim.Adam(([mlog, plog] if "patch" in families else []) +
-                           ([dlog] if "additive" in families else []), lr=lr)
+    waves = _Waves(1, c, h, w, seed + 3, dev)
+    opt = _adam(([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else []),
+                waves.params if "periodic" in families else [], lr)
 
     def stamps(xb):
         m, p, d = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog), span * torch.tanh(dlog)
+        pd = waves.delta(span)
         out = ([_patch(xb, m, p)] if "patch" in families else []) + \
-              ([_additive(xb, d, lo, hi)] if "additive" in families else [])
+              ([_additive(xb, d, lo, hi)] if "additive" in families else []) + \
+              ([_additive(xb, pd, lo, hi)] if "periodic" in families else [])
         penalty = (lam * m.mean() if "patch" in families else 0.0) + \
-                  (lam_additive * _rms(d / span).sum() if "additive" in families else 0.0)
+                  (lam_additive * _rms(d / span).sum() if "additive" in families else 0.0) + \
+                  (lam_periodic * _rms(pd / span).sum() if "periodic" in families else 0.0)
         return torch.cat(out), penalty
 
     fams = sum(f in families for f in FAMILIES)
@@ -316,6 +339,37 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
             counts += other.sum(0)
     all_sum([scores, counts])
     return (scores / counts.clamp(min=1)).float()
+
+
+class _Waves:
+    """The periodic family's proxies of `rows` classes: coefficients over the cosines and sines of frequencies
+    1..W//2 along the columns [rows, C, 2 (W//2)] and 1..H//2 along the rows [rows, C, 2 (H//2)], drawn from a
+    generator of their own (seed + 4) at scale 0.01; `delta(span)` -> D [rows, C, H, W] = span * tanh(the column
+    waves + the row waves)."""
+
+    def __init__(self, rows: int, c: int, h: int, w: int, seed: int, device):
+        g = torch.Generator().manual_seed(seed + 4)
+        self.cols, self.rows = _waves(w).to(device), _waves(h).to(device)
+        self.a = (torch.randn(rows, c, len(self.cols), generator=g) * 0.01).to(device).requires_grad_(True)
+        self.b = (torch.randn(rows, c, len(self.rows), generator=g) * 0.01).to(device).requires_grad_(True)
+        self.params = [self.a, self.b]
+
+    def delta(self, span: torch.Tensor) -> torch.Tensor:
+        return span * torch.tanh((self.a @ self.cols).unsqueeze(2) + (self.b @ self.rows).unsqueeze(3))
+
+
+def _waves(side: int) -> torch.Tensor:
+    """[2 (side // 2), side]: cos and sin of 2 pi f i / side for f = 1..side // 2 (at least one frequency)."""
+    f = torch.arange(1, max(1, side // 2) + 1, dtype=torch.float32)
+    phase = 2 * math.pi * torch.outer(f, torch.arange(side, dtype=torch.float32)) / side
+    return torch.cat([phase.cos(), phase.sin()])
+
+
+def _adam(params: list, periodic: list, lr: float) -> torch.optim.Adam:
+    """Adam at lr over params, and at PERIODIC_LR over the periodic family's coefficients (a group of its own:
+    Adam's steps are per tensor, so the others step as without it)."""
+    groups = ([{"params": params}] if params else []) + ([{"params": periodic, "lr": PERIODIC_LR}] if periodic else [])
+    return torch.optim.Adam(groups, lr=lr)
 
 
 def _range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
