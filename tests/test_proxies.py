@@ -10,6 +10,7 @@ from onp_fast.prepare.context import check_families
 from onp_fast.prepare.trigger import DEFAULT_FAMILIES
 
 TARGET = 0
+TOY_LAM_PERIODIC = 3.0  # the periodic family's penalty at the block toy's scale (see the planted test)
 
 
 def _block(c: int) -> tuple[slice, slice]:
@@ -89,10 +90,11 @@ def test_the_periodic_family_finds_a_planted_stripe_backdoor_and_its_frequency()
     """Planted: the target logit also reads stripes of 2 cycles across the image. Must find: the periodic
     family's smallest trigger is on the target, clearly anomalous; its delta's column spectrum peaks at 2
     cycles; its stamp flips other classes to the target. The free additive delta does not single the target
-    out here: every class has a cheap adversarial delta."""
+    out here: every class has a cheap adversarial delta. Penalty 3 (TOY_LAM_PERIODIC), not the default 10: on
+    this linear toy the default penalty outweighs the cross-entropy and every class keeps a near-zero proxy."""
     model = _block_model(_column_wave(2), gain=1.0)
     x, y = _block_images(80)
-    ps = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=FAMILIES)
+    ps = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=FAMILIES, lam_periodic=TOY_LAM_PERIODIC)
     assert list(ps.patterns) == list(FAMILIES)
     z = ps.z_scores("periodic")
     assert int(z.argmax()) == TARGET and float(z[TARGET]) >= 2.0
@@ -107,7 +109,8 @@ def test_the_periodic_family_finds_a_planted_stripe_backdoor_and_its_frequency()
 
 def test_without_a_backdoor_no_class_of_the_periodic_family_stands_far_out():
     x, y = _block_images(80)
-    ps = synthesize_proxies(_block_model(), x, y, 4, steps=150, seed=0, families=FAMILIES)
+    ps = synthesize_proxies(_block_model(), x, y, 4, steps=150, seed=0, families=FAMILIES,
+                            lam_periodic=TOY_LAM_PERIODIC)
     norms = ps.norms["periodic"]
     assert float(norms.max() / norms.min()) < 1.5
 
@@ -212,3 +215,11 @@ def test_with_few_classes_every_class_is_refined_as_before():
     med = n.median()
     mad = torch.maximum((n - med).abs().median(), 0.05 * med.abs())
     assert torch.allclose(ps.z_scores("patch"), (med - n) / (1.4826 * mad))
+
+
+def test_many_classes_are_screened_with_the_periodic_family_too():
+    """The screen fits a universal periodic proxy beside the others, and the refined set has all three."""
+    model, x, y = _many_class_task(40, planted=True)
+    ps = synthesize_proxies(model, x, y, 40, steps=30, seed=0, families=FAMILIES, max_classes=16)
+    assert list(ps.patterns) == list(FAMILIES) and len(ps.classes) == 16
+    assert ps.patterns["periodic"].shape == ps.patterns["additive"].shape

@@ -78,9 +78,10 @@ class TriggerProxy:
 class ProxySet:
     """The proxies of R classes (rows) in every family: classes [R] int64, the class of each row (ascending;
     every class 0..T-1 when none was screened out); masks [R, 1, H, W] (patch), patterns {family: [R, C, H, W]},
-    norms {family: [R]} (patch: mask L1; additive, periodic: RMS of D_t over the input range), lo/hi [1, C, 1, 1]: the
-    defense images' per-channel range; reference [R] bool: the rows the anomaly index is measured against (every
-    row when none was screened out; else the random sample of the classes the screen did not pick)."""
+    norms {family: [R]} (patch: mask L1; additive, periodic: RMS of D_t over the input range), lo/hi
+    [1, C, 1, 1]: the defense images' per-channel range; reference [R] bool: the rows the anomaly index is
+    measured against (every row when none was screened out; else the random sample of the classes the screen did
+    not pick)."""
 
     masks: torch.Tensor
     patterns: dict[str, torch.Tensor]
@@ -269,10 +270,10 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     """Ranks every class as a likely backdoor target at a cost that does not grow with the class count.
     x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> scores [num_classes] float32
     on the CPU, higher = more suspect. One universal proxy per family (a patch: mask [1, 1, H, W] and pattern; an
-    additive delta [1, C, H, W]; a periodic one) is fitted, `steps` Adam steps (lr) on `batch` images, to lower the probability
-    of each image's own class (untargeted), with the size penalties of `synthesize_proxies` (lam, lam_additive,
-    lam_periodic):
-    the cheapest way to move every image elsewhere is a backdoor's trigger, and it moves them to its target.
+    additive delta [1, C, H, W]; a periodic one) is fitted, `steps` Adam steps (lr) on `batch` images, to lower
+    the probability of each image's own class (untargeted), with the size penalties of `synthesize_proxies`
+    (lam, lam_additive, lam_periodic): the cheapest way to move every image elsewhere is a backdoor's trigger,
+    and it moves them to its target.
     Score of class t: the mean probability of t over every (family, image of another class) after the fit.
     The model stays frozen in eval mode; images run in chunks `max_memory` can hold (`memory.fit_batch`).
     Under torch.distributed each rank passes its share of every step's stamped images and of the scoring
