@@ -58,6 +58,9 @@ def _weights(text: str | None):
 @click.option("--samples", type=click.IntRange(min=2), default=None,
               help="ONP: masks scored per iteration (K) [default: 16].")
 @click.option("--algorithm", type=click.Choice(["ppo", "reinforce"]), default=None, help="ONP: [default: ppo].")
+@click.option("--actions", type=click.IntRange(min=0), default=None,
+              help="ONP: the most groups the policy decides; a model with more has them screened by the exposure "
+                   "features, the rest never pruned (0: every group) [default: 2048].")
 @click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_t=1,ca_u=0,ca_p=0,sparsity=0.1")
 @click.option("--trigger-steps", type=click.IntRange(min=1), default=None,
               help="Optimisation steps of the trigger proxies [default: 100, scaled down with a run of fewer RL "
@@ -93,7 +96,7 @@ def _weights(text: str | None):
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
-            iterations, samples, algorithm, reward_weights, trigger_steps, tolerance, reward_backend, reward_sequential,
+            iterations, samples, algorithm, actions, reward_weights, trigger_steps, tolerance, reward_backend, reward_sequential,
             compact_model, trigger_families,
             purify,
             purify_epochs, purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet,
@@ -118,7 +121,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     check_outputs({"output": out, "report": report_p, "masks": masks_p, "plot": plot_p, "trigger image": trigger_p},
                   {"model": src, **data_files(dataset)}, force)
     method = get_defense(method).name  # unknown name: fail before loading anything
-    onp_options = {"iterations": iterations, "samples": samples, "algorithm": algorithm}
+    onp_options = {"iterations": iterations, "samples": samples, "algorithm": algorithm, "actions": actions}
     given = [f"--{k}" for k, v in onp_options.items() if v is not None]
     if given and method != "onp":
         raise UserError(f"{', '.join(given)} set ONP's policy training; --method {method} has none")

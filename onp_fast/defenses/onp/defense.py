@@ -9,17 +9,21 @@ import torch
 from ...distributed import world
 from ...prepare import DefenseContext
 from ...progress import bar
+from ...errors import UserError
 from ..base import Defense, register
 from .features import FEATURE_NAMES, exposure_features
 from .graph import build_policy_graph
 from .policy import PrunePolicy
 from .ppo import PPOConfig, train_policy
+from .screen import screen_actions
 
 
 @dataclass
 class ONPConfig:
     """ONP's own settings: the policy (GNN kind, initial prune probability), its RL (iterations, K masks per
-    iteration, algorithm) and the graphs (intra-layer cosine threshold, cross-layer top-k)."""
+    iteration, algorithm), its action space (at most `actions` groups, screened by the exposure features when the
+    model has more: screen.py; 0: every group) and the graphs (intra-layer cosine threshold, cross-layer
+    top-k)."""
 
     iterations: int = 60
     samples: int = 16
@@ -28,6 +32,12 @@ class ONPConfig:
     graph_eps: float = 0.9
     cross_layer_topk: int = 2
     init_prune_prob: float = 0.02
+    actions: int = 2048  # why: docs/design.md, "The policy's action space"
+
+    def check(self):
+        """UserError naming a bad setting."""
+        if self.actions < 0:
+            raise UserError(f"onp.actions must be >= 0 (0: every group), got {self.actions}")
 
 
 def policy_throughput(scorer, seconds: float) -> dict:
@@ -44,8 +54,9 @@ def policy_throughput(scorer, seconds: float) -> dict:
 
 
 def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]:
-    """-> (the trained policy's prune probabilities [G] in (0, 1), the report part: the policy phase's reward
-    throughput, feature names, graph size, reward curve)."""
+    """-> (the trained policy's prune probabilities [G] in (0, 1), -inf for the groups outside its action space;
+    the report part: the policy phase's reward throughput, feature names, graph size, action space, reward
+    curve)."""
     seed = ctx.cfg.seed
     with ctx.phase("features"):
         feats = exposure_features(ctx.model, ctx.unlearned, ctx.groups, ctx.x_opt, ctx.y_opt, seed=seed,
@@ -53,6 +64,9 @@ def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]
     with ctx.phase("graphs"):
         graph = build_policy_graph(ctx.model, ctx.groups, feats, eps=cfg.graph_eps,
                                    cross_layer_topk=cfg.cross_layer_topk)
+        actions = None
+        if 0 < cfg.actions < ctx.groups.num_groups:
+            actions = screen_actions(feats, graph, cfg.actions)
     scorer = ctx.scorer("opt")
     torch.manual_seed(seed)
     policy = PrunePolicy(graph.x.shape[1], graph.group_features.shape[1], conv=cfg.conv,
@@ -67,13 +81,17 @@ def onp_scores(ctx: DefenseContext, cfg: ONPConfig) -> tuple[torch.Tensor, dict]
             shown.update(1)
 
         with shown:
-            hist = train_policy(policy, graph, scorer, ppo, progress=tick)
+            hist = train_policy(policy, graph, scorer, ppo, progress=tick, actions=actions)
     with torch.no_grad():
         prob = torch.sigmoid(policy(graph))
+    if actions is not None:
+        prob = torch.full_like(prob, -float("inf")).index_copy_(0, actions, prob[actions])
     return prob, {
         "policy_reward": policy_throughput(scorer, ctx.times["policy"]),
         "features": FEATURE_NAMES,
         "graph": {"nodes": int(graph.x.shape[0]), "edges": int(graph.edge_index.shape[1])},
+        "actions": {"decided": ctx.groups.num_groups if actions is None else len(actions),
+                    "groups": ctx.groups.num_groups, "screened": actions is not None},
         "reward_curve": {"mean": hist["reward_mean"], "max": hist["reward_max"], "prune_frac": hist["prune_frac"]},
     }
 

@@ -34,26 +34,33 @@ def _log_prob(logits: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
 
 
 def train_policy(policy: PrunePolicy, graph: PolicyGraph, score: Callable[[torch.Tensor], torch.Tensor],
-                 cfg: PPOConfig, progress=None) -> dict:
-    """Trains `policy` in place. score(prune [K, G] bool) -> rewards [K] float. Returns the history: lists
-    reward_mean, reward_max, prune_frac (one entry per iteration)."""
+                 cfg: PPOConfig, progress=None, actions: torch.Tensor | None = None) -> dict:
+    """Trains `policy` in place. score(prune [K, G] bool) -> rewards [K] float. actions [M] int64: the groups
+    the policy decides (screen.screen_actions); the others are never pruned, and only the M decisions enter
+    the log-probabilities (None: every group). Returns the history: lists reward_mean, reward_max, prune_frac
+    (the mean over the decided groups; one entry per iteration)."""
     if cfg.algorithm not in ("ppo", "reinforce"):
         raise ValueError(f"algorithm must be 'ppo' or 'reinforce', got {cfg.algorithm!r}")
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     hist = {"reward_mean": [], "reward_max": [], "prune_frac": []}
     epochs = cfg.epochs if cfg.algorithm == "ppo" else 1
+    decided = (lambda: policy(graph)) if actions is None else (lambda: policy(graph)[actions])
     for it in range(cfg.iterations):
         with torch.no_grad():
-            logits = policy(graph)
+            logits = decided()
             probs = torch.sigmoid(logits)
             prune = (torch.rand(cfg.samples, len(probs), generator=gen) < probs).float()
             old_lp = _log_prob(logits, prune)
-        rewards = score(prune.bool()).float()
+        full = prune.bool()
+        if actions is not None:
+            full = torch.zeros(cfg.samples, graph.num_groups, dtype=torch.bool)
+            full[:, actions] = prune.bool()
+        rewards = score(full).float()
         adv = rewards - rewards.mean()
         adv = adv / (adv.std() + 1e-8) if len(adv) > 1 else adv
         for _ in range(epochs):
-            logits = policy(graph)
+            logits = decided()
             lp = _log_prob(logits, prune)
             if cfg.algorithm == "ppo":
                 ratio = torch.exp(lp - old_lp)
