@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench_args import add_run_options, apply_run_options
+from bench_args import add_model_options, add_run_options, apply_run_options
 from quality import backdoored, ev
 
 from onp_fast import attacks
@@ -22,11 +22,7 @@ from onp_fast.evaluate import predict_classes
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--attacks", default="badnets,blended,wanet,sig")
-    ap.add_argument("--arch", default="preactresnet18")
-    ap.add_argument("--width", type=float, default=0.5)
-    ap.add_argument("--epochs", type=int, default=30)
+    add_model_options(ap)
     ap.add_argument("--train-subset", type=int, default=0, help="the clean model trained on this many images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", type=int, default=0)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_args import add_model_options  # noqa: E402
 from quality import backdoored  # noqa: E402
 
 from onp_fast.atomic import write_text  # noqa: E402
@@ -111,12 +112,8 @@ def print_summary(dataset: str, summary: list[tuple[str, dict]]) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--attacks", default="badnets,blended,wanet,sig")
+    add_model_options(ap)
     ap.add_argument("--methods", default="onp,onp/none,fp,anp,rnp,clp,ftsam")
-    ap.add_argument("--arch", default="preactresnet18")
-    ap.add_argument("--width", type=float, default=0.5)
-    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--train-subset", type=int, default=0, help="backdoored models trained on this many images")
     ap.add_argument("--defense-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_args import add_run_options, apply_run_options
+from bench_args import add_model_options, add_run_options, apply_run_options
 from quality import backdoored, ev
 
 from onp_fast.compare import retune
@@ -39,11 +39,7 @@ def measure(model, groups, prune, splits, attack, xn, y, seed) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--attacks", default="badnets,blended,wanet,sig")
-    ap.add_argument("--arch", default="preactresnet18")
-    ap.add_argument("--width", type=float, default=0.5)
-    ap.add_argument("--epochs", type=int, default=30)
+    add_model_options(ap)
     ap.add_argument("--defense-size", type=int, default=500)
     ap.add_argument("--purify-epochs", type=int, default=10)
     ap.add_argument("--modes", default=",".join(MODES), help="purification modes to measure")

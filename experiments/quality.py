@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_args import add_run_options, apply_run_options
+from bench_args import add_model_options, add_run_options, apply_run_options
 
 from onp_fast import attacks, models
 from onp_fast.data import defense_subset, load_dataset, normalize, stratified_indices
@@ -136,11 +136,7 @@ def frontier(model, groups, order, splits, attack, depths):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--attacks", default="badnets,blended,wanet,sig")
-    ap.add_argument("--arch", default="preactresnet18")
-    ap.add_argument("--width", type=float, default=0.5)
-    ap.add_argument("--epochs", type=int, default=30)
+    add_model_options(ap)
     ap.add_argument("--defense-size", type=int, default=500)
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
