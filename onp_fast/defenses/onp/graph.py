@@ -29,7 +29,12 @@ class PolicyGraph:
     num_groups: int
 
 
-def _standardise(x: torch.Tensor, segment: torch.Tensor, n_seg: int) -> torch.Tensor:
+def tame(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) log(1 + |x|): heavy tails tamed before standardising."""
+    return torch.log1p(x.abs()) * x.sign()
+
+
+def standardise(x: torch.Tensor, segment: torch.Tensor, n_seg: int) -> torch.Tensor:
     """x [N, F], segment [N] int64 -> per-segment zero mean, unit std (std 0 -> 1)."""
     ones = torch.ones(len(x), 1)
     cnt = torch.zeros(n_seg, 1).index_add_(0, segment, ones).clamp(min=1)
@@ -52,10 +57,10 @@ def build_policy_graph(model: nn.Module, groups: NeuronGroups, group_features: t
     node_group = torch.cat([torch.as_tensor(groups.layer_groups[name]) for name in groups.layers])
     n_layers = len(groups.layers)
     depth = (ng.node_layer.float() / max(1, n_layers - 1)).unsqueeze(1)
-    gf = torch.log1p(group_features.abs()) * group_features.sign()  # tame heavy tails before standardising
+    gf = tame(group_features)
     node_gf = torch.where((node_group >= 0).unsqueeze(1), gf[node_group.clamp(min=0)], torch.zeros(1, gf.shape[1]))
     feats = torch.cat([torch.log1p(ng.node_features), node_gf], dim=1)
-    x = torch.cat([_standardise(feats, ng.node_layer, n_layers), depth], dim=1)
-    gstd = _standardise(gf, torch.zeros(len(gf), dtype=torch.long), 1)
+    x = torch.cat([standardise(feats, ng.node_layer, n_layers), depth], dim=1)
+    gstd = standardise(gf, torch.zeros(len(gf), dtype=torch.long), 1)
     return PolicyGraph(x=x, edge_index=ng.edge_index, edge_weight=ng.edge_weight, node_group=node_group,
                        node_layer=ng.node_layer, group_features=gstd, num_groups=groups.num_groups)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .features import FEATURE_NAMES
-from .graph import PolicyGraph
+from .graph import PolicyGraph, standardise, tame
 
 SUSPICION = ("clp", "noise_sensitivity", "unlearn_change", "trigger_shift")
 
@@ -40,22 +40,13 @@ def screen_actions(features: torch.Tensor, graph: PolicyGraph, m: int) -> torch.
     if m >= g:
         return torch.arange(g)
     home = home_layers(graph)
-    n_seg = int(home.max()) + 1
-    ranks = []
-    for name in SUSPICION:
-        f = features[:, FEATURE_NAMES.index(name)].double()
-        if bool((f == f[0]).all()):
-            continue
-        f = torch.log1p(f.abs()) * f.sign()
-        cnt = torch.zeros(n_seg, dtype=torch.double).index_add_(0, home, torch.ones_like(f)).clamp(min=1)
-        mean = torch.zeros(n_seg, dtype=torch.double).index_add_(0, home, f) / cnt
-        var = torch.zeros(n_seg, dtype=torch.double).index_add_(0, home, (f - mean[home]) ** 2) / cnt
-        std = var.sqrt()
-        z = (f - mean[home]) / torch.where(std > 1e-12, std, torch.ones_like(std))[home]
-        order = torch.sort(-z, stable=True).indices
-        ranks.append(torch.empty(g, dtype=torch.long).scatter_(0, order, torch.arange(g)))
-    if not ranks:
+    cols = [FEATURE_NAMES.index(n) for n in SUSPICION]
+    cols = [c for c in cols if not bool((features[:, c] == features[0, c]).all())]
+    if not cols:
         return torch.arange(m)
+    z = standardise(tame(features[:, cols].float()), home, int(home.max()) + 1)  # [G, F']
+    order = torch.sort(-z, dim=0, stable=True).indices  # [G, F']
+    ranks = [torch.empty(g, dtype=torch.long).scatter_(0, order[:, j], torch.arange(g)) for j in range(len(cols))]
     r = torch.stack(ranks)  # [F, G]
     order = torch.sort(r.sum(0), stable=True).indices  # by the sum of ranks, then by index
     order = order[torch.sort(r.min(0).values[order], stable=True).indices]  # the best rank first
