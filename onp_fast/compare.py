@@ -120,7 +120,8 @@ def retune(model: nn.Module, groups, x: torch.Tensor, y: torch.Tensor, mean, std
 def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, test_x: torch.Tensor,
             test_y: torch.Tensor, mean, std, attack, target: int, methods=None, cfg: RepairConfig | None = None,
             configs: dict | None = None, reactivation_epochs: int = 10, retune_epochs: int = 5,
-            oracle_tolerance: float = 0.02, progress: bool = False, log=None) -> dict:
+            oracle_tolerance: float = 0.02, oracle_table: bool = True, progress: bool = False,
+            log=None) -> dict:
     """Runs `methods` (default: DEFAULT_METHODS; each a `method_spec`, e.g. "onp/none") on one prepared context;
     a method listed twice with different purification is scored once.
 
@@ -128,12 +129,14 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     test_x [M, C, H, W] pixels in [0, 1], test_y [M], mean, std, attack, target: evaluation only.
     configs: {method: its Config} (missing: published defaults). log: optional callable(str) for progress.
     Each row: the method's CA/ASR/RA/DER, its re-activation (`reactivation_epochs` clean epochs, pruned groups
-    held at zero; 0: skipped) and the retuning attack (`retune`, `retune_epochs`; 0: skipped).
+    held at zero; 0: skipped) and the retuning attack (`retune`, `retune_epochs`; 0: skipped), and, with
+    `oracle_table`, its "oracle" (`oracle`; computed once per ranking: it never purifies, so "onp/none" has onp's).
     Everything runs on cfg.device within cfg.max_memory (a training step it cannot hold whole runs as
     micro-batches; a budget under a step's smallest micro-batch is an error before any work: `training_batches`,
     the re-activation's and the retuning attack's batches).
     Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "reward_backend", "oracle_rule",
-    "peak_memory" (`repair.pipeline.memory_part` at the end)} (fractions, seconds); an ONP row also has
+    "peak_memory" (`repair.pipeline.memory_part` at the end)} ("oracle_rule" None without `oracle_table`)
+    (fractions, seconds); an ONP row also has
     "policy_reward" (its policy phase's backend, masks/s, images/s)."""
     cfg = cfg or RepairConfig()
     specs = [method_spec(m) for m in (methods or DEFAULT_METHODS)]
@@ -157,7 +160,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     x, y = x.to(device), y.to(device)
     prepare_s = time.perf_counter() - t0
     say(f"prepare (shared): {prepare_s:.1f}s")
-    rows, ranked = [], {}
+    rows, ranked, oracles = [], {}, {}
     for (name, mode), defense in zip(specs, defenses):
         t0 = time.perf_counter()
         res = run(ctx, defense, purify=mode, ranked=ranked.get(name))
@@ -191,12 +194,16 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
             rt = _eval(retune(res.model, res.groups, x, y, mean, std, attack, target, epochs=retune_epochs,
                               seed=cfg.seed, max_memory=cfg.activation_memory), test, attack, target)
             row["retune"] = {"epochs": retune_epochs, "poisoned": 5, "ca": rt["ca"], "asr": rt["asr"]}
-        row["oracle"] = oracle(defense, ctx, res, before, test, attack, target, oracle_tolerance)
+        if oracle_table:
+            if name not in oracles:
+                oracles[name] = oracle(defense, ctx, res, before, test, attack, target, oracle_tolerance)
+            row["oracle"] = oracles[name]
         rows.append(row)
         say(f"{label}: CA {100 * after['ca']:.2f} ASR {100 * after['asr']:.2f} in {seconds:.1f}s")
     return {"before": before, "prepare_s": prepare_s, "prepare_times_s": dict(ctx.times), "rows": rows,
             "defense": {"n": len(x), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val), "seed": cfg.seed},
-            "reward_backend": cfg.reward_backend, "oracle_rule": ORACLE_RULE.format(tol=oracle_tolerance),
+            "reward_backend": cfg.reward_backend,
+            "oracle_rule": ORACLE_RULE.format(tol=oracle_tolerance) if oracle_table else None,
             "peak_memory": memory_part(cfg)}
 
 
@@ -218,9 +225,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['method']:<9}|{100 * r['ca']:7.2f} |{100 * r['asr']:7.2f} |{100 * r['ra']:7.2f} |"
                      f"{r['der']:7.4f} |{r['seconds']:8.1f} |{r['pruned']:>5} / {r['candidates']:<4} |"
                      f"{re:>16} |{rt:>16} |{'-' if own is None else own:>9}")
-    lines.append(f"oracle (test-set depth, for comparison with published numbers only: {result['oracle_rule']})")
-    lines.append(f"{'method':<9}|{'depth':>6} |{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7}")
-    for r in result["rows"]:
+    if result["oracle_rule"] is None:
+        lines.append("oracle: not computed")
+    else:
+        lines.append(f"oracle (test-set depth, for comparison with published numbers only: {result['oracle_rule']})")
+        lines.append(f"{'method':<9}|{'depth':>6} |{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7}")
+    for r in result["rows"] if result["oracle_rule"] is not None else []:
         o = r["oracle"]
         if o.get("depth") is None:
             lines.append(f"{r['method']:<9}| " + ("prunes nothing" if r["candidates"] == 0 else

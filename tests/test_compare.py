@@ -124,6 +124,27 @@ def test_a_method_with_another_purification_is_scored_once(backdoored, monkeypat
     assert a["pruned"] == b["pruned"] and b["seconds"] > 0 and "policy" in b["times_s"]
 
 
+def test_the_oracle_is_scanned_once_per_ranking_and_can_be_left_out(backdoored, monkeypatch):
+    import onp_fast.compare as cmp
+
+    calls = []
+    real = cmp.oracle
+    monkeypatch.setattr(cmp, "oracle", lambda *a, **k: calls.append(1) or real(*a, **k))
+    methods = ["onp/none", "onp/sam", "clp"]
+    res = _compare(backdoored, methods=methods)
+    assert len(calls) == 2  # ONP's ranking once (the oracle never purifies), CLP's once
+    none, sam, _ = res["rows"]
+    assert none["oracle"] == sam["oracle"] and none["oracle"]["depth"] is not None
+    calls.clear()
+    off = _compare(backdoored, methods=methods, oracle_table=False)
+    assert calls == [] and off["oracle_rule"] is None and all("oracle" not in r for r in off["rows"])
+    timing = ("oracle", "seconds", "times_s", "policy_reward")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in off["rows"]] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in res["rows"]]  # the oracle leaks into no row
+    text = format_table(off)
+    assert "oracle: not computed" in text and "oracle (test-set" not in text
+
+
 def test_the_oracle_is_never_worse_at_its_own_rule(backdoored):
     res = _compare(backdoored, methods=["rnp", "clp"], oracle_tolerance=0.05)
     before = res["before"]
@@ -175,6 +196,10 @@ def test_cli_compare_prints_the_table_and_writes_json(backdoored, tmp_path):
     assert data["attack"] == "badnets" and data["target"] == 0 and data["defense"]["n"] == 40
     assert data["rows"][1]["config"]["finetune_epochs"] == 1
     assert data["reward_backend"] == "hooks"  # --reward-backend reaches the shared config
+    res = _run(["compare", str(root / "m.pt"), "--dataset", f"npz:{root / 'data.npz'}", "--attack-spec",
+                str(root / "m.attack.json"), "--methods", "clp,fp", "--no-oracle", *FAST_PARAMS])
+    assert res.exit_code == 0, res.output
+    assert "oracle: not computed" in res.output and "\nclp      |" in res.output
 
 
 @pytest.mark.parametrize("case", ["unknown_method", "bad_purification", "empty_methods", "missing_spec", "no_target", "bad_param",

@@ -44,6 +44,9 @@ def parse_methods(text: str) -> list[str]:
               help="Clean fine-tuning epochs (pruned channels held at zero) for the re-activation ASR; 0: skip.")
 @click.option("--retune-epochs", type=click.IntRange(min=0), default=5, show_default=True,
               help="Retuning attack (Min et al.): all weights tuned on the defense images + 5 poisoned; 0: skip.")
+@click.option("--oracle/--no-oracle", "oracle_table", default=True, show_default=True,
+              help="Also scan each method's ranking on the test set for the oracle table (one evaluation per depth "
+                   "the held-out rule scanned: most of compare's time on a large test set).")
 @click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
               help="Hyper-parameter override, repeatable: e.g. anp.iterations=500, clp.u=2.5, onp.iterations=30, "
                    "repair.tolerance=0.05 (shared).")
@@ -57,7 +60,7 @@ def parse_methods(text: str) -> list[str]:
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="Print the table only.")
 def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs,
-            retune_epochs, params, reward_backend, seed, force, skip_accuracy_check, quiet, device, max_memory,
+            retune_epochs, oracle_table, params, reward_backend, seed, force, skip_accuracy_check, quiet, device, max_memory,
             **model_opts):
     """Compare defenses on MODEL: each method's depth is chosen on held-out defense images (no test data)."""
     from ..atomic import check_outputs
@@ -96,7 +99,7 @@ def command(model_path, dataset, spec_path, methods, json_path, defense_size, ta
     result = compare(loaded.model, normalize(x, mean, std), y, splits.num_classes, test_x=splits.test_x,
                      test_y=splits.test_y, mean=mean, std=std, attack=spec.attack, target=target, methods=names,
                      cfg=cfg, configs=configs, reactivation_epochs=reactivation_epochs,
-                     retune_epochs=retune_epochs, progress=False,
+                     retune_epochs=retune_epochs, oracle_table=oracle_table, progress=False,
                      log=None if quiet else lambda s: click.echo(s, err=True))
     result.update(model=str(model_path), dataset=dataset, attack=spec.attack.name, target=target)
     click.echo(format_table(result))
