@@ -135,9 +135,8 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     micro-batches; a budget under a step's smallest micro-batch is an error before any work: `training_batches`,
     the re-activation's and the retuning attack's batches).
     Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "reward_backend", "oracle_rule",
-    "peak_memory" (`repair.pipeline.memory_part` at the end)} ("oracle_rule" None without `oracle_table`)
-    (fractions, seconds); an ONP row also has
-    "policy_reward" (its policy phase's backend, masks/s, images/s)."""
+    "peak_memory" (`repair.pipeline.memory_part` at the end)} (fractions, seconds; "oracle_rule" None without
+    `oracle_table`); an ONP row also has "policy_reward" (its policy phase's backend, masks/s, images/s)."""
     cfg = cfg or RepairConfig()
     specs = [method_spec(m) for m in (methods or DEFAULT_METHODS)]
     defenses = [get(name, (configs or {}).get(name)) for name, _ in specs]
@@ -230,14 +229,14 @@ def format_table(result: dict) -> str:
     else:
         lines.append(f"oracle (test-set depth, for comparison with published numbers only: {result['oracle_rule']})")
         lines.append(f"{'method':<9}|{'depth':>6} |{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7}")
-    for r in result["rows"] if result["oracle_rule"] is not None else []:
-        o = r["oracle"]
-        if o.get("depth") is None:
-            lines.append(f"{r['method']:<9}| " + ("prunes nothing" if r["candidates"] == 0 else
-                                                   "no depth keeps CA within the tolerance"))
-            continue
-        lines.append(f"{r['method']:<9}|{o['depth']:6d} |{100 * o['ca']:7.2f} |{100 * o['asr']:7.2f} |"
-                     f"{100 * o['ra']:7.2f} |{o['der']:7.4f}")
+        for r in result["rows"]:
+            o = r["oracle"]
+            if o.get("depth") is None:
+                lines.append(f"{r['method']:<9}| " + ("prunes nothing" if r["candidates"] == 0 else
+                                                       "no depth keeps CA within the tolerance"))
+                continue
+            lines.append(f"{r['method']:<9}|{o['depth']:6d} |{100 * o['ca']:7.2f} |{100 * o['asr']:7.2f} |"
+                         f"{100 * o['ra']:7.2f} |{o['der']:7.4f}")
     own = [r for r in result["rows"] if "ca" in r.get("own_rule", {})]
     if own:
         lines.append("own rule (the method's published pruning rule on the same ranking; no purification)")

@@ -60,8 +60,8 @@ def parse_methods(text: str) -> list[str]:
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="Print the table only.")
 def command(model_path, dataset, spec_path, methods, json_path, defense_size, target, reactivation_epochs,
-            retune_epochs, oracle_table, params, reward_backend, seed, force, skip_accuracy_check, quiet, device, max_memory,
-            **model_opts):
+            retune_epochs, oracle_table, params, reward_backend, seed, force, skip_accuracy_check, quiet, device,
+            max_memory, **model_opts):
     """Compare defenses on MODEL: each method's depth is chosen on held-out defense images (no test data)."""
     from ..atomic import check_outputs
     from ..compare import compare, format_table
