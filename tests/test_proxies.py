@@ -50,7 +50,7 @@ def test_the_additive_family_finds_a_planted_global_trigger():
     stripes = (torch.arange(8) % 2 * 2 - 1).float().view(1, 1, 8).expand(1, 8, 8).clone()  # [1, 8, 8]
     model = _block_model(stripes, gain=0.5)  # stronger, and a striped patch gets cheap too
     x, y = _block_images(80)
-    ps = synthesize_proxies(model, x, y, 4, steps=150, seed=0)
+    ps = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=("patch", "additive"))
     z = ps.z_scores("additive")
     assert int(z.argmax()) == TARGET and float(z[TARGET]) >= 2.0
     assert float(ps.z_scores("patch").max()) < 2.0  # no small patch does it: only the global family sees it
@@ -63,7 +63,7 @@ def test_the_additive_family_finds_a_planted_global_trigger():
 def test_without_a_backdoor_no_class_of_the_additive_family_stands_far_out():
     """The same data and classifier without the planted pattern: every class needs about the same trigger."""
     x, y = _block_images(80)
-    ps = synthesize_proxies(_block_model(), x, y, 4, steps=150, seed=0)
+    ps = synthesize_proxies(_block_model(), x, y, 4, steps=150, seed=0, families=("additive",))
     norms = ps.norms["additive"]
     assert float(norms.max() / norms.min()) < 1.5
 
@@ -115,16 +115,53 @@ def test_without_a_backdoor_no_class_of_the_periodic_family_stands_far_out():
     assert float(norms.max() / norms.min()) < 1.5
 
 
-def test_the_default_families_are_unchanged_by_the_periodic_one():
-    """The periodic family has its own parameters, random stream and Adam group: the patch and additive proxies
-    are the same with or without it."""
+def test_the_patch_and_additive_proxies_are_unchanged_by_the_periodic_and_blend_ones():
+    """The periodic and blend families have their own parameters and random streams (the periodic its own Adam
+    group): the patch and additive proxies are the same with or without them."""
     x, y = _block_images(40)
     model = _block_model()
-    default = synthesize_proxies(model, x, y, 4, steps=20, seed=3)
-    every = synthesize_proxies(model, x, y, 4, steps=20, seed=3, families=FAMILIES)
-    assert torch.allclose(default.masks, every.masks, atol=1e-6)
-    for f in DEFAULT_FAMILIES:
-        assert torch.allclose(default.patterns[f], every.patterns[f], atol=1e-6), f
+    two = synthesize_proxies(model, x, y, 4, steps=20, seed=3, families=("patch", "additive"))
+    for more in (("patch", "additive", "periodic"), ("patch", "additive", "blend"), FAMILIES):
+        every = synthesize_proxies(model, x, y, 4, steps=20, seed=3, families=more)
+        assert list(every.patterns) == list(more)
+        assert torch.allclose(two.masks, every.masks, atol=1e-6)
+        for f in ("patch", "additive"):
+            assert torch.allclose(two.patterns[f], every.patterns[f], atol=1e-6), (more, f)
+
+
+def _picture(seed: int = 7) -> torch.Tensor:
+    """[1, 8, 8]: a fixed random picture in [0, 1) (a blended trigger's), zero on the blocks' pixels."""
+    p = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    for c in range(4):
+        p[:, _block(c)[0], _block(c)[1]] = 0.0
+    return p
+
+
+def test_the_blend_family_finds_a_planted_blend_backdoor_and_its_picture():
+    """Planted: the target logit also reads a fixed random picture (centred), so mixing that picture into any
+    image sends it to the target. Must find: the blend family's smallest strength is on the target, clearly
+    anomalous; its pattern correlates with the planted picture; its stamp flips other classes to the target."""
+    pic = _picture()
+    centred = (pic - pic[pic > 0].mean()) * (pic > 0)
+    model = _block_model(centred, gain=2.0)
+    x, y = _block_images(80)
+    ps = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=("blend",))
+    z = ps.z_scores("blend")
+    assert int(z.argmax()) == TARGET and float(z[TARGET]) >= 2.0
+    s = ps.proxy("blend", TARGET)
+    assert s.mask is None and 0.0 < s.strength < 1.0 and s.strength == pytest.approx(float(ps.norms["blend"][0]))
+    off = pic > 0
+    corr = torch.corrcoef(torch.stack([s.pattern[off], pic[off]]))[0, 1]
+    assert float(corr) > 0.5
+    other = y != TARGET
+    assert (model(s.apply(x[other])).argmax(1) == TARGET).float().mean() > 0.9
+
+
+def test_without_a_backdoor_no_class_of_the_blend_family_stands_far_out():
+    x, y = _block_images(80)
+    ps = synthesize_proxies(_block_model(), x, y, 4, steps=150, seed=0, families=("blend",))
+    norms = ps.norms["blend"]
+    assert float(norms.max() / norms.min()) < 1.5
 
 
 def test_trigger_families_are_checked_and_put_in_order():
@@ -137,13 +174,15 @@ def test_trigger_families_are_checked_and_put_in_order():
 
 def test_stamp_and_sample_give_each_image_a_proxy_of_another_class():
     x, y = _block_images(40)
-    ps = synthesize_proxies(_block_model(), x, y, 4, steps=5, seed=0)
-    family = torch.arange(40) % 2
+    every = synthesize_proxies(_block_model(), x, y, 4, steps=5, seed=0, families=FAMILIES)
+    family = torch.arange(40) % len(FAMILIES)
     cls = (y + 1) % 4
-    stamped = ps.stamp(x, family, cls)
-    for i in range(40):  # per image, the same as that (family, class)'s TriggerProxy
-        p = ps.proxy(FAMILIES[int(family[i])], int(cls[i]))
+    stamped = every.stamp(x, family, cls)
+    for i in range(40):  # per image, the same as that (family, class)'s TriggerProxy, in every family
+        p = every.proxy(FAMILIES[int(family[i])], int(cls[i]))
         assert torch.allclose(stamped[i], p.apply(x[i:i + 1])[0], atol=1e-6)
+    assert not torch.allclose(stamped, x, atol=1e-3)
+    ps = synthesize_proxies(_block_model(), x, y, 4, steps=5, seed=0, families=("patch", "additive"))
     ps.norms["patch"] = torch.tensor([1.0, 1.1, 0.9, 1.05])  # no class stands out (|z| < 2)
     ps.norms["additive"] = torch.tensor([0.01, 1.0, 1.1, 0.9])  # class 0 stands out (z about 6)
     g = torch.Generator().manual_seed(0)
@@ -218,7 +257,8 @@ def test_with_few_classes_every_class_is_refined_as_before():
 
 
 def test_many_classes_are_screened_with_the_periodic_family_too():
-    """The screen fits a universal periodic proxy beside the others, and the refined set has all three."""
+    """The screen fits a universal periodic (and blend) proxy beside the others, and the refined set has every
+    family."""
     model, x, y = _many_class_task(40, planted=True)
     ps = synthesize_proxies(model, x, y, 40, steps=30, seed=0, families=FAMILIES, max_classes=16)
     assert list(ps.patterns) == list(FAMILIES) and len(ps.classes) == 16

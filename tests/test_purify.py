@@ -12,7 +12,7 @@ from onp_fast.compare import retune
 from onp_fast.defenses import FTSAMConfig, ONPConfig
 from onp_fast.errors import UserError
 from onp_fast.groups import find_groups
-from onp_fast.prepare import RepairConfig, TriggerProxy, prepare
+from onp_fast.prepare import FAMILIES, RepairConfig, TriggerProxy, prepare
 from onp_fast.prepare.finetune import _sharpness_aware_gradient
 from onp_fast.repair import repair, run
 from onp_fast.repair.purify import purify
@@ -92,6 +92,47 @@ def test_purification_keeps_pruned_groups_at_zero_and_stamps_proxies_of_other_cl
         with ctx.groups.masked(model, (~prune).float()):
             masked = model(x)
         assert torch.allclose(model(x), masked, atol=1e-5)  # pruned groups carry nothing
+
+
+def test_every_family_gives_each_image_one_copy_per_family_of_another_class(monkeypatch):
+    """purify_every_family: each D_opt image gets one stamped copy per proxy family (its class drawn within that
+    family, never the image's own), all with the image's true label; the default gives one copy in all."""
+    import onp_fast.repair.purify as purify_mod
+
+    real = purify_mod.finetune_pruned
+    for every in (False, True):
+        ctx = _ctx("sam+proxy", tolerance=1.0, purify_every_family=every, trigger_families=FAMILIES)
+        families = list(ctx.proxies.patterns)
+        assert families == list(FAMILIES)
+        seen, stamps = [], []
+        real_stamp = ctx.proxies.stamp
+
+        def stamp(x, family, cls, _real=real_stamp):
+            stamps.append((family.clone(), ctx.proxies.classes[cls].clone()))
+            return _real(x, family, cls)
+
+        monkeypatch.setattr(ctx.proxies, "stamp", stamp)
+
+        def recording(*a, augment=None, **kw):
+            def spy(xb, yb, gen):
+                out = augment(xb, yb, gen)
+                seen.append((xb, yb, *out))
+                return out
+            return real(*a, augment=spy, **kw)
+
+        monkeypatch.setattr(purify_mod, "finetune_pruned", recording)
+        prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
+        part = purify(ctx, ctx.groups.pruned_copy(ctx.model, prune), prune, ca_val_before=1.0, mode="sam+proxy")
+        copies = len(families) if every else 1
+        assert part["proxy_images_per_epoch"] == copies * len(ctx.x_opt)
+        for xb, yb, xa, ya in seen:
+            assert len(xa) == (1 + copies) * len(xb) and torch.equal(ya, yb.repeat(1 + copies))
+        step = stamps[:copies]  # the first step's draws: one per family with the option, else any family
+        if every:
+            assert [int(f.unique().item()) for f, _ in step] == list(range(len(families)))
+        for i, (xb, yb, *_) in enumerate(seen):
+            for f, cls in stamps[i * copies:(i + 1) * copies]:
+                assert not (cls == yb).any()  # never the image's own class
 
 
 def test_purification_without_proxies_runs_sam_and_is_undone_when_it_costs_accuracy():

@@ -110,7 +110,8 @@ def trigger_families_option(f):
     return click.option("--trigger-families", callback=_families, default=",".join(DEFAULT_FAMILIES),
                         show_default=True, metavar="NAMES",
                         help=f"Trigger-proxy families, comma-separated among {', '.join(FAMILIES)} (periodic: "
-                             "stripes of any frequency over the whole image, for sinusoid-like triggers).")(f)
+                             "stripes of any frequency over the whole image, for sinusoid-like triggers; blend: a picture mixed "
+                             "into the whole image at a per-class strength, for blended triggers).")(f)
 
 
 def accuracy_check_option(f):

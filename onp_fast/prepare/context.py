@@ -58,6 +58,7 @@ class RepairConfig:
     purify_distill: bool = True  # the defense images' own loss: distillation from the model as given
     purify_hard: float = 0.0  # share of the true labels' cross-entropy mixed into that distillation loss
     purify_labels_where_wrong: bool = False  # an image the model as given misclassifies is fit to its label instead
+    purify_every_family: bool = False  # each image gets a proxy copy per family (else one over every family)
     purify_cosine: bool = False  # the purification rate anneals from purify_lr to 0 over its steps (else constant)
     finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
     compact: bool = False  # also build the compact model (pruned channels removed)

@@ -8,7 +8,9 @@ Families, optimised for every class t in one batched pass (the default: patch an
 - periodic (opt-in): clip(x + D_t, lo, hi) with D_t = span * tanh(sum_f a_f b_f(j) + sum_f c_f b_f(i)), b_f the
   cosines and sines of every frequency 1..side/2 along the columns j and the rows i: stripes of any frequency,
   phase and mix, and nothing else (a free delta fits every class with an adversarial pattern; a stripe pattern
-  is cheap only for a class a periodic trigger was planted for), penalty on its RMS amplitude.
+  is cheap only for a class a periodic trigger was planted for), penalty on its RMS amplitude;
+- blend (opt-in): (1 - a_t) x + a_t P_t, a full-image pattern P_t [C, H, W] in the images' range and a strength
+  a_t in (0, 1) per class (a blended trigger mixes a fixed picture into the image), penalty on a_t.
 Each asks that clean images of other classes be classified as t. A backdoor target needs a far smaller trigger
 than the other classes in the family its trigger belongs to: per family, the class with the smallest norm and its
 MAD anomaly index (how far below the median, in MAD units) are kept. Nothing here reads a real trigger.
@@ -33,10 +35,11 @@ from ..memory import fit_batch
 from ..progress import bar
 from ..torchutil import frozen
 
-FAMILIES = ("patch", "additive", "periodic")  # every family, in the order of a ProxySet's patterns
+FAMILIES = ("patch", "additive", "periodic", "blend")  # every family, in the order of a ProxySet's patterns
 DEFAULT_FAMILIES = ("patch", "additive")
 ADDITIVE = ("additive", "periodic")  # families whose pattern is a delta added to the image (no mask)
 LAM_PERIODIC = 10.0  # the periodic family's size penalty (measurements: docs/design.md, "A periodic proxy family")
+LAM_BLEND = 4.0  # the blend family's penalty on its strength (measurements: docs/design.md, "A blend proxy family")
 PERIODIC_LR = 0.05  # the periodic family's Adam rate (measurements: docs/design.md, "A periodic proxy family")
 MAD_FLOOR = 0.05  # the least MAD, as a fraction of the median norm (measurements: docs/design.md)
 MAX_CLASSES = 16  # classes whose proxies are optimised together; more are screened first (docs/design.md)
@@ -52,10 +55,16 @@ def _additive(x: torch.Tensor, delta: torch.Tensor, lo: torch.Tensor, hi: torch.
     return torch.maximum(torch.minimum(x + delta, hi), lo)
 
 
+def _blend(x: torch.Tensor, strength: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """The blend family's stamp (1 - strength) x + strength pattern (broadcast; strength [..., 1, 1, 1])."""
+    return x + strength * (pattern - x)
+
+
 @dataclass
 class TriggerProxy:
     """One class's proxy trigger in the model's input space. family "patch": mask [1, H, W] and pattern
-    [C, H, W]; "additive": pattern [C, H, W] is the added delta (mask None), clipped to lo/hi [1, C, 1, 1].
+    [C, H, W]; "additive", "periodic": pattern [C, H, W] is the added delta (mask None), clipped to lo/hi
+    [1, C, 1, 1]; "blend": pattern [C, H, W] is the picture mixed in at `strength` (mask None).
     target: its class; norms [T]: its family's per-class trigger norms; anomaly_index: the target's."""
 
     mask: torch.Tensor | None
@@ -66,9 +75,12 @@ class TriggerProxy:
     family: str = "patch"
     lo: torch.Tensor | None = None
     hi: torch.Tensor | None = None
+    strength: float | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W] (normalised) -> stamped [N, C, H, W]."""
+        if self.family == "blend":
+            return _blend(x, self.strength, self.pattern)
         if self.family in ADDITIVE:
             return _additive(x, self.pattern, self.lo, self.hi)
         return _patch(x, self.mask, self.pattern)
@@ -78,7 +90,8 @@ class TriggerProxy:
 class ProxySet:
     """The proxies of R classes (rows) in every family: classes [R] int64, the class of each row (ascending;
     every class 0..T-1 when none was screened out); masks [R, 1, H, W] (patch), patterns {family: [R, C, H, W]},
-    norms {family: [R]} (patch: mask L1; additive, periodic: RMS of D_t over the input range), lo/hi
+    norms {family: [R]} (patch: mask L1; additive, periodic: RMS of D_t over the input range; blend: the strength
+    a_t its stamp mixes the pattern in at), lo/hi
     [1, C, 1, 1]: the defense images' per-channel range; reference [R] bool: the rows the anomaly index is
     measured against (every row when none was screened out; else the random sample of the classes the screen did
     not pick)."""
@@ -124,7 +137,8 @@ class ProxySet:
         r = self.row(t)
         return TriggerProxy(mask=self.masks[r].clone() if family == "patch" else None,
                             pattern=self.patterns[family][r].clone(), target=int(t), norms=self.norms[family],
-                            anomaly_index=float(self.z_scores(family)[r]), family=family, lo=self.lo, hi=self.hi)
+                            anomaly_index=float(self.z_scores(family)[r]), family=family, lo=self.lo, hi=self.hi,
+                            strength=float(self.norms[family][r]) if family == "blend" else None)
 
     def suspect(self) -> TriggerProxy:
         """The most anomalous class of the most anomalous family (ties: the first family)."""
@@ -141,20 +155,26 @@ class ProxySet:
             if not bool(sel.any()):
                 continue
             xs, p = x[sel], self.patterns[name][cls[sel]]
-            out[sel] = (_additive(xs, p, self.lo, self.hi) if name in ADDITIVE
-                        else _patch(xs, self.masks[cls[sel]], p))
+            if name == "blend":
+                out[sel] = _blend(xs, self.norms[name][cls[sel]].view(-1, 1, 1, 1), p)
+            else:
+                out[sel] = (_additive(xs, p, self.lo, self.hi) if name in ADDITIVE
+                            else _patch(xs, self.masks[cls[sel]], p))
         return out
 
-    def sample(self, y: torch.Tensor, gen: torch.Generator, temperature: float = 1.0
+    def sample(self, y: torch.Tensor, gen: torch.Generator, temperature: float = 1.0, family: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """For labels y [N] -> (family [N], row [N]) on y's device, drawn from softmax(z / temperature) over
-        every (family, row) pair whose class != y: suspicious classes are drawn most, none is left out. The
-        draw runs on the CPU (gen is a CPU generator), so a seed draws the same pairs on every device."""
+        every (family, row) pair whose class != y (only that family's pairs when `family`, an index into
+        `patterns`' order, is given): suspicious classes are drawn most, none is left out. The draw runs on the
+        CPU (gen is a CPU generator), so a seed draws the same pairs on every device."""
         z = torch.stack([self.z_scores(f) for f in self.patterns]).cpu()  # [F, R]
         nf, nt = z.shape
         logits = (z / temperature).reshape(1, -1).expand(len(y), -1).clone()  # [N, F*R]
         own = self.classes.cpu()[torch.arange(nf * nt) % nt]
         logits[own.unsqueeze(0) == y.cpu().unsqueeze(1)] = -float("inf")
+        if family is not None:
+            logits[:, torch.arange(nf * nt) // nt != family] = -float("inf")
         pick = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=gen).squeeze(1).to(y.device)
         return pick // nt, pick % nt
 
@@ -168,7 +188,7 @@ class ProxySet:
 
 def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
                        batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1,
-                       lam_periodic: float = LAM_PERIODIC,
+                       lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND,
                        seed: int = 0, families: tuple[str, ...] = DEFAULT_FAMILIES, max_classes: int = MAX_CLASSES,
                        progress: bool = False, max_memory: int | str | None = None) -> ProxySet:
     """x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> the proxies in every family
@@ -176,7 +196,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     `screen_classes` ranks first and of a seeded random sample of the others (the reference, max_classes minus
     those), on that device. `steps` Adam steps (lr) on `batch` images per class per step, all families in one
     forward; lam weighs the mean mask value, lam_additive (lam_periodic) the relative RMS of the additive
-    (periodic) D_t, against the cross-entropy (the defaults' measurements: docs/design.md; the periodic family's
+    (periodic) D_t, lam_blend the blend's strength a_t, against the cross-entropy (the defaults' measurements: docs/design.md; the periodic family's
     coefficients take Adam at PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum
     over images: where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch
     stamped images at once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
@@ -208,7 +228,9 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     dlog = (torch.randn(rows, c, h, w, generator=g_add) * 0.01).to(dev).requires_grad_(True)
     params = ([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else [])
     waves = _Waves(rows, c, h, w, seed, dev)  # its own stream: the other families are as without it
-    opt = _adam(params, waves.params if "periodic" in families else [], lr)
+    blend = _Blend(rows, c, h, w, seed, dev)  # its own stream too
+    opt = _adam(params + (blend.params if "blend" in families else []),
+                waves.params if "periodic" in families else [], lr)
     targets = classes.to(dev)
     per_step = rows * batch * sum(f in families for f in FAMILIES)  # stamped images per step
     chunk = fit_batch(model, x, max_memory, per_step)
@@ -216,13 +238,13 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     def current():
         m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
         d = span * torch.tanh(dlog)
-        return m, p, d, waves.delta(span)
+        return m, p, d, waves.delta(span), blend.strength(), blend.pattern(lo, span)
 
     with frozen(model), bar(steps, "trigger proxies", progress) as shown:
         for _ in range(steps):
             idx = torch.randint(0, n, (batch,), generator=g).to(dev)
             xb, yb = x[idx], y[idx]
-            m, p, d, pd = current()
+            m, p, d, pd, ba, bp = current()
             parts, penalty = [], 0.0
             if "patch" in families:
                 # _patch's formula with pattern * mask taken before the broadcast (the gradients' summation
@@ -235,6 +257,9 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             if "periodic" in families:
                 parts.append(_additive(xb.unsqueeze(0), pd.unsqueeze(1), lo, hi))
                 penalty = penalty + lam_periodic * _rms(pd / span).sum()
+            if "blend" in families:
+                parts.append(_blend(xb.unsqueeze(0), ba.view(-1, 1, 1, 1, 1), bp.unsqueeze(1)))
+                penalty = penalty + lam_blend * ba.sum()
             stamped = torch.cat(parts).reshape(-1, c, h, w)
             tgt = targets.repeat_interleave(batch).repeat(len(parts))
             other = (yb.unsqueeze(0) != targets.unsqueeze(1)).reshape(-1).float().repeat(len(parts))
@@ -250,7 +275,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             opt.step()
             shown.update(1)
     with torch.no_grad():
-        m, p, d, pd = current()
+        m, p, d, pd, ba, bp = current()
         patterns, norms = {}, {}
         if "patch" in families:
             patterns["patch"], norms["patch"] = p.clone(), m.sum(dim=(1, 2, 3))
@@ -258,21 +283,23 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             patterns["additive"], norms["additive"] = d.clone(), _rms(d / span)
         if "periodic" in families:
             patterns["periodic"], norms["periodic"] = pd.clone(), _rms(pd / span)
+        if "blend" in families:
+            patterns["blend"], norms["blend"] = bp.clone(), ba.clone()
     return ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi, classes=classes,
                     reference=reference)
 
 
 def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
                    batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1, seed: int = 0,
-                   lam_periodic: float = LAM_PERIODIC,
+                   lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND,
                    families: tuple[str, ...] = DEFAULT_FAMILIES, progress: bool = False,
                    max_memory: int | str | None = None) -> torch.Tensor:
     """Ranks every class as a likely backdoor target at a cost that does not grow with the class count.
     x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> scores [num_classes] float32
     on the CPU, higher = more suspect. One universal proxy per family (a patch: mask [1, 1, H, W] and pattern; an
-    additive delta [1, C, H, W]; a periodic one) is fitted, `steps` Adam steps (lr) on `batch` images, to lower
+    additive delta [1, C, H, W]; a periodic one; a blend) is fitted, `steps` Adam steps (lr) on `batch` images, to lower
     the probability of each image's own class (untargeted), with the size penalties of `synthesize_proxies`
-    (lam, lam_additive, lam_periodic): the cheapest way to move every image elsewhere is a backdoor's trigger,
+    (lam, lam_additive, lam_periodic, lam_blend): the cheapest way to move every image elsewhere is a backdoor's trigger,
     and it moves them to its target.
     Score of class t: the mean probability of t over every (family, image of another class) after the fit.
     The model stays frozen in eval mode; images run in chunks `max_memory` can hold (`memory.fit_batch`).
@@ -288,18 +315,21 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     plog = (torch.randn(1, c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
     dlog = (torch.randn(1, c, h, w, generator=g) * 0.01).to(dev).requires_grad_(True)
     waves = _Waves(1, c, h, w, seed + 3, dev)
-    opt = _adam(([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else []),
-                waves.params if "periodic" in families else [], lr)
+    blend = _Blend(1, c, h, w, seed + 3, dev)
+    opt = _adam(([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else [])
+                + (blend.params if "blend" in families else []), waves.params if "periodic" in families else [], lr)
 
     def stamps(xb):
         m, p, d = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog), span * torch.tanh(dlog)
-        pd = waves.delta(span)
+        pd, ba, bp = waves.delta(span), blend.strength(), blend.pattern(lo, span)
         out = ([_patch(xb, m, p)] if "patch" in families else []) + \
               ([_additive(xb, d, lo, hi)] if "additive" in families else []) + \
-              ([_additive(xb, pd, lo, hi)] if "periodic" in families else [])
+              ([_additive(xb, pd, lo, hi)] if "periodic" in families else []) + \
+              ([_blend(xb, ba.view(-1, 1, 1, 1), bp)] if "blend" in families else [])
         penalty = (lam * m.mean() if "patch" in families else 0.0) + \
                   (lam_additive * _rms(d / span).sum() if "additive" in families else 0.0) + \
-                  (lam_periodic * _rms(pd / span).sum() if "periodic" in families else 0.0)
+                  (lam_periodic * _rms(pd / span).sum() if "periodic" in families else 0.0) + \
+                  (lam_blend * ba.sum() if "blend" in families else 0.0)
         return torch.cat(out), penalty
 
     fams = sum(f in families for f in FAMILIES)
@@ -357,6 +387,24 @@ class _Waves:
 
     def delta(self, span: torch.Tensor) -> torch.Tensor:
         return span * torch.tanh((self.a @ self.cols).unsqueeze(2) + (self.b @ self.rows).unsqueeze(3))
+
+
+class _Blend:
+    """The blend family's proxies of `rows` classes: pattern logits [rows, C, H, W] drawn from a generator of their
+    own (seed + 5) at scale 0.1, and strength logits [rows] starting at -3 (a = 0.047); `pattern(lo, span)` ->
+    P [rows, C, H, W] = lo + span * sigmoid(logits), `strength()` -> a [rows] = sigmoid(logits)."""
+
+    def __init__(self, rows: int, c: int, h: int, w: int, seed: int, device):
+        g = torch.Generator().manual_seed(seed + 5)
+        self.logits = (torch.randn(rows, c, h, w, generator=g) * 0.1).to(device).requires_grad_(True)
+        self.a = torch.full((rows,), -3.0, device=device).requires_grad_(True)
+        self.params = [self.logits, self.a]
+
+    def pattern(self, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        return lo + span * torch.sigmoid(self.logits)
+
+    def strength(self) -> torch.Tensor:
+        return torch.sigmoid(self.a)
 
 
 def _waves(side: int) -> torch.Tensor:

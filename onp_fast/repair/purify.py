@@ -19,7 +19,9 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     - "proxy": proxy unlearning: every batch of D_opt also carries a copy of each image stamped with a trigger
       proxy of another class, with its true label. The (family, class) of each copy is drawn with probability
       softmax(anomaly index) (ProxySet.sample), so a flagged class gets most copies and an unflagged backdoor's
-      class still gets its share; plain SGD;
+      class still gets its share; with `purify_every_family`, one copy per family instead, its class drawn with
+      softmax(anomaly index) within the family (a family's share does not shrink as families are added); plain
+      SGD;
     - "sam+proxy": both.
     Without proxies (none synthesised), "proxy" and "sam+proxy" run trigger-free SAM, so the backdoor is not left
     untouched. The defense images' own loss is distillation from the model as given (`purify_distill`), with a
@@ -35,8 +37,10 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     augment = None
     if proxies is not None:
         def augment(xb, yb, gen):
-            family, cls = proxies.sample(yb, gen)
-            return torch.cat([xb, proxies.stamp(xb, family, cls)]), torch.cat([yb, yb])
+            draws = ([proxies.sample(yb, gen, family=f) for f in range(len(proxies.patterns))]
+                     if cfg.purify_every_family else [proxies.sample(yb, gen)])
+            return (torch.cat([xb, *(proxies.stamp(xb, family, cls) for family, cls in draws)]),
+                    yb.repeat(1 + len(draws)))
     sam = "sam" in mode or proxies is None
     floor = ca_val_before - cfg.tolerance - 1e-12
     best = {"epoch": 0, "state": copy.deepcopy(model.state_dict()), "ca": None}  # one copy, overwritten in place
@@ -59,7 +63,8 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
                     max_grad_norm=clip, progress=ctx.progress, max_memory=cfg.activation_memory, info=steps)
     model.load_state_dict(best["state"])
     return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
-            "proxy_images_per_epoch": len(ctx.x_opt) if proxies is not None else 0,
+            "proxy_images_per_epoch": (len(ctx.x_opt) * (len(proxies.patterns) if cfg.purify_every_family else 1)
+                                       if proxies is not None else 0),
             "images": len(ctx.x_opt), "epochs": cfg.purify_epochs, "lr": cfg.purify_lr,
             "batch": steps.get("batch"), "micro_batch": steps.get("micro_batch"),
             "micro_batches": steps.get("micro_batches", 1),

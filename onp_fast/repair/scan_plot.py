@@ -57,7 +57,8 @@ def _proxies_from_data(result: dict, data: dict) -> dict[str, TriggerProxy]:
         fam = result["families"][f]
         out[f] = TriggerProxy(mask=None if d["mask"] is None else torch.tensor(d["mask"]),
                               pattern=torch.tensor(d["pattern"]), target=t, norms=torch.tensor(fam["norms"]),
-                              anomaly_index=float(fam["z_scores"][row]), family=f, lo=lo, hi=hi)
+                              anomaly_index=float(fam["z_scores"][row]), family=f, lo=lo, hi=hi,
+                              strength=float(fam["norms"][row]) if f == "blend" else None)
     return out
 
 
