@@ -48,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trigger-families", default=",".join(DEFAULT_FAMILIES),
                     help="proxy families (onp_fast.prepare.trigger.FAMILIES), comma-separated")
+    ap.add_argument("--purify-families", default="",
+                    help="more proxy families, for purification only (RepairConfig.purify_families)")
     ap.add_argument("--json", default=None)
     add_run_options(ap)
     args = ap.parse_args(argv)
@@ -61,7 +63,8 @@ def main(argv=None):
         xn = normalize(x, splits.mean, splits.std)
         before = ev(model, splits, attack)
         t = time.perf_counter()
-        cfg = RepairConfig(seed=args.seed, trigger_families=args.trigger_families).check()
+        cfg = RepairConfig(seed=args.seed, trigger_families=args.trigger_families,
+                           purify_families=args.purify_families).check()
         ctx = prepare(model, xn, y, splits.num_classes, cfg, progress=False)
         res = run(ctx, "onp", purify="none")
         rows = {"pruning only": measure(res.model, res.groups, res.prune, splits, attack, xn, y, args.seed)}

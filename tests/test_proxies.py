@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from onp_fast.errors import UserError
 from onp_fast.prepare import FAMILIES, synthesize_proxies
-from onp_fast.prepare.context import check_families
+from onp_fast.prepare import RepairConfig
+from onp_fast.prepare.context import check_families, trigger_settings
 from onp_fast.prepare.trigger import DEFAULT_FAMILIES
 
 TARGET = 0
@@ -162,6 +163,29 @@ def test_without_a_backdoor_no_class_of_the_blend_family_stands_far_out():
     ps = synthesize_proxies(_block_model(), x, y, 4, steps=150, seed=0, families=("blend",))
     norms = ps.norms["blend"]
     assert float(norms.max() / norms.min()) < 1.5
+
+
+def test_purification_only_families_never_name_the_suspect():
+    """detect (RepairConfig.purify_families on prepare's side): the blend family is synthesised beside the others
+    and flags the planted blend backdoor, but only the detection families may name the suspect; the proxies are
+    the same as without `detect`."""
+    pic = _picture()
+    model = _block_model((pic - pic[pic > 0].mean()) * (pic > 0), gain=2.0)
+    x, y = _block_images(80)
+    every = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=("patch", "additive", "blend"))
+    split = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=("patch", "additive", "blend"),
+                               detect=("patch", "additive"))
+    assert every.suspect().family == "blend" and split.detect == ("patch", "additive")
+    assert split.suspect().family in ("patch", "additive") and list(split.patterns) == ["patch", "additive", "blend"]
+    for f in split.patterns:
+        assert torch.equal(split.patterns[f], every.patterns[f])
+    assert split.to("cpu").detect == split.detect
+    cfg = RepairConfig(purify_families="blend,periodic").check()
+    assert cfg.purify_families == ("periodic", "blend")
+    assert trigger_settings(cfg)["families"] == FAMILIES and trigger_settings(cfg)["detect"] == DEFAULT_FAMILIES
+    assert trigger_settings(RepairConfig().check())["families"] == DEFAULT_FAMILIES
+    with pytest.raises(UserError, match="trigger families"):
+        RepairConfig(purify_families="stripes").check()
 
 
 def test_trigger_families_are_checked_and_put_in_order():

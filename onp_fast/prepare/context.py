@@ -50,6 +50,7 @@ class RepairConfig:
     trigger_batch: int | None = None  # images per class per step; None: TRIGGER_BATCH (`repair` CLI: with_effort)
     trigger_classes: int = MAX_CLASSES  # classes whose proxies are optimised; more are screened first
     trigger_families: tuple[str, ...] = DEFAULT_FAMILIES  # proxy families (prepare.trigger.FAMILIES)
+    purify_families: tuple[str, ...] = ()  # more families, synthesised for purification only (never the suspect)
     purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
     purify_epochs: int = 10
     purify_lr: float = 0.003
@@ -94,6 +95,7 @@ class RepairConfig:
         if self.trigger_classes < 2:
             raise UserError(f"trigger_classes must be at least 2, not {self.trigger_classes}")
         self.trigger_families = check_families(self.trigger_families)
+        self.purify_families = check_families(self.purify_families) if self.purify_families else ()
         if not 0 < self.val_fraction < 1:
             raise UserError(f"the held-out fraction must lie in (0, 1): got {self.val_fraction}")
         if not all(math.isfinite(v) for v in self.weights.to_dict().values()):
@@ -296,10 +298,13 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
 
 def trigger_settings(cfg: RepairConfig) -> dict:
     """synthesize_proxies' keywords under cfg: seed, steps and batch (trigger_steps / trigger_batch; None: full
-    effort, TRIGGER_STEPS / TRIGGER_BATCH), max_classes, families."""
+    effort, TRIGGER_STEPS / TRIGGER_BATCH), max_classes, families (trigger_families and purify_families) and
+    detect (trigger_families: only they may name the suspect)."""
+    both = set(cfg.trigger_families) | set(cfg.purify_families)
     return {"seed": cfg.seed, "steps": TRIGGER_STEPS if cfg.trigger_steps is None else cfg.trigger_steps,
             "batch": TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch,
-            "max_classes": cfg.trigger_classes, "families": cfg.trigger_families}
+            "max_classes": cfg.trigger_classes, "families": tuple(f for f in FAMILIES if f in both),
+            "detect": cfg.trigger_families}
 
 
 def check_families(families) -> tuple[str, ...]:

@@ -47,7 +47,8 @@ def summarize(proxies: ProxySet, gate: float) -> dict:
     families: {family: {"norms": [R] proxy sizes (patch: mask L1 in pixels; additive: relative RMS of the
         delta), "z_scores": [R] anomaly index of each class (ProxySet.z_scores), "anomaly_index": the largest,
         "class": its class}};
-    per_class_anomaly: [R] each class's largest anomaly index over the families;
+    per_class_anomaly: [R] each class's largest anomaly index over the families that may name the suspect
+        (ProxySet.detect; the purification-only families are listed in `families` but never flag);
     suspect: {"target", "family", "anomaly_index"}: the most anomalous proxy (ProxySet.suspect), flagged or not;
     flagged: whether the suspect's anomaly index is >= gate; target / family / anomaly_index: the suspect's when
         flagged, else None;
@@ -58,7 +59,8 @@ def summarize(proxies: ProxySet, gate: float) -> dict:
         families[f] = {"norms": [round(float(v), 4) for v in proxies.norms[f]],
                        "z_scores": [round(float(v), 3) for v in z],
                        "anomaly_index": round(float(z.max()), 3), "class": int(proxies.classes[int(z.argmax())])}
-    per_class = torch.stack([proxies.z_scores(f) for f in proxies.patterns]).amax(dim=0)
+    per_class = torch.stack([proxies.z_scores(f) for f in proxies.patterns
+                             if proxies.detect is None or f in proxies.detect]).amax(dim=0)
     s = proxies.suspect()
     suspect = {"target": s.target, "family": s.family, "anomaly_index": round(s.anomaly_index, 3)}
     flagged = s.anomaly_index >= gate

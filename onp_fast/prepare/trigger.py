@@ -94,7 +94,8 @@ class ProxySet:
     a_t its stamp mixes the pattern in at), lo/hi
     [1, C, 1, 1]: the defense images' per-channel range; reference [R] bool: the rows the anomaly index is
     measured against (every row when none was screened out; else the random sample of the classes the screen did
-    not pick)."""
+    not pick); detect: the families that may name the suspect (None: every family; the others' proxies serve
+    purification only)."""
 
     masks: torch.Tensor
     patterns: dict[str, torch.Tensor]
@@ -103,6 +104,7 @@ class ProxySet:
     hi: torch.Tensor
     classes: torch.Tensor | None = None
     reference: torch.Tensor | None = None
+    detect: tuple[str, ...] | None = None
 
     def __post_init__(self):
         rows = len(self.masks)
@@ -141,8 +143,9 @@ class ProxySet:
                             strength=float(self.norms[family][r]) if family == "blend" else None)
 
     def suspect(self) -> TriggerProxy:
-        """The most anomalous class of the most anomalous family (ties: the first family)."""
-        family = max(self.patterns, key=lambda f: float(self.z_scores(f).max()))
+        """The most anomalous class of the most anomalous family among `detect` (ties: the first family)."""
+        family = max((f for f in self.patterns if self.detect is None or f in self.detect),
+                     key=lambda f: float(self.z_scores(f).max()))
         return self.proxy(family, int(self.classes[int(self.z_scores(family).argmax())]))
 
     def stamp(self, x: torch.Tensor, family: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
@@ -183,14 +186,15 @@ class ProxySet:
         move = (lambda t: t.to(device))
         return ProxySet(masks=move(self.masks), patterns={f: move(p) for f, p in self.patterns.items()},
                         norms={f: move(n) for f, n in self.norms.items()}, lo=move(self.lo), hi=move(self.hi),
-                        classes=self.classes, reference=self.reference)
+                        classes=self.classes, reference=self.reference, detect=self.detect)
 
 
 def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
                        batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1,
                        lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND,
                        seed: int = 0, families: tuple[str, ...] = DEFAULT_FAMILIES, max_classes: int = MAX_CLASSES,
-                       progress: bool = False, max_memory: int | str | None = None) -> ProxySet:
+                       detect: tuple[str, ...] | None = None, progress: bool = False,
+                       max_memory: int | str | None = None) -> ProxySet:
     """x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> the proxies in every family
     of `families` of every class (at most `max_classes` classes), else of the `max_classes // 2` classes
     `screen_classes` ranks first and of a seeded random sample of the others (the reference, max_classes minus
@@ -200,15 +204,16 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     coefficients take Adam at PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum
     over images: where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch
     stamped images at once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
-    The random draws come from CPU generators whatever the device. progress: a bar of the steps on stderr
-    (onp_fast.progress.bar)."""
+    The random draws come from CPU generators whatever the device. detect: the families that may name the
+    suspect (ProxySet.detect; None: every one). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
     if max_classes < 2:
         raise ValueError(f"max_classes must be at least 2, got {max_classes}")
     if num_classes <= max_classes:
         classes, reference = torch.arange(num_classes), None
     else:
         ranked = screen_classes(model, x, y, num_classes, steps=steps, batch=batch, lam=lam,
-                                lam_additive=lam_additive, lr=lr, seed=seed, families=families,
+                                lam_additive=lam_additive, lr=lr, seed=seed,
+                                families=families if detect is None else tuple(f for f in families if f in detect),
                                 progress=progress, max_memory=max_memory).argsort(descending=True, stable=True)
         keep = max_classes // 2
         rest = ranked[keep:]
@@ -286,7 +291,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
         if "blend" in families:
             patterns["blend"], norms["blend"] = bp.clone(), ba.clone()
     return ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi, classes=classes,
-                    reference=reference)
+                    reference=reference, detect=None if detect is None else tuple(f for f in families if f in detect))
 
 
 def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
