@@ -55,21 +55,16 @@ def _ctx(purify_mode, **kw):
     return prepare(m, x, y, 4, cfg, progress=False)
 
 
-def test_purification_keeps_pruned_groups_at_zero_and_stamps_proxies_of_other_classes(monkeypatch):
+def _record_augment(monkeypatch, seen: list, teachers: list | None = None) -> None:
+    """Purification's fine-tune records each step's (own images, labels, augmented images, labels) in `seen`
+    (and its teacher in `teachers`), then runs as it would."""
     import onp_fast.repair.purify as purify_mod
 
-    ctx = _ctx("sam+proxy", tolerance=1.0)
-    prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
-    prune[:5] = True
-    model = ctx.groups.pruned_copy(ctx.model, prune)
-    before = copy.deepcopy(model.state_dict())
-    seen = []
     real = purify_mod.finetune_pruned
 
-    teachers = []
-
     def recording(*a, augment=None, **kw):
-        teachers.append(kw["teacher"])
+        if teachers is not None:
+            teachers.append(kw["teacher"])
 
         def spy(xb, yb, gen):
             out = augment(xb, yb, gen)
@@ -78,6 +73,16 @@ def test_purification_keeps_pruned_groups_at_zero_and_stamps_proxies_of_other_cl
         return real(*a, augment=spy, **kw)
 
     monkeypatch.setattr(purify_mod, "finetune_pruned", recording)
+
+
+def test_purification_keeps_pruned_groups_at_zero_and_stamps_proxies_of_other_classes(monkeypatch):
+    ctx = _ctx("sam+proxy", tolerance=1.0)
+    prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
+    prune[:5] = True
+    model = ctx.groups.pruned_copy(ctx.model, prune)
+    before = copy.deepcopy(model.state_dict())
+    seen, teachers = [], []
+    _record_augment(monkeypatch, seen, teachers)
     part = purify(ctx, model, prune, ca_val_before=1.0, mode="sam+proxy")
     assert part["kept"] and part["sam_rho"] == ctx.cfg.sam_rho and part["proxy_images_per_epoch"] == len(ctx.x_opt)
     assert teachers == [ctx.model] and part["distill_temperature"] > 0  # distilled from the model as given
@@ -97,9 +102,6 @@ def test_purification_keeps_pruned_groups_at_zero_and_stamps_proxies_of_other_cl
 def test_every_family_gives_each_image_one_copy_per_family_of_another_class(monkeypatch):
     """purify_every_family: each D_opt image gets one stamped copy per proxy family (its class drawn within that
     family, never the image's own), all with the image's true label; the default gives one copy in all."""
-    import onp_fast.repair.purify as purify_mod
-
-    real = purify_mod.finetune_pruned
     for every in (False, True):
         ctx = _ctx("sam+proxy", tolerance=1.0, purify_every_family=every, trigger_families=FAMILIES)
         families = list(ctx.proxies.patterns)
@@ -113,14 +115,7 @@ def test_every_family_gives_each_image_one_copy_per_family_of_another_class(monk
 
         monkeypatch.setattr(ctx.proxies, "stamp", stamp)
 
-        def recording(*a, augment=None, **kw):
-            def spy(xb, yb, gen):
-                out = augment(xb, yb, gen)
-                seen.append((xb, yb, *out))
-                return out
-            return real(*a, augment=spy, **kw)
-
-        monkeypatch.setattr(purify_mod, "finetune_pruned", recording)
+        _record_augment(monkeypatch, seen)
         prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
         part = purify(ctx, ctx.groups.pruned_copy(ctx.model, prune), prune, ca_val_before=1.0, mode="sam+proxy")
         copies = len(families) if every else 1
