@@ -59,8 +59,7 @@ def summarize(proxies: ProxySet, gate: float) -> dict:
         families[f] = {"norms": [round(float(v), 4) for v in proxies.norms[f]],
                        "z_scores": [round(float(v), 3) for v in z],
                        "anomaly_index": round(float(z.max()), 3), "class": int(proxies.classes[int(z.argmax())])}
-    per_class = torch.stack([proxies.z_scores(f) for f in proxies.patterns
-                             if proxies.detect is None or f in proxies.detect]).amax(dim=0)
+    per_class = torch.stack([proxies.z_scores(f) for f in proxies.detecting()]).amax(dim=0)
     s = proxies.suspect()
     suspect = {"target": s.target, "family": s.family, "anomaly_index": round(s.anomaly_index, 3)}
     flagged = s.anomaly_index >= gate

@@ -142,10 +142,13 @@ class ProxySet:
                             anomaly_index=float(self.z_scores(family)[r]), family=family, lo=self.lo, hi=self.hi,
                             strength=float(self.norms[family][r]) if family == "blend" else None)
 
+    def detecting(self) -> list[str]:
+        """The families that may name the suspect, in `patterns`' order (every one when `detect` is None)."""
+        return [f for f in self.patterns if self.detect is None or f in self.detect]
+
     def suspect(self) -> TriggerProxy:
         """The most anomalous class of the most anomalous family among `detect` (ties: the first family)."""
-        family = max((f for f in self.patterns if self.detect is None or f in self.detect),
-                     key=lambda f: float(self.z_scores(f).max()))
+        family = max(self.detecting(), key=lambda f: float(self.z_scores(f).max()))
         return self.proxy(family, int(self.classes[int(self.z_scores(family).argmax())]))
 
     def stamp(self, x: torch.Tensor, family: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
@@ -160,9 +163,10 @@ class ProxySet:
             xs, p = x[sel], self.patterns[name][cls[sel]]
             if name == "blend":
                 out[sel] = _blend(xs, self.norms[name][cls[sel]].view(-1, 1, 1, 1), p)
+            elif name in ADDITIVE:
+                out[sel] = _additive(xs, p, self.lo, self.hi)
             else:
-                out[sel] = (_additive(xs, p, self.lo, self.hi) if name in ADDITIVE
-                            else _patch(xs, self.masks[cls[sel]], p))
+                out[sel] = _patch(xs, self.masks[cls[sel]], p)
         return out
 
     def sample(self, y: torch.Tensor, gen: torch.Generator, temperature: float = 1.0, family: int | None = None
@@ -200,8 +204,8 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     `screen_classes` ranks first and of a seeded random sample of the others (the reference, max_classes minus
     those), on that device. `steps` Adam steps (lr) on `batch` images per class per step, all families in one
     forward; lam weighs the mean mask value, lam_additive (lam_periodic) the relative RMS of the additive
-    (periodic) D_t, lam_blend the blend's strength a_t, against the cross-entropy (the defaults' measurements: docs/design.md; the periodic family's
-    coefficients take Adam at PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum
+    (periodic) D_t, lam_blend the blend's strength a_t, against the cross-entropy (the defaults' measurements:
+    docs/design.md; the periodic family's coefficients take Adam at PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum
     over images: where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch
     stamped images at once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
     The random draws come from CPU generators whatever the device. detect: the families that may name the
