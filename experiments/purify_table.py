@@ -22,7 +22,7 @@ from quality import backdoored, ev
 from onp_fast.compare import retune
 from onp_fast.data import defense_subset, load_dataset, normalize
 from onp_fast.prepare import RepairConfig, finetune_pruned, prepare
-from onp_fast.prepare.trigger import DEFAULT_FAMILIES
+from onp_fast.prepare.trigger import DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES
 from onp_fast.repair import run
 from onp_fast.repair.purify import purify
 
@@ -48,8 +48,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trigger-families", default=",".join(DEFAULT_FAMILIES),
                     help="proxy families (onp_fast.prepare.trigger.FAMILIES), comma-separated")
-    ap.add_argument("--purify-families", default="",
-                    help="more proxy families, for purification only (RepairConfig.purify_families)")
+    ap.add_argument("--purify-families", default=",".join(DEFAULT_PURIFY_FAMILIES),
+                    help="more proxy families, for purification only (RepairConfig.purify_families; '' for none)")
     ap.add_argument("--json", default=None)
     add_run_options(ap)
     args = ap.parse_args(argv)

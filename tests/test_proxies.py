@@ -8,7 +8,7 @@ from onp_fast.errors import UserError
 from onp_fast.prepare import FAMILIES, synthesize_proxies
 from onp_fast.prepare import RepairConfig
 from onp_fast.prepare.context import check_families, trigger_settings
-from onp_fast.prepare.trigger import DEFAULT_FAMILIES
+from onp_fast.prepare.trigger import DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES
 
 TARGET = 0
 TOY_LAM_PERIODIC = 3.0  # the periodic family's penalty at the block toy's scale (see the planted test)
@@ -183,7 +183,10 @@ def test_purification_only_families_never_name_the_suspect():
     cfg = RepairConfig(purify_families="blend,periodic").check()
     assert cfg.purify_families == ("periodic", "blend")
     assert trigger_settings(cfg)["families"] == FAMILIES and trigger_settings(cfg)["detect"] == DEFAULT_FAMILIES
-    assert trigger_settings(RepairConfig().check())["families"] == DEFAULT_FAMILIES
+    assert RepairConfig().check().purify_families == DEFAULT_PURIFY_FAMILIES == ("periodic", "blend")
+    assert trigger_settings(RepairConfig().check())["families"] == FAMILIES  # the default: all four synthesised
+    assert trigger_settings(RepairConfig(purify="none").check())["families"] == DEFAULT_FAMILIES  # none unlearned
+    assert trigger_settings(RepairConfig(purify_families=()).check())["families"] == DEFAULT_FAMILIES
     with pytest.raises(UserError, match="trigger families"):
         RepairConfig(purify_families="stripes").check()
 

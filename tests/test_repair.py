@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
+from cli_helpers import one_line_error
 
 from onp_fast import models
 from onp_fast.cli import main
@@ -375,6 +376,36 @@ def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckp
         assert seen[-1] == want
         cfg = json.loads(out.with_suffix(".report.json").read_text())["config"]
         assert (cfg["trigger_steps"], cfg["trigger_batch"]) == want
+
+
+def test_the_repair_command_synthesises_purification_only_families(tiny_ckpt, tmp_path, monkeypatch):
+    """--purify-families (default periodic,blend): synthesised beside --trigger-families and unlearned, never the
+    suspect (detect); `none` and `--purify none` leave them out; a bad name is one error line before any work."""
+    import onp_fast.prepare.context as context_mod
+
+    seen = []
+    real = context_mod.synthesize_proxies
+    monkeypatch.setattr(context_mod, "synthesize_proxies", lambda *a, **k: seen.append((k["families"], k["detect"]))
+                        or real(*a, **k))
+    cases = (([], ("patch", "additive", "periodic", "blend")),
+             (["--purify-families", "none"], ("patch", "additive")),
+             (["--purify-families", "blend", "--trigger-families", "patch"], ("patch", "blend")),
+             (["--purify", "none"], ("patch", "additive")))
+    for extra, want in cases:
+        out = tmp_path / f"r{len(seen)}.pt"
+        res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                        "--defense-size", "40", "--purify", "sam+proxy", "--purify-epochs", "1",
+                                        *FAST, *extra])
+        assert res.exit_code == 0, res.output
+        families, detect = seen[-1]
+        assert families == want and set(detect) <= {"patch", "additive"}
+        report = json.loads(out.with_suffix(".report.json").read_text())
+        assert list(report["trigger_proxy"]["anomaly_per_family"]) == list(want)
+        assert report["trigger_proxy"]["family"] in detect
+    bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(tmp_path / "b.pt"),
+                                    "--purify-families", "blend,wave", *FAST])
+    one_line_error(bad, "--purify-families", "wave")
+    assert len(seen) == len(cases)
 
 
 def test_cli_repair_reward_sequential_option(tiny_ckpt, tmp_path):

@@ -16,6 +16,7 @@ from onp_fast.cli import main
 from onp_fast.data import channel_stats, load_dataset, normalize
 from onp_fast.io import save_model
 from onp_fast.prepare import RepairConfig, prepare, scan
+from onp_fast.prepare.trigger import FAMILIES
 from onp_fast.repair.pipeline import _scan_parts
 from onp_fast.repair.scan_plot import write_trigger_png
 
@@ -91,17 +92,22 @@ def test_scan_flags_the_backdoor_target_and_not_a_clean_model(scanned):
 
 def test_scan_agrees_with_what_repair_prepares(tiny, scanned, tmp_path):
     """The proxy that steers repair (prepare's ctx.proxy / ctx.trigger, same seed) is the one scan reports, and
-    repair's report (its trigger_proxy part) says the same and draws the same picture."""
+    repair's report (its trigger_proxy part) says the same and draws the same picture. Repair also synthesises
+    the purification-only families (RepairConfig.purify_families) and lists them; scan does not make them, and
+    its detection families are repair's, number for number."""
     ctx = prepare(tiny["backdoored"], tiny["x"], tiny["y"], 10, RepairConfig(seed=0), progress=False)
     r = scanned["backdoored"]
     assert ctx.trigger is not None and ctx.trigger is ctx.proxy
     assert (ctx.proxy.target, ctx.proxy.family) == (r["target"], r["family"])
     assert round(ctx.proxy.anomaly_index, 3) == r["anomaly_index"]
-    for f, norms in ctx.proxies.norms.items():
-        assert [round(float(v), 4) for v in norms] == r["families"][f]["norms"]
+    assert list(ctx.proxies.patterns) == list(FAMILIES) and ctx.proxies.detecting() == list(r["families"])
+    for f in r["families"]:
+        assert [round(float(v), 4) for v in ctx.proxies.norms[f]] == r["families"][f]["norms"]
     # repair's report carries the same verdict, and what its OUT.trigger.png needs, as JSON
     part = json.loads(json.dumps(_scan_parts(ctx)))
-    assert {k: v for k, v in r.items() if k not in ("seed", "defense", "seconds")} == part["scan"]
+    detect = {**part["scan"], "families": {f: part["scan"]["families"][f] for f in r["families"]}}
+    assert {k: v for k, v in r.items() if k not in ("seed", "defense", "seconds")} == detect
+    assert set(part["scan"]["families"]) - set(r["families"]) == {"periodic", "blend"}
     png = tmp_path / "m.trigger.png"
     assert write_trigger_png(png, {"trigger_proxy": part}, tiny["x"], tiny["y"], tiny["mean"], tiny["std"])
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 20_000

@@ -114,6 +114,22 @@ def trigger_families_option(f):
                              "into the whole image at a per-class strength, for blended triggers).")(f)
 
 
+def _purify_families(ctx, param, value):
+    """--purify-families: comma-separated family names, or none -> the text ("" for none), checked."""
+    return "" if value.strip().lower() in ("", "none") else _families(ctx, param, value)
+
+
+def purify_families_option(f):
+    """--purify-families, for repair: the proxy families synthesised for purification only (never the suspect;
+    RepairConfig.purify_families). The command receives `purify_families` (the text, "" for none)."""
+    from ..prepare.trigger import DEFAULT_PURIFY_FAMILIES, FAMILIES
+
+    return click.option("--purify-families", callback=_purify_families, default=",".join(DEFAULT_PURIFY_FAMILIES),
+                        show_default=True, metavar="NAMES",
+                        help=f"More trigger-proxy families among {', '.join(FAMILIES)}, or none: synthesised beside "
+                             "--trigger-families and unlearned by proxy purification, never naming the suspect.")(f)
+
+
 def accuracy_check_option(f):
     """--skip-accuracy-check, for the commands that run a defense on the model (`check_defense_accuracy`)."""
     return click.option("--skip-accuracy-check", is_flag=True,

@@ -9,7 +9,8 @@ import click
 
 from ..errors import UserError
 from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, compute_options,
-                      data_files, defense_images, load_model_and_data, trigger_families_option)
+                      data_files, defense_images, load_model_and_data, purify_families_option,
+                      trigger_families_option)
 
 
 def _default(out: Path, suffix: str) -> Path:
@@ -91,13 +92,14 @@ def _weights(text: str | None):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace output files that exist.")
 @trigger_families_option
+@purify_families_option
 @checkpoint_options
 @compute_options
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
             iterations, samples, algorithm, actions, reward_weights, trigger_steps, tolerance, reward_backend, reward_sequential,
-            compact_model, trigger_families,
+            compact_model, trigger_families, purify_families,
             purify,
             purify_epochs, purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet,
             device, max_memory, **model_opts):
@@ -132,7 +134,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     quiet = quiet or rank > 0
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,
                        reward_backend=reward_backend, reward_sequential=reward_sequential,
-                       trigger_steps=trigger_steps, trigger_families=trigger_families, purify=purify,
+                       trigger_steps=trigger_steps, trigger_families=trigger_families,
+                       purify_families=purify_families, purify=purify,
                        purify_epochs=purify_epochs, **given,
                        finetune_epochs=finetune_epochs, compact=compact_model, device=device,
                        max_memory=max_memory).check()

@@ -18,7 +18,8 @@ from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
 from ..torchutil import DEFAULT_DEVICE, check_device
 from .perturb import adversarial_perturbations
-from .trigger import DEFAULT_FAMILIES, FAMILIES, MAX_CLASSES, ProxySet, TriggerProxy, synthesize_proxies
+from .trigger import (DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES, FAMILIES, MAX_CLASSES, ProxySet, TriggerProxy,
+                      synthesize_proxies)
 from .unlearn import unlearn
 
 
@@ -50,7 +51,7 @@ class RepairConfig:
     trigger_batch: int | None = None  # images per class per step; None: TRIGGER_BATCH (`repair` CLI: with_effort)
     trigger_classes: int = MAX_CLASSES  # classes whose proxies are optimised; more are screened first
     trigger_families: tuple[str, ...] = DEFAULT_FAMILIES  # proxy families (prepare.trigger.FAMILIES)
-    purify_families: tuple[str, ...] = ()  # more families, synthesised for purification only (never the suspect)
+    purify_families: tuple[str, ...] = DEFAULT_PURIFY_FAMILIES  # synthesised for purification only (never the suspect)
     purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
     purify_epochs: int = 10
     purify_lr: float = 0.003
@@ -298,9 +299,9 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
 
 def trigger_settings(cfg: RepairConfig) -> dict:
     """synthesize_proxies' keywords under cfg: seed, steps and batch (trigger_steps / trigger_batch; None: full
-    effort, TRIGGER_STEPS / TRIGGER_BATCH), max_classes, families (trigger_families and purify_families) and
-    detect (trigger_families: only they may name the suspect)."""
-    both = set(cfg.trigger_families) | set(cfg.purify_families)
+    effort, TRIGGER_STEPS / TRIGGER_BATCH), max_classes, families (trigger_families, and purify_families unless
+    cfg.purify is "none") and detect (trigger_families: only they may name the suspect)."""
+    both = set(cfg.trigger_families) | set(cfg.purify_families if cfg.purify != "none" else ())
     return {"seed": cfg.seed, "steps": TRIGGER_STEPS if cfg.trigger_steps is None else cfg.trigger_steps,
             "batch": TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch,
             "max_classes": cfg.trigger_classes, "families": tuple(f for f in FAMILIES if f in both),

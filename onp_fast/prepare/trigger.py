@@ -37,6 +37,7 @@ from ..torchutil import frozen
 
 FAMILIES = ("patch", "additive", "periodic", "blend")  # every family, in the order of a ProxySet's patterns
 DEFAULT_FAMILIES = ("patch", "additive")
+DEFAULT_PURIFY_FAMILIES = ("periodic", "blend")  # synthesised for purification only (RepairConfig.purify_families)
 ADDITIVE = ("additive", "periodic")  # families whose pattern is a delta added to the image (no mask)
 LAM_PERIODIC = 10.0  # the periodic family's size penalty (measurements: docs/design.md, "A periodic proxy family")
 LAM_BLEND = 4.0  # the blend family's penalty on its strength (measurements: docs/design.md, "A blend proxy family")
