@@ -86,8 +86,9 @@ def scan_with_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cl
 def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RepairConfig | None = None,
          progress: bool = False) -> dict:
     """Is `model` backdoored, and towards which class? x [N, C, H, W] normalised float32, y [N] int64: clean
-    defense images (N >= num_classes). Synthesises the trigger proxies exactly as repair does (scan_proxies: the
-    same function, split, seed and settings, so scan's verdict is repair's `trigger_proxy`) and returns
+    defense images (N >= num_classes). Synthesises the detection families' proxies exactly as repair does
+    (scan_proxies: the same function, split, seed and settings, less cfg.purify_families, so scan's verdict is
+    repair's `trigger_proxy`) and returns
     `summarize`'s dict with the gate cfg.anomaly_threshold, plus seed, defense {"n": N, "n_opt": the D_opt images
     the proxies were fitted on} and seconds. UserError for a bad defense set or config."""
     return scan_with_proxies(model, x, y, num_classes, cfg, progress)[0]
