@@ -317,6 +317,11 @@ def test_apply_params_sets_fields_and_rejects_bad_items():
     _, confs = apply_params(["ftsam.bn_frozen_second_pass=false", "ftsam.t_max=0"], ["ftsam"])
     assert confs["ftsam"].bn_frozen_second_pass is False and confs["ftsam"].t_max == 0
     assert apply_params(["ftsam.bn_frozen_second_pass=True"], ["ftsam"])[1]["ftsam"].bn_frozen_second_pass is True
+    cfg, _ = apply_params(["repair.purify_families=none", "repair.trigger_families=patch, blend"], ["onp"])
+    assert cfg.check().purify_families == () and cfg.trigger_families == ("patch", "blend")
+    assert apply_params(["repair.purify_families=blend"], ["onp"])[0].check().purify_families == ("blend",)
+    with pytest.raises(UserError, match="trigger families"):
+        apply_params(["repair.purify_families=wave"], ["onp"])[0].check()
     bad = {"ftsam.bn_frozen_second_pass=maybe": "takes true or false", "anp.iterations": "METHOD.FIELD=VALUE", "anp.nope=1": "has no field 'nope'",
            "foo.x=1": "unknown method 'foo'", "fp.finetune_epochs=1": "not among the methods",
            "anp.iterations=ten": "takes a int", "anp.batch_size=0": "at least 1", "repair.iterations=3": "no field 'iterations'",

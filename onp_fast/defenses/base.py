@@ -98,7 +98,9 @@ _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no"
 def apply_params(items, methods, cfg: RepairConfig | None = None) -> tuple[RepairConfig, dict]:
     """Hyper-parameter overrides "METHOD.FIELD=VALUE" (a field of that method's Config; METHOD among `methods`)
     or "repair.FIELD=VALUE" (a number/text/true-false field of the shared RepairConfig: the split, the reward batch, the
-    depth rule's tolerance) -> (the RepairConfig, {method: Config}). Bad items raise UserError."""
+    depth rule's tolerance; or a list of names, comma-separated, "none" for an empty one: e.g.
+    repair.purify_families=none, checked by RepairConfig.check) -> (the RepairConfig, {method: Config}). Bad items
+    raise UserError."""
     cfg = copy.deepcopy(cfg) if cfg is not None else RepairConfig()
     configs: dict = {}
     for item in items:
@@ -118,11 +120,15 @@ def apply_params(items, methods, cfg: RepairConfig | None = None) -> tuple[Repai
                 raise UserError(f"parameter {item!r}: {owner} has no parameters of its own; use repair.FIELD")
             target = configs.setdefault(owner, METHODS[owner].Config())
         kinds = {f.name: type(getattr(target, f.name)) for f in dataclasses.fields(target)
-                 if type(getattr(target, f.name)) in (int, float, str, bool)
+                 if type(getattr(target, f.name)) in (int, float, str, bool, tuple)
                  or getattr(target, f.name) is None and "str" in str(f.type)}  # e.g. max_memory: None or a size
         if field not in kinds:
             raise UserError(f"parameter {item!r}: {owner} has no field {field!r}: use {', '.join(kinds)}")
         kind = str if kinds[field] is type(None) else kinds[field]
+        if kind is tuple:
+            names = tuple(n.strip() for n in text.split(",") if n.strip())
+            setattr(target, field, () if names in ((), ("none",)) else names)
+            continue
         if kind is bool:
             if text.strip().lower() not in _BOOLS:
                 raise UserError(f"parameter {item!r}: {field} takes true or false")
