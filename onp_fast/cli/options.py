@@ -115,13 +115,15 @@ def trigger_families_option(f):
 
 
 def _purify_families(ctx, param, value):
-    """--purify-families: comma-separated family names, or none -> the text ("" for none), checked."""
-    return "" if value.strip().lower() in ("", "none") else _families(ctx, param, value)
+    """--purify-families: comma-separated family names, or none -> the text, checked (`check_purify_families`)."""
+    from ..prepare.context import check_purify_families
+
+    return _checked_by(check_purify_families)(ctx, param, value)
 
 
 def purify_families_option(f):
     """--purify-families, for repair: the proxy families synthesised for purification only (never the suspect;
-    RepairConfig.purify_families). The command receives `purify_families` (the text, "" for none)."""
+    RepairConfig.purify_families). The command receives `purify_families` (the text; RepairConfig takes it as is)."""
     from ..prepare.trigger import DEFAULT_PURIFY_FAMILIES, FAMILIES
 
     return click.option("--purify-families", callback=_purify_families, default=",".join(DEFAULT_PURIFY_FAMILIES),

@@ -98,9 +98,9 @@ _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no"
 def apply_params(items, methods, cfg: RepairConfig | None = None) -> tuple[RepairConfig, dict]:
     """Hyper-parameter overrides "METHOD.FIELD=VALUE" (a field of that method's Config; METHOD among `methods`)
     or "repair.FIELD=VALUE" (a number/text/true-false field of the shared RepairConfig: the split, the reward batch, the
-    depth rule's tolerance; or a list of names, comma-separated, "none" for an empty one: e.g.
-    repair.purify_families=none, checked by RepairConfig.check) -> (the RepairConfig, {method: Config}). Bad items
-    raise UserError."""
+    depth rule's tolerance; or a list of names, comma-separated, checked by RepairConfig.check: e.g.
+    repair.trigger_families=patch,blend, repair.purify_families=none) -> (the RepairConfig, {method: Config}). Bad
+    items raise UserError."""
     cfg = copy.deepcopy(cfg) if cfg is not None else RepairConfig()
     configs: dict = {}
     for item in items:
@@ -126,8 +126,7 @@ def apply_params(items, methods, cfg: RepairConfig | None = None) -> tuple[Repai
             raise UserError(f"parameter {item!r}: {owner} has no field {field!r}: use {', '.join(kinds)}")
         kind = str if kinds[field] is type(None) else kinds[field]
         if kind is tuple:
-            names = tuple(n.strip() for n in text.split(",") if n.strip())
-            setattr(target, field, () if names in ((), ("none",)) else names)
+            setattr(target, field, tuple(n.strip() for n in text.split(",") if n.strip()))
             continue
         if kind is bool:
             if text.strip().lower() not in _BOOLS:

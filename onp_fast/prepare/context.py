@@ -96,7 +96,7 @@ class RepairConfig:
         if self.trigger_classes < 2:
             raise UserError(f"trigger_classes must be at least 2, not {self.trigger_classes}")
         self.trigger_families = check_families(self.trigger_families)
-        self.purify_families = check_families(self.purify_families) if self.purify_families else ()
+        self.purify_families = check_purify_families(self.purify_families)
         if not 0 < self.val_fraction < 1:
             raise UserError(f"the held-out fraction must lie in (0, 1): got {self.val_fraction}")
         if not all(math.isfinite(v) for v in self.weights.to_dict().values()):
@@ -317,6 +317,13 @@ def check_families(families) -> tuple[str, ...]:
         raise UserError(f"trigger families must be distinct names among {', '.join(FAMILIES)}: got "
                         f"{','.join(names) or 'none'}")
     return tuple(f for f in FAMILIES if f in names)
+
+
+def check_purify_families(families) -> tuple[str, ...]:
+    """RepairConfig.purify_families as given (a sequence, or one comma-separated string; empty or "none": no
+    family) -> `check_families`' tuple, () for none; UserError (one line) as check_families."""
+    names = [f.strip() for f in (families.split(",") if isinstance(families, str) else families)]
+    return () if [f.lower() for f in names if f] in ([], ["none"]) else check_families(names)
 
 
 def with_effort(cfg: RepairConfig, efforts) -> RepairConfig:

@@ -213,12 +213,13 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     suspect (ProxySet.detect; None: every one). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
     if max_classes < 2:
         raise ValueError(f"max_classes must be at least 2, got {max_classes}")
+    detect = None if detect is None else tuple(f for f in families if f in detect)
     if num_classes <= max_classes:
         classes, reference = torch.arange(num_classes), None
     else:
         ranked = screen_classes(model, x, y, num_classes, steps=steps, batch=batch, lam=lam,
                                 lam_additive=lam_additive, lr=lr, seed=seed,
-                                families=families if detect is None else tuple(f for f in families if f in detect),
+                                families=families if detect is None else detect,
                                 progress=progress, max_memory=max_memory).argsort(descending=True, stable=True)
         keep = max_classes // 2
         rest = ranked[keep:]
@@ -296,7 +297,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
         if "blend" in families:
             patterns["blend"], norms["blend"] = bp.clone(), ba.clone()
     return ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi, classes=classes,
-                    reference=reference, detect=None if detect is None else tuple(f for f in families if f in detect))
+                    reference=reference, detect=detect)
 
 
 def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
