@@ -24,7 +24,7 @@ from .prepare import FINETUNE_BATCH, DefenseContext, RepairConfig, check_trainin
     finetune_pruned, prepare
 from .prepare.context import PURIFY_MODES
 from .repair import RepairResult, run
-from .repair.pipeline import memory_part, purify_mode_of, training_batches
+from .repair.pipeline import memory_part, proxy_part, purify_mode_of, training_batches
 
 ORACLE_RULE = ("lowest test ASR with test CA >= CA before - {tol:g} (fraction), ties to the smaller depth, over "
                "the depths the held-out rule scanned (pruning and the method's own last step; no purification)")
@@ -134,7 +134,8 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
     Everything runs on cfg.device within cfg.max_memory (a training step it cannot hold whole runs as
     micro-batches; a budget under a step's smallest micro-batch is an error before any work: `training_batches`,
     the re-activation's and the retuning attack's batches).
-    Returns {"before", "prepare_s", "prepare_times_s", "rows": [...], "reward_backend", "oracle_rule",
+    Returns {"before", "prepare_s", "prepare_times_s", "trigger_proxy" (the shared scan's suspect:
+    `repair.pipeline.proxy_part`), "rows": [...], "reward_backend", "oracle_rule",
     "peak_memory" (`repair.pipeline.memory_part` at the end)} (fractions, seconds; "oracle_rule" None without
     `oracle_table`); an ONP row also has "policy_reward" (its policy phase's backend, masks/s, images/s)."""
     cfg = cfg or RepairConfig()
@@ -199,11 +200,20 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
             row["oracle"] = oracles[name]
         rows.append(row)
         say(f"{label}: CA {100 * after['ca']:.2f} ASR {100 * after['asr']:.2f} in {seconds:.1f}s")
-    return {"before": before, "prepare_s": prepare_s, "prepare_times_s": dict(ctx.times), "rows": rows,
+    return {"before": before, "prepare_s": prepare_s, "prepare_times_s": dict(ctx.times),
+            "trigger_proxy": proxy_part(ctx), "rows": rows,
             "defense": {"n": len(x), "n_opt": len(ctx.x_opt), "n_val": len(ctx.x_val), "seed": cfg.seed},
             "reward_backend": cfg.reward_backend,
             "oracle_rule": ORACLE_RULE.format(tol=oracle_tolerance) if oracle_table else None,
             "peak_memory": memory_part(cfg)}
+
+
+def _suspect_line(part: dict | None) -> str:
+    """The shared scan's suspect in words (`proxy_part`)."""
+    if part is None:
+        return "none synthesised"
+    return (f"{part['family']}/{part['target']} at anomaly index {part['anomaly_index']:.2f}, "
+            f"{'flagged' if part['flagged'] else 'not flagged'}")
 
 
 def format_table(result: dict) -> str:
@@ -214,6 +224,7 @@ def format_table(result: dict) -> str:
     pt = ", ".join(f"{k} {v:.1f}" for k, v in result["prepare_times_s"].items())
     lines = [f"before: CA {100 * b['ca']:.2f}  ASR {100 * b['asr']:.2f}  RA {100 * b['ra']:.2f}",
              f"shared prepare: {result['prepare_s']:.1f}s ({pt})",
+             f"trigger proxy: {_suspect_line(result.get('trigger_proxy'))}",
              "depth: chosen on held-out defense images (no test data, no trigger)",
              (f"{'method':<9}|{'CA':>7} |{'ASR':>7} |{'RA':>7} |{'DER':>7} |{'seconds':>8} |{'pruned':>12} |"
               f"{'re-act CA / ASR':>16} |{'retune CA / ASR':>16} |{'own rule':>9}")]

@@ -94,6 +94,10 @@ def test_same_seed_same_table_and_its_numbers_are_the_entry_points(backdoored):
         assert (r["oracle"]["depth"] is not None) == (r["candidates"] > 0)  # FT-SAM prunes nothing
     text = format_table(a)
     assert "oracle (test-set depth" in text and "held-out" in text
+    part = a["trigger_proxy"]
+    assert part["family"] in ("patch", "additive") and set(part["anomaly_per_family"]) >= {"patch", "additive"}
+    assert (f"trigger proxy: {part['family']}/{part['target']} at anomaly index {part['anomaly_index']:.2f}, "
+            f"{'flagged' if part['flagged'] else 'not flagged'}") in text
     assert all(f"\n{m:<9}|" in text for m in ("onp", "onp/none", "fp", "anp", "rnp", "clp"))
     rows = {r["method"]: r for r in a["rows"]}
     assert rows["onp"]["purify"]["mode"] == "sam+proxy" and rows["onp/none"]["purify"] == {"mode": "none"}
@@ -107,6 +111,9 @@ def test_same_seed_same_table_and_its_numbers_are_the_entry_points(backdoored):
                      FAST_CONFIGS.get(name), progress=False)
         row = next(r for r in a["rows"] if r["method"] == name)
         assert row["pruned"] == int(res.prune.sum())
+        # the shared scan's suspect, reported once, is the one every repair on the same data reports
+        assert a["trigger_proxy"] == {k: v for k, v in res.report["trigger_proxy"].items()
+                                      if k not in ("scan", "picture")}
         ev = evaluate(res.model, *backdoored["test"], MEAN, STD, attack=backdoored["attack"], target=0)
         assert (row["ca"], row["asr"], row["ra"]) == (ev["ca"], ev["asr"], ev["ra"])
 
@@ -196,6 +203,7 @@ def test_cli_compare_prints_the_table_and_writes_json(backdoored, tmp_path):
     assert data["attack"] == "badnets" and data["target"] == 0 and data["defense"]["n"] == 40
     assert data["rows"][1]["config"]["finetune_epochs"] == 1
     assert data["reward_backend"] == "hooks"  # --reward-backend reaches the shared config
+    assert data["trigger_proxy"]["family"] in ("patch", "additive") and "trigger proxy: " in res.output
     res = _run(["compare", str(root / "m.pt"), "--dataset", f"npz:{root / 'data.npz'}", "--attack-spec",
                 str(root / "m.attack.json"), "--methods", "clp,fp", "--no-oracle", *FAST_PARAMS])
     assert res.exit_code == 0, res.output

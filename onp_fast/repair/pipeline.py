@@ -190,6 +190,20 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def proxy_part(ctx: DefenseContext) -> dict | None:
+    """What the shared trigger scan of a prepared context found (None when no proxies were synthesised): the
+    suspect's "target", "family", "anomaly_index", whether it was "flagged" (it steers the reward), and per
+    family the anomaly index and each class's proxy norm. The report's trigger_proxy part without its scan
+    picture; `compare` reports it once for every method."""
+    proxy = ctx.proxy
+    if proxy is None:
+        return None
+    return {"target": proxy.target, "family": proxy.family, "anomaly_index": round(proxy.anomaly_index, 3),
+            "flagged": ctx.trigger is not None,
+            "anomaly_per_family": {f: round(v, 3) for f, v in ctx.proxies.anomaly().items()},
+            "norms_per_family": {f: [round(float(v), 4) for v in n] for f, n in ctx.proxies.norms.items()}}
+
+
 def _scan_parts(ctx: DefenseContext) -> dict:
     """The trigger_proxy part's "scan" (what `onp-fast scan` reports for these proxies) and "picture" (what
     OUT.trigger.png draws: scan_plot.picture_data)."""
@@ -214,12 +228,7 @@ def _report(ctx: DefenseContext, defense: Defense, scores: torch.Tensor, choice:
                    "kinds": {k: sum(g.kind == k for g in groups.groups) for k in KINDS}},
         "candidates": int(torch.isfinite(scores).sum()),
         "unlearn": ctx.unlearn_info,
-        "trigger_proxy": None if proxy is None else {
-            "target": proxy.target, "family": proxy.family, "anomaly_index": round(proxy.anomaly_index, 3),
-            "flagged": ctx.trigger is not None,
-            "anomaly_per_family": {f: round(v, 3) for f, v in ctx.proxies.anomaly().items()},
-            "norms_per_family": {f: [round(float(v), 4) for v in n] for f, n in ctx.proxies.norms.items()},
-            **_scan_parts(ctx)},
+        "trigger_proxy": None if proxy is None else {**proxy_part(ctx), **_scan_parts(ctx)},
         "details": details,
         "stopping_rule": {"rule": choice["rule"], "depth": choice["depth"], "margin": choice["margin"],
                           "table": choice["table"]},
