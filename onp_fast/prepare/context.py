@@ -308,10 +308,15 @@ def trigger_settings(cfg: RepairConfig) -> dict:
             "detect": cfg.trigger_families}
 
 
+def _family_names(families) -> list[str]:
+    """A sequence of names, or one comma-separated string -> the names, stripped, in the order given."""
+    return [f.strip() for f in (families.split(",") if isinstance(families, str) else families)]
+
+
 def check_families(families) -> tuple[str, ...]:
     """Proxy family names (a sequence, or one comma-separated string) -> a tuple in FAMILIES' order; UserError
     (one line) for none, an unknown one or a repeated one."""
-    names = [f.strip() for f in (families.split(",") if isinstance(families, str) else families)]
+    names = _family_names(families)
     unknown = [f for f in names if f not in FAMILIES]
     if unknown or not names or len(set(names)) < len(names):
         raise UserError(f"trigger families must be distinct names among {', '.join(FAMILIES)}: got "
@@ -322,7 +327,7 @@ def check_families(families) -> tuple[str, ...]:
 def check_purify_families(families) -> tuple[str, ...]:
     """RepairConfig.purify_families as given (a sequence, or one comma-separated string; empty or "none": no
     family) -> `check_families`' tuple, () for none; UserError (one line) as check_families."""
-    names = [f.strip() for f in (families.split(",") if isinstance(families, str) else families)]
+    names = _family_names(families)
     return () if [f.lower() for f in names if f] in ([], ["none"]) else check_families(names)
 
 
