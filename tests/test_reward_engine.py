@@ -100,8 +100,28 @@ def test_memory_budget_forces_chunking_same_results(setup, strategy):
     assert torch.equal(a.correct, b.correct) and torch.equal(a.class_counts, b.class_counts)
     torch.testing.assert_close(a.ce_sum, b.ce_sum, rtol=1e-6, atol=0)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
-    with pytest.raises(UserError, match="too small"):
-        RewardEngine(models, strategy=strategy, max_memory=per_mask // 2).score(masks, images, labels)
+    one_shared, one_mask = big.memory_per_mask(images[:1])
+    with pytest.raises(UserError, match="too small"):  # not one mask over one image
+        RewardEngine(models, strategy=strategy, max_memory=(one_shared + one_mask) // 2).score(masks, images, labels)
+
+
+@pytest.mark.parametrize("strategy", ["sliced", "batched"])
+def test_a_budget_under_one_mask_over_every_image_chunks_the_images_same_results(setup, strategy):
+    """Where one mask over all B images exceeds the budget, the images run in passes the budget holds and the
+    epilogue's sums add up: the same results for two image parts, one of them split across passes."""
+    _, models, images, labels = setup
+    masks = masks_for(bn_neurons(models[0]).size, 5, "hard")
+    big = RewardEngine(models, strategy=strategy, max_memory="4GB")
+    one_shared, one_mask = big.memory_per_mask(images[:1])
+    small = RewardEngine(models, strategy=strategy, max_memory=3 * (one_shared + one_mask) + 1)
+    assert big.images_per_pass(images) == len(images) and small.images_per_pass(images) == 3 < len(images)
+    parts = [(images[:5], labels[:5]), (images[5:], labels[5:])]
+    for a, b in zip(big.score_parts(masks, parts, return_logits=True),
+                    small.score_parts(masks, parts, return_logits=True)):
+        assert torch.equal(a.correct, b.correct) and torch.equal(a.class_counts, b.class_counts)
+        torch.testing.assert_close(a.ce_sum, b.ce_sum, rtol=1e-6, atol=0)
+        torch.testing.assert_close(a.prob_sum, b.prob_sum, rtol=1e-6, atol=0)
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_sliced_skips_flops_of_zeroed_channels():

@@ -10,7 +10,8 @@ are computed for all K at once; then either
   batched (CUDA default): chunks of masks folded into the batch, fused BN + mask + ReLU in place;
 and the logits of a chunk go through the fused epilogue (correct, CE sum, per-class counts, true-label
 probability sum), per image part when the images are given in parts (`score_parts`).
-K is chunked so the activations stay under `max_memory`.
+K is chunked so the activations stay under `max_memory`; where one mask over all the images does not fit, the
+images are too (the epilogue's sums add up over image chunks).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class RewardEngine:
                 float32, on one device; they take normalised images.
     neurons:    what is masked: a NeuronSet (default: every BN channel of models[0], module order) or
                 GroupPoints (the mask points of neuron groups; masks are group masks).
-    max_memory: activation budget in bytes or a size string ("512MB"); K is chunked to stay under it.
+    max_memory: activation budget in bytes or a size string ("512MB"); K is chunked to stay under it, and the
+                images where one mask over all of them does not fit.
     strategy:   "sliced", "batched" or "auto" (sliced on CPU, batched on CUDA).
     """
 
@@ -77,6 +79,16 @@ class RewardEngine:
             return k
         return chunk_size(k, per_mask, shared, self.max_memory)
 
+    def images_per_pass(self, images: torch.Tensor) -> int:
+        """How many of images [B, ...] one pass takes under max_memory: all B when one mask over all of them fits
+        (then K is chunked, `chunk`), else the most whose prefix and one mask fit; UserError when not one does."""
+        shared, per_mask = self.memory_per_mask(images)
+        if shared + per_mask <= self.max_memory:
+            return images.shape[0]
+        shared, per_mask = self.memory_per_mask(images[:1])
+        chunk_size(1, per_mask, shared, self.max_memory)  # not even one image: UserError
+        return max(1, self.max_memory // (shared + per_mask))
+
     def memory_per_mask(self, images: torch.Tensor) -> tuple[int, int]:
         """(shared, per_mask) activation bytes for images [B, ...] (prefix values, one mask's live peak)."""
         key = tuple(images.shape)
@@ -114,7 +126,7 @@ class RewardEngine:
         K = masks.shape[0]
         settings = 1 + (perturbations.count if perturbations is not None else 0)
         M = len(self.plans)
-        kc = self.chunk(K, images)
+        ic = self.images_per_pass(images)
         site_masks = self.neurons.site_masks(masks, self.sites)
         bn_masks = {name: site_masks[(name, "out")] for name in self.plans[0].bns}
         other = {key: m.contiguous() for key, m in site_masks.items() if key[0] not in bn_masks}
@@ -126,24 +138,29 @@ class RewardEngine:
         for n in sizes:
             bounds.append(bounds[-1] + n)
         out = [_Accumulator(M, settings, K, n, return_logits) for n in sizes]
-        for mi, plan in enumerate(self.plans):
-            with _eval(plan.model):
-                static = plan.run_static(images)
-                for si in range(settings):
-                    scale, shift = self._scale_shift(plan, bn_masks, factors, si)
-                    for k0 in range(0, K, kc):
-                        k1 = min(K, k0 + kc)
-                        ctx = ChunkContext({n: t[k0:k1] for n, t in scale.items()},
-                                           {n: t[k0:k1] for n, t in shift.items()},
-                                           {n: v[k0:k1] for n, v in keep.items()} if keep is not None else {},
-                                           {key: m[k0:k1] for key, m in other.items()})
-                        if self.strategy == "sliced":
-                            logits = torch.stack([plan.run_sliced(static, ctx, k) for k in range(k1 - k0)])
-                        else:
-                            logits = plan.run_batched(static, ctx, k1 - k0)
-                        for acc, b0, b1 in zip(out, bounds[:-1], bounds[1:]):
-                            acc.add(mi, si, k0, logits[:, b0:b1], labels[b0:b1])
-                del static
+        for i0 in range(0, len(images), ic):  # one pass unless one mask over every image exceeds the budget
+            i1 = min(len(images), i0 + ic)
+            kc = self.chunk(K, images[i0:i1])
+            for mi, plan in enumerate(self.plans):
+                with _eval(plan.model):
+                    static = plan.run_static(images[i0:i1])
+                    for si in range(settings):
+                        scale, shift = self._scale_shift(plan, bn_masks, factors, si)
+                        for k0 in range(0, K, kc):
+                            k1 = min(K, k0 + kc)
+                            ctx = ChunkContext({n: t[k0:k1] for n, t in scale.items()},
+                                               {n: t[k0:k1] for n, t in shift.items()},
+                                               {n: v[k0:k1] for n, v in keep.items()} if keep is not None else {},
+                                               {key: m[k0:k1] for key, m in other.items()})
+                            if self.strategy == "sliced":
+                                logits = torch.stack([plan.run_sliced(static, ctx, k) for k in range(k1 - k0)])
+                            else:
+                                logits = plan.run_batched(static, ctx, k1 - k0)
+                            for acc, b0, b1 in zip(out, bounds[:-1], bounds[1:]):
+                                lo, hi = max(b0, i0), min(b1, i1)  # this part's images in this pass
+                                if lo < hi or b0 == b1:
+                                    acc.add(mi, si, k0, logits[:, lo - i0:hi - i0], labels[lo:hi], lo - b0)
+                    del static
         return [acc.result() for acc in out]
 
     def _check(self, masks, images, labels, perturbations):
@@ -213,8 +230,9 @@ def _keep_sets(m: torch.Tensor, multiple: int = 8, dense_above: float = 0.8) -> 
 
 
 class _Accumulator:
-    """One image part's RewardResult, filled chunk by chunk: add(model, setting, first mask, logits [Kc, B, c],
-    labels [B]) runs the fused epilogue (nothing for B = 0)."""
+    """One image part's RewardResult, filled chunk by chunk: add(model, setting, first mask, logits [Kc, b, c],
+    labels [b], first image) runs the fused epilogue on the part's images first image .. + b and adds its sums
+    (nothing for b = 0)."""
 
     def __init__(self, models: int, settings: int, k: int, images: int, keep_logits: bool):
         self.shape, self.images, self.keep_logits = (models, settings, k), images, keep_logits
@@ -223,22 +241,22 @@ class _Accumulator:
         self.prob = torch.zeros(self.shape, dtype=torch.float64)
         self.counts = self.logits = None
 
-    def add(self, mi: int, si: int, k0: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, mi: int, si: int, k0: int, logits: torch.Tensor, labels: torch.Tensor, i0: int = 0) -> None:
         classes = logits.shape[-1]
         if self.counts is None:
             self.counts = torch.zeros(*self.shape, classes, dtype=torch.int64)
             if self.keep_logits:
                 self.logits = torch.zeros(*self.shape, self.images, classes)
-        if self.images == 0:
+        if self.images == 0 or len(labels) == 0:
             return
         k1 = k0 + logits.shape[0]
         out = reward_epilogue(logits, labels)
-        self.correct[mi, si, k0:k1] = out.correct.cpu()
-        self.ce[mi, si, k0:k1] = out.ce_sum.cpu()
-        self.counts[mi, si, k0:k1] = out.counts.cpu()
-        self.prob[mi, si, k0:k1] = out.prob_sum.cpu()
+        self.correct[mi, si, k0:k1] += out.correct.cpu()
+        self.ce[mi, si, k0:k1] += out.ce_sum.cpu()
+        self.counts[mi, si, k0:k1] += out.counts.cpu()
+        self.prob[mi, si, k0:k1] += out.prob_sum.cpu()
         if self.keep_logits:
-            self.logits[mi, si, k0:k1] = logits.float().cpu()
+            self.logits[mi, si, k0:k1, i0:i0 + len(labels)] = logits.float().cpu()
 
     def result(self) -> RewardResult:
         return RewardResult(self.correct, self.ce, self.counts, self.logits, self.prob)
