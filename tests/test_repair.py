@@ -353,9 +353,29 @@ def test_the_trigger_phase_follows_the_effort_the_methods_ask_for():
     assert steps_batch(RepairConfig(), get("fp").effort(), 0.01) == (1, 24)  # fp has no say: ONP's 0.01 rules
     assert steps_batch(RepairConfig(trigger_steps=7), 0.01) == (7, 24)
     assert steps_batch(RepairConfig(trigger_batch=3), 1.0) == (100, 3)
-    for key in ("trigger_steps", "trigger_batch"):
+    for key in ("trigger_steps", "trigger_batch", "unlearn_epochs"):
         with pytest.raises(UserError, match=key):
             RepairConfig(**{key: 0}).check()
+
+
+def test_unlearning_and_purification_follow_the_effort_too():
+    """Unlearning's most epochs (20 at full effort) and purification's epochs (10) shrink with the effort as the
+    trigger phase does, at least 1 each; a baseline alone keeps both whole; values set by hand are kept."""
+    from onp_fast.defenses import get
+    from onp_fast.prepare import with_effort
+
+    def epochs(cfg, *efforts):
+        c = with_effort(cfg, efforts)
+        return c.unlearn_epochs, c.purify_epochs
+
+    assert epochs(RepairConfig(), get("onp", ONPConfig(iterations=1, samples=2)).effort()) == (1, 1)
+    assert epochs(RepairConfig(), get("onp", ONPConfig(iterations=30, samples=16)).effort()) == (10, 5)
+    assert epochs(RepairConfig(), get("onp", ONPConfig(iterations=6, samples=16)).effort()) == (2, 1)
+    assert epochs(RepairConfig(), get("onp").effort()) == (20, 10)
+    assert epochs(RepairConfig(), get("fp").effort()) == (20, 10)
+    assert epochs(RepairConfig(unlearn_epochs=4, purify_epochs=3), 0.01) == (4, 3)
+    assert epochs(RepairConfig(purify_epochs=0), 0.01) == (1, 0)
+    assert epochs(RepairConfig(trigger_steps=5), 0.5) == (10, 5)  # trigger steps by hand: the epochs still follow
 
 
 def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckpt, tmp_path, monkeypatch):
@@ -376,6 +396,21 @@ def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckp
         assert seen[-1] == want
         cfg = json.loads(out.with_suffix(".report.json").read_text())["config"]
         assert (cfg["trigger_steps"], cfg["trigger_batch"]) == want
+
+
+def test_a_short_repair_command_unlearns_and_purifies_briefly(tiny_ckpt, tmp_path):
+    """`onp-fast repair --iterations 2 --samples 4` (8 of 960 masks): unlearning may take 1 epoch (not 20) and
+    purification runs 1 epoch (not 10), as its report says; --purify-epochs sets the epochs by hand."""
+    for extra, want in (([], 1), (["--purify-epochs", "3"], 3)):
+        out = tmp_path / f"r{want}.pt"
+        res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
+                                        "--defense-size", "40", "--purify", "sam", *FAST, *extra])
+        assert res.exit_code == 0, res.output
+        report = json.loads(out.with_suffix(".report.json").read_text())
+        assert report["config"]["purify_epochs"] == report["purify"]["epochs"] == want
+        assert len(report["purify"]["ca_val_per_epoch"]) == want
+        assert report["config"]["unlearn_epochs"] == report["unlearn"]["max_epochs"] == 1
+        assert report["unlearn"]["epochs"] <= 1
 
 
 def test_the_repair_command_synthesises_purification_only_families(tiny_ckpt, tmp_path, monkeypatch):

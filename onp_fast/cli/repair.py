@@ -82,8 +82,9 @@ def _weights(text: str | None):
               show_default=True,
               help="After pruning: sharpness-aware fine-tuning (sam), unlearning the trigger proxies (proxy), both, "
                    "or none; auto: the method's default (onp: sam+proxy; the baselines: none).")
-@click.option("--purify-epochs", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Purification epochs on D_opt.")
+@click.option("--purify-epochs", type=click.IntRange(min=0), default=None,
+              help="Purification epochs on D_opt [default: 10, scaled down with a run of fewer RL iterations x "
+                   "samples than ONP's defaults, as the trigger phase and the unlearning's most epochs (20) are].")
 @click.option("--purify-lr", type=float, default=None, help="Purification learning rate [default: RepairConfig's].")
 @click.option("--purify-clip", type=float, default=None,
               help="Largest gradient norm of a purification step, 0 for none [default: RepairConfig's].")
@@ -139,7 +140,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
                        purify_epochs=purify_epochs, **given,
                        finetune_epochs=finetune_epochs, compact=compact_model, device=device,
                        max_memory=max_memory).check()
-    # a short run (few RL iterations x samples) gets a short trigger phase, unless --trigger-steps sets it
+    # a short run (few RL iterations x samples) gets short trigger, unlearning and purification phases,
+    # unless --trigger-steps / --purify-epochs set them
     cfg = with_effort(cfg, [get_defense(method, onp if method == "onp" else None).effort()])
 
     loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, device=device, **model_opts)

@@ -95,6 +95,18 @@ _MINIMUM = {("*", "batch_size"): 1, ("onp", "iterations"): 1, ("onp", "samples")
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
+def _kind(value, annotation) -> type | None:
+    """The type a "FIELD=VALUE" text becomes for a config field holding `value`, annotated `annotation`: the
+    value's own type (int, float, str, bool, tuple); for a field left None, str when it may hold a string (e.g.
+    max_memory: None or a size), else int when it may hold one (e.g. purify_epochs: None, by the run's effort);
+    None for a field no text sets."""
+    if type(value) in (int, float, str, bool, tuple):
+        return type(value)
+    if value is None:
+        return str if "str" in str(annotation) else int if "int" in str(annotation) else None
+    return None
+
+
 def apply_params(items, methods, cfg: RepairConfig | None = None) -> tuple[RepairConfig, dict]:
     """Hyper-parameter overrides "METHOD.FIELD=VALUE" (a field of that method's Config; METHOD among `methods`)
     or "repair.FIELD=VALUE" (a number/text/true-false field of the shared RepairConfig: the split, the reward batch, the
@@ -119,12 +131,11 @@ def apply_params(items, methods, cfg: RepairConfig | None = None) -> tuple[Repai
             if METHODS[owner].Config is None:
                 raise UserError(f"parameter {item!r}: {owner} has no parameters of its own; use repair.FIELD")
             target = configs.setdefault(owner, METHODS[owner].Config())
-        kinds = {f.name: type(getattr(target, f.name)) for f in dataclasses.fields(target)
-                 if type(getattr(target, f.name)) in (int, float, str, bool, tuple)
-                 or getattr(target, f.name) is None and "str" in str(f.type)}  # e.g. max_memory: None or a size
+        kinds = {f.name: _kind(getattr(target, f.name), f.type) for f in dataclasses.fields(target)}
+        kinds = {k: v for k, v in kinds.items() if v is not None}
         if field not in kinds:
             raise UserError(f"parameter {item!r}: {owner} has no field {field!r}: use {', '.join(kinds)}")
-        kind = str if kinds[field] is type(None) else kinds[field]
+        kind = kinds[field]
         if kind is tuple:
             setattr(target, field, tuple(n.strip() for n in text.split(",") if n.strip()))
             continue

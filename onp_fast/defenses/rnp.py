@@ -199,11 +199,12 @@ def rnp_scores(unlearned: nn.Module, groups: NeuronGroups, x: torch.Tensor, y: t
 
 
 def _prepare_unlearns_like(cfg: RNPConfig, ctx: DefenseContext) -> bool:
-    """Whether prepare's unlearned copy (unlearn() on D_opt with ctx.cfg.unlearn_lr and unlearn's defaults)
-    is exactly the one RNP's config asks for (only with stop_check "step": prepare's unlearning is ours before)."""
+    """Whether prepare's unlearned copy (unlearn() on D_opt with ctx.cfg.unlearn_lr, the most epochs its info
+    records and unlearn's other defaults) is exactly the one RNP's config asks for (only with stop_check "step":
+    prepare's unlearning is ours before)."""
     d = {k: v.default for k, v in inspect.signature(unlearn).parameters.items()}
     return (cfg.stop_check == "step" and cfg.unlearn_lr == ctx.cfg.unlearn_lr
-            and cfg.unlearn_target == d["target_acc"] and cfg.unlearn_epochs == d["max_epochs"]
+            and cfg.unlearn_target == d["target_acc"] and cfg.unlearn_epochs == ctx.unlearn_info.get("max_epochs")
             and cfg.batch_size == d["batch_size"])
 
 

@@ -25,7 +25,9 @@ from .unlearn import unlearn
 
 PURIFY_MODES = ("auto", "none", "sam", "proxy", "sam+proxy")  # auto: the method's own default (Defense.purify)
 UNLEARN_BATCH = 128  # images per step of prepare's unlearning
+UNLEARN_EPOCHS = 20  # the most epochs of prepare's unlearning at full effort (it stops earlier at its target)
 TRIGGER_STEPS, TRIGGER_BATCH = 100, 24  # the trigger proxies' Adam steps and images per class at full effort
+PURIFY_EPOCHS = 10  # purification epochs at full effort
 
 
 @dataclass
@@ -46,6 +48,7 @@ class RepairConfig:
     perturbations: int = 2  # adversarial neuron perturbations for CA_P (when its weight is not 0)
     perturb_eps: float = 0.4
     unlearn_lr: float = 0.01
+    unlearn_epochs: int | None = None  # unlearning's most epochs; None: UNLEARN_EPOCHS (`repair` CLI: with_effort)
     anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
     trigger_steps: int | None = None  # the proxies' Adam steps; None: TRIGGER_STEPS (`repair` CLI: with_effort)
     trigger_batch: int | None = None  # images per class per step; None: TRIGGER_BATCH (`repair` CLI: with_effort)
@@ -53,7 +56,7 @@ class RepairConfig:
     trigger_families: tuple[str, ...] = DEFAULT_FAMILIES  # proxy families (prepare.trigger.FAMILIES)
     purify_families: tuple[str, ...] = DEFAULT_PURIFY_FAMILIES  # synthesised for purification only (never the suspect)
     purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
-    purify_epochs: int = 10
+    purify_epochs: int | None = None  # None: PURIFY_EPOCHS (`repair` CLI: with_effort)
     purify_lr: float = 0.003
     sam_rho: float = 0.5  # radius of purification's adaptive sharpness-aware step
     purify_clip: float = 5.0  # largest gradient norm of a purification step (0: not clipped)
@@ -80,8 +83,11 @@ class RepairConfig:
             parse_memory(self.max_memory)
         if self.purify not in PURIFY_MODES:
             raise UserError(f"unknown purification {self.purify!r}: use one of {', '.join(PURIFY_MODES)}")
-        if self.purify_epochs < 0 or self.finetune_epochs < 0:
+        if (self.purify_epochs or 0) < 0 or self.finetune_epochs < 0:
             raise UserError("purification and fine-tuning epochs must not be negative")
+        if self.unlearn_epochs is not None and self.unlearn_epochs < 1:
+            raise UserError(f"unlearn_epochs must be at least 1 (or None: by the methods' effort), not "
+                            f"{self.unlearn_epochs}")
         if not 0 <= self.purify_hard <= 1:
             raise UserError(f"purify_hard is a share in [0, 1]: got {self.purify_hard}")
         if not self.purify_lr > 0 or not self.purify_clip >= 0:
@@ -280,6 +286,8 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
         groups = find_groups(model, tuple(x.shape[1:]))
     with Phase("unlearn", times, progress):
         unlearned, unlearn_info = unlearn(model, x_opt, y_opt, lr=cfg.unlearn_lr, batch_size=UNLEARN_BATCH,
+                                          max_epochs=UNLEARN_EPOCHS if cfg.unlearn_epochs is None
+                                          else cfg.unlearn_epochs,
                                           seed=cfg.seed, progress=progress, max_memory=cfg.activation_memory)
     with Phase("trigger", times, progress):
         need = cfg.weights.ca_t or cfg.purify != "none"
@@ -332,22 +340,30 @@ def check_purify_families(families) -> tuple[str, ...]:
 
 
 def with_effort(cfg: RepairConfig, efforts) -> RepairConfig:
-    """cfg with trigger_steps and trigger_batch resolved where they are None, from e = the largest of `efforts`
-    (each in (0, 1], the share of its method's default work a run asks for: `Defense.effort`; None entries have
-    no say; 1 when none has): steps =
-    ceil(TRIGGER_STEPS x e), at least 1; batch = ceil(TRIGGER_STEPS x TRIGGER_BATCH x e / steps), between 2
-    and TRIGGER_BATCH. So the phase's images per class (steps x batch) follow e, a short run (one RL iteration
-    of two masks) has a short trigger phase, and the defaults the full one. Steps set by hand keep the batch
-    set by hand, else TRIGGER_BATCH. `onp-fast repair` applies it with its method's effort; the library's
-    repair and compare take the config as given (None: the full phase), so a compare row stays what repair
-    gives with the same config."""
-    if cfg.trigger_steps is not None:  # set by hand: the batch too, or the full one
-        return replace(cfg, trigger_batch=TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch)
+    """cfg with the work of the shared phases and of purification resolved where it is None, from e = the
+    largest of `efforts` (each in (0, 1], the share of its method's default work a run asks for:
+    `Defense.effort`; None entries have no say; 1 when none has): trigger steps = ceil(TRIGGER_STEPS x e), at
+    least 1; trigger batch = ceil(TRIGGER_STEPS x TRIGGER_BATCH x e / steps), between 2 and TRIGGER_BATCH (so
+    the proxies' images per class, steps x batch, follow e); unlearning's most epochs ceil(UNLEARN_EPOCHS x e)
+    and purification's epochs ceil(PURIFY_EPOCHS x e), each at least 1. A short run (one RL iteration of two
+    masks) has short phases, the defaults the full ones. A setting made by hand is kept (trigger steps set by
+    hand keep the batch set by hand, else TRIGGER_BATCH). `onp-fast repair` applies it with its method's
+    effort; the library's repair and compare take the config as given (None: the full phase), so a compare row
+    stays what repair gives with the same config."""
     effort = min(1.0, max([float(e) for e in efforts if e is not None] or [1.0]))
-    steps = max(1, math.ceil(TRIGGER_STEPS * effort - 1e-9))
+
+    def share(full: int) -> int:
+        return max(1, math.ceil(full * effort - 1e-9))
+
+    done = {"unlearn_epochs": share(UNLEARN_EPOCHS) if cfg.unlearn_epochs is None else cfg.unlearn_epochs,
+            "purify_epochs": share(PURIFY_EPOCHS) if cfg.purify_epochs is None else cfg.purify_epochs}
+    if cfg.trigger_steps is not None:  # set by hand: the batch too, or the full one
+        return replace(cfg, trigger_batch=TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch,
+                       **done)
+    steps = share(TRIGGER_STEPS)
     batch = cfg.trigger_batch if cfg.trigger_batch is not None else \
         min(TRIGGER_BATCH, max(2, math.ceil(TRIGGER_STEPS * TRIGGER_BATCH * effort / steps - 1e-9)))
-    return replace(cfg, trigger_steps=steps, trigger_batch=batch)
+    return replace(cfg, trigger_steps=steps, trigger_batch=batch, **done)
 
 
 class Phase:

@@ -33,7 +33,7 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
     """Returns (U, info): a copy of `model` trained to *maximise* CE on (x, y) until its accuracy on (x, y)
     is <= target_acc (checked after every step), at most `max_epochs` epochs. BN statistics stay frozen
     (eval mode); weights, BN scales and shifts move. x: [N, C, H, W] normalised; y: [N] int64.
-    info: steps, epochs, final accuracy, micro_batch (images per forward of a step: the step's batch when it
+    info: steps, epochs, max_epochs, final accuracy, micro_batch (images per forward of a step: the step's batch when it
     is not split). progress: a bar on stderr (onp_fast.progress.bar) of the most steps it may take, max_epochs x
     batches per epoch (its ETA is an upper bound; it ends early at target_acc).
     max_memory (bytes or "512MB"; None: no budget): a step whose batch it cannot hold runs as micro-batches of
@@ -73,4 +73,4 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
                 if acc <= target_acc:
                     break
     done_training(u.parameters())
-    return u, {"steps": steps, "epochs": epoch, "accuracy": acc, "micro_batch": micro}
+    return u, {"steps": steps, "epochs": epoch, "max_epochs": max_epochs, "accuracy": acc, "micro_batch": micro}

@@ -8,7 +8,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..prepare import DefenseContext, accuracy_of, finetune_pruned
+from ..prepare import PURIFY_EPOCHS, DefenseContext, accuracy_of, finetune_pruned
 
 DISTILL_TEMPERATURE = 2.0
 
@@ -26,12 +26,13 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     Without proxies (none synthesised), "proxy" and "sam+proxy" run trigger-free SAM, so the backdoor is not left
     untouched. The defense images' own loss is distillation from the model as given (`purify_distill`), with a
     share `purify_hard` of their labels' cross-entropy mixed in, and, when `purify_labels_where_wrong`, their
-    labels alone on the images that model misclassifies. `purify_epochs` epochs at `purify_lr` (annealed to 0 by
+    labels alone on the images that model misclassifies. `purify_epochs` epochs (None: PURIFY_EPOCHS) at `purify_lr` (annealed to 0 by
     a cosine over the steps when `purify_cosine`), each step's gradient clipped to norm `purify_clip` (0: not
     clipped). After each epoch CA on D_val is measured; the model kept is the one after the last epoch whose CA
     stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and "kept": False when none does: the model is
     put back as it was). A bar of its steps on stderr when ctx.progress. -> the report part."""
     cfg = ctx.cfg
+    epochs = PURIFY_EPOCHS if cfg.purify_epochs is None else cfg.purify_epochs
     clip = cfg.purify_clip or None
     proxies = ctx.proxies if "proxy" in mode else None
     augment = None
@@ -55,7 +56,7 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             best.update(epoch=epoch, ca=ca)
 
     steps: dict = {}
-    finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=cfg.purify_epochs, lr=cfg.purify_lr,
+    finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=epochs, lr=cfg.purify_lr,
                     seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check,
                     teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE,
                     hard_weight=cfg.purify_hard, labels_where_wrong=cfg.purify_labels_where_wrong,
@@ -65,7 +66,7 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
             "proxy_images_per_epoch": (len(ctx.x_opt) * (len(proxies.patterns) if cfg.purify_every_family else 1)
                                        if proxies is not None else 0),
-            "images": len(ctx.x_opt), "epochs": cfg.purify_epochs, "lr": cfg.purify_lr,
+            "images": len(ctx.x_opt), "epochs": epochs, "lr": cfg.purify_lr,
             "batch": steps.get("batch"), "micro_batch": steps.get("micro_batch"),
             "micro_batches": steps.get("micro_batches", 1),
             "grad_clip": clip,
