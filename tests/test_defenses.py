@@ -326,7 +326,8 @@ def test_apply_params_sets_fields_and_rejects_bad_items():
     cfg, _ = apply_params(["repair.purify_epochs=3", "repair.trigger_steps=5", "repair.unlearn_epochs=2"], ["onp"])
     assert (cfg.purify_epochs, cfg.trigger_steps, cfg.unlearn_epochs) == (3, 5, 2)
     assert apply_params(["repair.max_memory=2GB"], ["onp"])[0].max_memory == "2GB"  # None or a size: text
-    bad = {"repair.purify_epochs=many": "takes a int", "repair.slack=0.1": "no field 'slack'","ftsam.bn_frozen_second_pass=maybe": "takes true or false", "anp.iterations": "METHOD.FIELD=VALUE", "anp.nope=1": "has no field 'nope'",
+    bad = {"repair.purify_epochs=many": "takes a int", "repair.slack=0.1": "no field 'slack'",
+           "ftsam.bn_frozen_second_pass=maybe": "takes true or false", "anp.iterations": "METHOD.FIELD=VALUE", "anp.nope=1": "has no field 'nope'",
            "foo.x=1": "unknown method 'foo'", "fp.finetune_epochs=1": "not among the methods",
            "anp.iterations=ten": "takes a int", "anp.batch_size=0": "at least 1", "repair.iterations=3": "no field 'iterations'",
            "onp.samples=1": "at least 2",

@@ -26,11 +26,11 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     Without proxies (none synthesised), "proxy" and "sam+proxy" run trigger-free SAM, so the backdoor is not left
     untouched. The defense images' own loss is distillation from the model as given (`purify_distill`), with a
     share `purify_hard` of their labels' cross-entropy mixed in, and, when `purify_labels_where_wrong`, their
-    labels alone on the images that model misclassifies. `purify_epochs` epochs (None: PURIFY_EPOCHS) at `purify_lr` (annealed to 0 by
-    a cosine over the steps when `purify_cosine`), each step's gradient clipped to norm `purify_clip` (0: not
-    clipped). After each epoch CA on D_val is measured; the model kept is the one after the last epoch whose CA
-    stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and "kept": False when none does: the model is
-    put back as it was). A bar of its steps on stderr when ctx.progress. -> the report part."""
+    labels alone on the images that model misclassifies. `purify_epochs` epochs (None: PURIFY_EPOCHS) at `purify_lr`
+    (annealed to 0 by a cosine over the steps when `purify_cosine`), each step's gradient clipped to norm
+    `purify_clip` (0: not clipped). After each epoch CA on D_val is measured; the model kept is the one after the
+    last epoch whose CA stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and "kept": False when none
+    does: the model is put back as it was). A bar of its steps on stderr when ctx.progress. -> the report part."""
     cfg = ctx.cfg
     epochs = PURIFY_EPOCHS if cfg.purify_epochs is None else cfg.purify_epochs
     clip = cfg.purify_clip or None
