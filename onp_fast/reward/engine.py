@@ -157,9 +157,9 @@ class RewardEngine:
                             else:
                                 logits = plan.run_batched(static, ctx, k1 - k0)
                             for acc, b0, b1 in zip(out, bounds[:-1], bounds[1:]):
-                                lo, hi = max(b0, i0), min(b1, i1)  # this part's images in this pass
-                                if lo < hi or b0 == b1:
-                                    acc.add(mi, si, k0, logits[:, lo - i0:hi - i0], labels[lo:hi], lo - b0)
+                                lo = max(b0, i0)  # this part's images in this pass: lo .. hi (maybe none)
+                                hi = max(lo, min(b1, i1))
+                                acc.add(mi, si, k0, logits[:, lo - i0:hi - i0], labels[lo:hi], lo - b0)
                     del static
         return [acc.result() for acc in out]
 
