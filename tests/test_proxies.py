@@ -141,12 +141,15 @@ def _picture(seed: int = 7) -> torch.Tensor:
 def test_the_blend_family_finds_a_planted_blend_backdoor_and_its_picture():
     """Planted: the target logit also reads a fixed random picture (centred), so mixing that picture into any
     image sends it to the target. Must find: the blend family's smallest strength is on the target, clearly
-    anomalous; its pattern correlates with the planted picture; its stamp flips other classes to the target."""
+    anomalous; its pattern correlates with the planted picture; its stamp flips other classes to the target.
+    The optimisation is fixed here (150 steps of 24 images at lr 0.1): with 4 classes the MAD of the 3 others is
+    noisy, and at the repair defaults (batch 12, lr 0.2) the target keeps the smallest strength but its index
+    swings with the step count (docs/design.md, "Repair time")."""
     pic = _picture()
     centred = (pic - pic[pic > 0].mean()) * (pic > 0)
     model = _block_model(centred, gain=2.0)
     x, y = _block_images(80)
-    ps = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=("blend",))
+    ps = synthesize_proxies(model, x, y, 4, steps=150, batch=24, lr=0.1, seed=0, families=("blend",))
     z = ps.z_scores("blend")
     assert int(z.argmax()) == TARGET and float(z[TARGET]) >= 2.0
     s = ps.proxy("blend", TARGET)
@@ -172,8 +175,10 @@ def test_purification_only_families_never_name_the_suspect():
     pic = _picture()
     model = _block_model((pic - pic[pic > 0].mean()) * (pic > 0), gain=2.0)
     x, y = _block_images(80)
-    every = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=("patch", "additive", "blend"))
-    split = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=("patch", "additive", "blend"),
+    every = synthesize_proxies(model, x, y, 4, steps=150, batch=24, lr=0.1, seed=0,
+                               families=("patch", "additive", "blend"))
+    split = synthesize_proxies(model, x, y, 4, steps=150, batch=24, lr=0.1, seed=0,
+                               families=("patch", "additive", "blend"),
                                detect=("patch", "additive"))
     assert every.suspect().family == "blend" and split.detect == ("patch", "additive")
     assert split.suspect().family in ("patch", "additive") and list(split.patterns) == ["patch", "additive", "blend"]

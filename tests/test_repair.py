@@ -1,5 +1,4 @@
 """ONP repair end to end on tiny models: determinism, no peeking, bad inputs, atomic outputs."""
-import math
 import json
 import signal
 import subprocess
@@ -335,9 +334,8 @@ def test_a_model_of_more_classes_than_defense_images_is_repaired_with_screened_p
 
 
 def test_the_trigger_phase_follows_the_effort_the_methods_ask_for():
-    """ONP at 1 iteration x 2 masks (2 of the default 960 masks) gets 1 trigger step of 5 images per class, the
-    defaults 100 of 24; a baseline has no say (alone: 100 of 24); explicit settings are kept; the report
-    carries what ran."""
+    """ONP at 1 iteration x 2 masks (2 of the default 20 x 16 = 320 masks) gets 1 trigger step of 4 images per
+    class, the defaults 50 of 12; a baseline has no say (alone: 50 of 12); explicit settings are kept."""
     from onp_fast.defenses import get
     from onp_fast.prepare import with_effort
 
@@ -345,17 +343,21 @@ def test_the_trigger_phase_follows_the_effort_the_methods_ask_for():
         c = with_effort(cfg, efforts)
         return c.trigger_steps, c.trigger_batch
 
-    assert get("onp", ONPConfig(iterations=1, samples=2)).effort() == pytest.approx(2 / 960)
-    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=1, samples=2)).effort()) == (1, 5)
-    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=30, samples=16)).effort()) == (50, 24)
-    assert steps_batch(RepairConfig(), get("onp").effort()) == (100, 24)
-    assert get("fp").effort() is None and steps_batch(RepairConfig(), get("fp").effort()) == (100, 24)
-    assert steps_batch(RepairConfig(), get("fp").effort(), 0.01) == (1, 24)  # fp has no say: ONP's 0.01 rules
-    assert steps_batch(RepairConfig(trigger_steps=7), 0.01) == (7, 24)
-    assert steps_batch(RepairConfig(trigger_batch=3), 1.0) == (100, 3)
+    assert get("onp", ONPConfig(iterations=1, samples=2)).effort() == pytest.approx(2 / 320)
+    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=1, samples=2)).effort()) == (1, 4)
+    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=10, samples=16)).effort()) == (25, 12)
+    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=60, samples=16)).effort()) == (50, 12)
+    assert steps_batch(RepairConfig(), get("onp").effort()) == (50, 12)
+    assert get("fp").effort() is None and steps_batch(RepairConfig(), get("fp").effort()) == (50, 12)
+    assert steps_batch(RepairConfig(), get("fp").effort(), 0.01) == (1, 6)  # fp has no say: ONP's 0.01 rules
+    assert steps_batch(RepairConfig(trigger_steps=7), 0.01) == (7, 12)
+    assert steps_batch(RepairConfig(trigger_batch=3), 1.0) == (50, 3)
     for key in ("trigger_steps", "trigger_batch", "unlearn_epochs"):
         with pytest.raises(UserError, match=key):
             RepairConfig(**{key: 0}).check()
+    for lr in (0.0, -0.1, float("nan")):
+        with pytest.raises(UserError, match="trigger_lr"):
+            RepairConfig(trigger_lr=lr).check()
 
 
 def test_unlearning_and_purification_follow_the_effort_too():
@@ -369,8 +371,8 @@ def test_unlearning_and_purification_follow_the_effort_too():
         return c.unlearn_epochs, c.purify_epochs
 
     assert epochs(RepairConfig(), get("onp", ONPConfig(iterations=1, samples=2)).effort()) == (1, 1)
-    assert epochs(RepairConfig(), get("onp", ONPConfig(iterations=30, samples=16)).effort()) == (10, 5)
-    assert epochs(RepairConfig(), get("onp", ONPConfig(iterations=6, samples=16)).effort()) == (2, 1)
+    assert epochs(RepairConfig(), get("onp", ONPConfig(iterations=10, samples=16)).effort()) == (10, 5)
+    assert epochs(RepairConfig(), get("onp", ONPConfig(iterations=2, samples=16)).effort()) == (2, 1)
     assert epochs(RepairConfig(), get("onp").effort()) == (20, 10)
     assert epochs(RepairConfig(), get("fp").effort()) == (20, 10)
     assert epochs(RepairConfig(unlearn_epochs=4, purify_epochs=3), 0.01) == (4, 3)
@@ -379,16 +381,15 @@ def test_unlearning_and_purification_follow_the_effort_too():
 
 
 def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckpt, tmp_path, monkeypatch):
-    """`onp-fast repair --iterations 2 --samples 4` (8 of 960 masks) synthesises the proxies in 1 step of 20
-    images per class; --trigger-steps sets the steps by hand (24 images)."""
+    """`onp-fast repair --iterations 2 --samples 4` (8 of 320 masks) synthesises the proxies in 2 steps of 8
+    images per class (50 x 12 x 8 / 320 = 15 per class); --trigger-steps sets the steps by hand (12 images)."""
     import onp_fast.prepare.context as context_mod
 
     seen = []
     real = context_mod.synthesize_proxies
     monkeypatch.setattr(context_mod, "synthesize_proxies", lambda *a, **k: seen.append((k["steps"], k["batch"]))
                         or real(*a, **k))
-    short = (math.ceil(100 * 8 / 960), math.ceil(2400 * 8 / 960))
-    for extra, want in (([], short), (["--trigger-steps", "3"], (3, 24))):
+    for extra, want in (([], (2, 8)), (["--trigger-steps", "3"], (3, 12))):
         out = tmp_path / f"r{len(seen)}.pt"
         res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
                                         "--defense-size", "40", "--purify", "none", *FAST, *extra])

@@ -55,7 +55,7 @@ def _weights(text: str | None):
                    "`onp-fast scan --image` draws them (default OUT.trigger.png; not written without proxies).")
 @click.option("--method", default="onp", show_default=True,
               help="Pruning defense: onp (ours), fp, anp, rnp or clp; every one uses the same held-out depth rule.")
-@click.option("--iterations", type=click.IntRange(min=1), default=None, help="ONP: RL iterations [default: 60].")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="ONP: RL iterations [default: 20].")
 @click.option("--samples", type=click.IntRange(min=2), default=None,
               help="ONP: masks scored per iteration (K) [default: 16].")
 @click.option("--algorithm", type=click.Choice(["ppo", "reinforce"]), default=None, help="ONP: [default: ppo].")
@@ -64,7 +64,7 @@ def _weights(text: str | None):
                    "features, the rest never pruned (0: every group) [default: 2048].")
 @click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_t=1,ca_u=0,ca_p=0,sparsity=0.1")
 @click.option("--trigger-steps", type=click.IntRange(min=1), default=None,
-              help="Optimisation steps of the trigger proxies [default: 100, scaled down with a run of fewer RL "
+              help="Optimisation steps of the trigger proxies [default: 50, scaled down with a run of fewer RL "
                    "iterations x samples than ONP's defaults].")
 @click.option("--tolerance", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="Accuracy drop (a fraction) allowed on the held-out defense images when choosing the depth "

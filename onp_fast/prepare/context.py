@@ -18,15 +18,14 @@ from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
 from ..torchutil import DEFAULT_DEVICE, check_device
 from .perturb import adversarial_perturbations
-from .trigger import (DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES, FAMILIES, MAX_CLASSES, ProxySet, TriggerProxy,
-                      synthesize_proxies)
+from .trigger import (DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES, FAMILIES, MAX_CLASSES, TRIGGER_BATCH, TRIGGER_LR,
+                      TRIGGER_STEPS, ProxySet, TriggerProxy, synthesize_proxies)
 from .unlearn import unlearn
 
 
 PURIFY_MODES = ("auto", "none", "sam", "proxy", "sam+proxy")  # auto: the method's own default (Defense.purify)
 UNLEARN_BATCH = 128  # images per step of prepare's unlearning
 UNLEARN_EPOCHS = 20  # the most epochs of prepare's unlearning at full effort (it stops earlier at its target)
-TRIGGER_STEPS, TRIGGER_BATCH = 100, 24  # the trigger proxies' Adam steps and images per class at full effort
 PURIFY_EPOCHS = 10  # purification epochs at full effort
 
 
@@ -52,6 +51,7 @@ class RepairConfig:
     anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
     trigger_steps: int | None = None  # the proxies' Adam steps; None: TRIGGER_STEPS (`repair` CLI: with_effort)
     trigger_batch: int | None = None  # images per class per step; None: TRIGGER_BATCH (`repair` CLI: with_effort)
+    trigger_lr: float = TRIGGER_LR  # the proxies' Adam learning rate
     trigger_classes: int = MAX_CLASSES  # classes whose proxies are optimised; more are screened first
     trigger_families: tuple[str, ...] = DEFAULT_FAMILIES  # proxy families (prepare.trigger.FAMILIES)
     purify_families: tuple[str, ...] = DEFAULT_PURIFY_FAMILIES  # synthesised for purification only (never the suspect)
@@ -94,6 +94,8 @@ class RepairConfig:
             raise UserError("the purification learning rate must be positive and its gradient clip not negative")
         if not (math.isfinite(self.tolerance) and self.tolerance <= 1):  # negative: no change is allowed at all
             raise UserError(f"the tolerance is a drop in accuracy, a fraction up to 1: got {self.tolerance}")
+        if not (math.isfinite(self.trigger_lr) and self.trigger_lr > 0):
+            raise UserError(f"trigger_lr must be a positive number, not {self.trigger_lr}")
         for key in ("trigger_steps", "trigger_batch"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"{key} must be at least 1 (or None: by the methods' effort), not {getattr(self, key)}")
@@ -307,11 +309,11 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
 
 def trigger_settings(cfg: RepairConfig) -> dict:
     """synthesize_proxies' keywords under cfg: seed, steps and batch (trigger_steps / trigger_batch; None: full
-    effort, TRIGGER_STEPS / TRIGGER_BATCH), max_classes, families (trigger_families, and purify_families unless
-    cfg.purify is "none") and detect (trigger_families: only they may name the suspect)."""
+    effort, TRIGGER_STEPS / TRIGGER_BATCH), lr (trigger_lr), max_classes, families (trigger_families, and
+    purify_families unless cfg.purify is "none") and detect (trigger_families: only they may name the suspect)."""
     both = set(cfg.trigger_families) | set(cfg.purify_families if cfg.purify != "none" else ())
     return {"seed": cfg.seed, "steps": TRIGGER_STEPS if cfg.trigger_steps is None else cfg.trigger_steps,
-            "batch": TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch,
+            "batch": TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch, "lr": cfg.trigger_lr,
             "max_classes": cfg.trigger_classes, "families": tuple(f for f in FAMILIES if f in both),
             "detect": cfg.trigger_families}
 

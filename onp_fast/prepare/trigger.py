@@ -44,6 +44,8 @@ LAM_BLEND = 4.0  # the blend family's penalty on its strength (measurements: doc
 PERIODIC_LR = 0.05  # the periodic family's Adam rate (measurements: docs/design.md, "A periodic proxy family")
 MAD_FLOOR = 0.05  # the least MAD, as a fraction of the median norm (measurements: docs/design.md)
 MAX_CLASSES = 16  # classes whose proxies are optimised together; more are screened first (docs/design.md)
+# the proxies' Adam steps, images per class per step and Adam rate at full effort (docs/design.md, "Repair time")
+TRIGGER_STEPS, TRIGGER_BATCH, TRIGGER_LR = 50, 12, 0.2
 
 
 def _patch(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -194,8 +196,9 @@ class ProxySet:
                         classes=self.classes, reference=self.reference, detect=self.detect)
 
 
-def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
-                       batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1,
+def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
+                       steps: int = TRIGGER_STEPS, batch: int = TRIGGER_BATCH, lam: float = 10.0,
+                       lam_additive: float = 10.0, lr: float = TRIGGER_LR,
                        lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND,
                        seed: int = 0, families: tuple[str, ...] = DEFAULT_FAMILIES, max_classes: int = MAX_CLASSES,
                        detect: tuple[str, ...] | None = None, progress: bool = False,
@@ -300,8 +303,9 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
                     reference=reference, detect=detect)
 
 
-def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, steps: int = 100,
-                   batch: int = 24, lam: float = 10.0, lam_additive: float = 10.0, lr: float = 0.1, seed: int = 0,
+def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
+                   steps: int = TRIGGER_STEPS, batch: int = TRIGGER_BATCH, lam: float = 10.0,
+                   lam_additive: float = 10.0, lr: float = TRIGGER_LR, seed: int = 0,
                    lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND,
                    families: tuple[str, ...] = DEFAULT_FAMILIES, progress: bool = False,
                    max_memory: int | str | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ class ONPConfig:
     model has more: screen.py; 0: every group) and the graphs (intra-layer cosine threshold, cross-layer
     top-k)."""
 
-    iterations: int = 60
+    iterations: int = 20  # why: docs/design.md, "Repair time"
     samples: int = 16
     algorithm: str = "ppo"  # or "reinforce"
     conv: str = "sage"  # or "gat"
@@ -108,6 +108,6 @@ class ONP(Defense):
         return onp_scores(ctx, self.config)
 
     def effort(self) -> float:
-        """The masks its RL scores (iterations x samples) as a share of the defaults' (60 x 16), at most 1."""
+        """The masks its RL scores (iterations x samples) as a share of the defaults' (ONPConfig()), at most 1."""
         default = ONPConfig()
         return min(1.0, self.config.iterations * self.config.samples / (default.iterations * default.samples))
