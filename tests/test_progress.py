@@ -12,8 +12,8 @@ from onp_fast.defenses.anp import ANPConfig, anp_masks
 from onp_fast.defenses.onp.defense import ONPConfig, onp_scores
 from onp_fast.defenses.rnp import rnp_scores
 from onp_fast.prepare import Phase, RepairConfig, finetune_pruned, prepare
-from onp_fast.progress import bar, note
 from onp_fast.prepare.trigger import TRIGGER_STEPS
+from onp_fast.progress import bar, note
 from onp_fast.repair import RewardWeights, choose_depth
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,8 +23,8 @@ def _table(rows: list[tuple[str, dict]]) -> list[str]:
 @click.option("--attack", "attack_name", default="badnets", show_default=True)
 @click.option("--width", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--iterations", type=click.IntRange(min=1), default=20, show_default=True,
-              help="RL iterations of the repair.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="RL iterations of the repair [default: repair's, 20].")
 @click.option("--defense-size", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--graphs", is_flag=True, help="Instead: the neuron graphs of a built-in PreActResNet-18, per layer.")
