@@ -9,6 +9,7 @@ decisions. Outside a process group (the default) nothing here changes anything.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -28,7 +29,9 @@ def init_from_env(device: str = "cpu") -> tuple[int, int, str]:
     """Joins the process group that torchrun describes in the environment (WORLD_SIZE > 1; RANK, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT): gloo on the CPU, NCCL on CUDA, where each rank takes cuda:LOCAL_RANK when device
     is "cuda" (a device with an index is taken as given). Without WORLD_SIZE > 1, or when a group exists
-    already, nothing is done. -> (rank, world size, the device this rank uses)."""
+    already, nothing is done. A group joined here is destroyed at interpreter exit (`leave`): left to the
+    interpreter's teardown, gloo's worker threads abort the process. -> (rank, world size, the device this rank
+    uses)."""
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if size <= 1 or (dist.is_available() and dist.is_initialized()):
         return world() + (device,)
@@ -40,7 +43,14 @@ def init_from_env(device: str = "cpu") -> tuple[int, int, str]:
     if cuda:
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(leave)
     return world() + (device,)
+
+
+def leave() -> None:
+    """Destroys the current process group, if any (after a caller's own `destroy_process_group`, nothing)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share(k: int, rank: int, size: int) -> slice:
