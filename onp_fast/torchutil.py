@@ -41,6 +41,35 @@ def keep_freed_memory(keep: bool = True) -> bool:
     return all(mallopt(param, value) == 1 for param, value in (_KEEP if keep else _RETURN))
 
 
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def check_precision(precision: str, device: str | torch.device) -> str:
+    """precision (one of PRECISIONS) -> itself; UserError (one line) for another name, and for float16 on a CPU
+    (CPU autocast runs float16 convolutions without hardware support: slower than float32)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "float16" and torch.device(device).type != "cuda":
+        raise UserError("float16 precision needs a CUDA device: use bfloat16 on the CPU")
+    return precision
+
+
+def autocast(device: str | torch.device, precision: str = "float32"):
+    """The context under which a model runs at `precision` on `device` (check_precision's names): float32 runs
+    as is (a no-op context, every result bit for bit as without it); bfloat16 / float16 is torch.autocast, so
+    convolutions and matrix products take that dtype while weights, masks' optimisers and reductions stay
+    float32. Its weight cache is off: a training loop inside the block (purification) updates the weights in
+    place, and autocast's cached low-precision copies would keep every later forward on the first weights."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, precision), cache_enabled=False)
+
+
+def full_precision(device: str | torch.device):
+    """Within the block autocast is off on `device` (a check whose decision must not depend on the precision)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def done_training(params) -> None:
     """After a model's training: each of `params` stops requiring grad and drops its gradient (a copy of the
     weights no later step reads)."""

@@ -68,12 +68,13 @@ def test_bench_policy_rows_show_backend_and_throughput(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["bench", "--quick", "--only", "policy", "--json", str(out)])
     assert result.exit_code == 0, result.output
     entries = json.loads(out.read_text())
-    assert [e["impl"] for e in entries] == ["hooks", "engine"]
+    assert [e["impl"] for e in entries] == ["hooks", "engine", "engine_bf16"]
     assert all(e["name"].startswith("repair policy phase") and "digits" in e["name"] for e in entries)
-    hooks, engine = entries
-    assert engine["baseline"] == "hooks" and engine["speedup"] > 0 and hooks["speedup"] is None
+    hooks, engine, low = entries
+    assert engine["baseline"] == low["baseline"] == "hooks" and engine["speedup"] > 0 and hooks["speedup"] is None
+    assert [e["precision"] for e in entries] == ["float32", "float32", "bfloat16"]
     for e in entries:
-        assert e["backend"] == e["impl"] and e["K"] == 3 and e["images_per_mask"] > 20  # clean + stamped
+        assert e["backend"] == e["impl"].split("_")[0] and e["K"] == 3 and e["images_per_mask"] > 20  # clean + stamped
         assert e["masks_per_s"] > 0 and e["images_per_s"] == pytest.approx(e["masks_per_s"] * e["images_per_mask"],
                                                                           rel=0.01)
     assert "masks/s" in result.output and "engine" in result.output
@@ -84,5 +85,6 @@ def test_bench_policy_backends_score_the_same_rewards(monkeypatch):
 
     monkeypatch.setattr(bench_policy, "K", 3)
     monkeypatch.setattr(bench_policy, "N_IMAGES", 20)
-    hooks, engine = bench_policy.cases(quick=True)
+    hooks, engine, low = bench_policy.cases(quick=True)
     torch.testing.assert_close(engine.fn(), hooks.fn(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(low.fn(), hooks.fn(), rtol=0, atol=0.02)  # bfloat16: close, not equal

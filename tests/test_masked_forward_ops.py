@@ -11,11 +11,11 @@ from onp_fast.ops.reference import bn_mask_relu_reference, reward_epilogue_refer
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def operands(kx, k, shape, channels_last, with_index, seed=0, device="cpu"):
-    """x [kx, B, C, *S], scale/shift [k, C], index [k, C'] with -1 entries (or None)."""
+def operands(kx, k, shape, channels_last, with_index, seed=0, device="cpu", dtype=torch.float32):
+    """x [kx, B, C, *S] of `dtype`, scale/shift [k, C] float32, index [k, C'] with -1 entries (or None)."""
     g = torch.Generator().manual_seed(seed)
     B, C, *S = shape
-    x = torch.randn(kx, B, C, *S, generator=g)
+    x = torch.randn(kx, B, C, *S, generator=g).to(dtype)
     if channels_last:
         x = x.movedim(2, -1).contiguous().movedim(-1, 2)
     scale = torch.randn(k, C, generator=g)
@@ -37,25 +37,43 @@ CASES = [(kx, k, shape, cl, idx, relu)
          if not (cl and len(shape) == 2)]
 
 
+# x's dtypes: float32, and the low-precision activations of torch.autocast (scale/shift stay float32).
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def assert_matches_reference(out, want):
+    """out (the op) against want (bn_mask_relu_reference), both of x's dtype. Low precision: both load x exactly
+    into float32, compute x * scale + shift (+ ReLU) in float32 with the same two roundings (no FMA on the CPU)
+    and round once to x's dtype, so they are bit-equal. float32: as tight as that, with slack for the last bit."""
+    assert out.dtype == want.dtype
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(out, want), f"{out.dtype}: max |diff| {(out.float() - want.float()).abs().max().item()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kx,k,shape,cl,idx,relu", CASES)
-def test_bn_mask_relu_matches_reference(kx, k, shape, cl, idx, relu):
-    x, scale, shift, index = operands(kx, k, shape, cl, idx)
+def test_bn_mask_relu_matches_reference(kx, k, shape, cl, idx, relu, dtype):
+    x, scale, shift, index = operands(kx, k, shape, cl, idx, dtype=dtype)
     out = bn_mask_relu(x, scale, shift, index, relu)
     want = bn_mask_relu_reference(x, scale, shift, index, relu)
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    assert out.dtype == dtype
+    assert_matches_reference(out, want)
     if cl and shape[2:] != (1, 1):
         assert out.stride(2) == 1, "channels-last input must give a channels-last output"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cl", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
-def test_bn_mask_relu_inplace(cl, relu):
-    x, scale, shift, _ = operands(3, 3, (2, 5, 4, 3), cl, False)
+def test_bn_mask_relu_inplace(cl, relu, dtype):
+    x, scale, shift, _ = operands(3, 3, (2, 5, 4, 3), cl, False, dtype=dtype)
     want = bn_mask_relu_reference(x, scale, shift, None, relu)
     ptr = x.data_ptr()
     out = bn_mask_relu_(x, scale, shift, relu)
-    assert out.data_ptr() == ptr
-    torch.testing.assert_close(x, want, rtol=1e-6, atol=1e-6)
+    assert out.data_ptr() == ptr and x.dtype == dtype
+    assert_matches_reference(x, want)
 
 
 def test_bn_mask_relu_rejects_bad_input():
@@ -66,8 +84,12 @@ def test_bn_mask_relu_rejects_bad_input():
         bn_mask_relu(x, scale[:1].repeat(3, 1), shift[:1].repeat(3, 1))
     with pytest.raises(RuntimeError, match="out of range"):
         bn_mask_relu(x, scale, shift, torch.tensor([[7], [0]]))
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         bn_mask_relu(x.double(), scale, shift)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        bn_mask_relu_(x.double(), scale, shift)
+    with pytest.raises(RuntimeError, match="scale/shift must be float32"):
+        bn_mask_relu(x.bfloat16(), scale.bfloat16(), shift.bfloat16())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -98,11 +120,12 @@ def test_reward_epilogue_rejects_bad_labels():
         reward_epilogue(torch.randn(2, 3, 4), torch.tensor([0, 1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cl,idx", [(False, False), (True, True)])
-def test_opcheck_bn_mask_relu(cl, idx):
-    x, scale, shift, index = operands(1, 3, (2, 5, 4, 3), cl, idx)
+def test_opcheck_bn_mask_relu(cl, idx, dtype):
+    x, scale, shift, index = operands(1, 3, (2, 5, 4, 3), cl, idx, dtype=dtype)
     torch.library.opcheck(torch.ops.onp_fast.bn_mask_relu.default, (x, scale, shift, index, True))
-    x3, scale3, shift3, _ = operands(3, 3, (2, 5, 4, 3), cl, False)
+    x3, scale3, shift3, _ = operands(3, 3, (2, 5, 4, 3), cl, False, dtype=dtype)
     torch.library.opcheck(torch.ops.onp_fast.bn_mask_relu_.default, (x3, scale3, shift3, True))
 
 
@@ -111,13 +134,21 @@ def test_opcheck_reward_epilogue():
     torch.library.opcheck(torch.ops.onp_fast.reward_epilogue.default, (logits, labels))
 
 
+# CUDA vs the reference: nvcc may fuse x * scale + shift into one FMA (one float32 rounding fewer), so the float32
+# results may differ in the last bit (atol covers cancellation near 0) and the low-precision roundings may then
+# land on neighbouring values: one ulp of x's dtype, relative 2**-7 (bfloat16) or 2**-10 (float16).
+CUDA_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
 @CUDA
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kx,k,shape,cl,idx,relu", CASES[::3])
-def test_bn_mask_relu_cuda(kx, k, shape, cl, idx, relu):
-    x, scale, shift, index = operands(kx, k, shape, cl, idx, device="cuda")
+def test_bn_mask_relu_cuda(kx, k, shape, cl, idx, relu, dtype):
+    x, scale, shift, index = operands(kx, k, shape, cl, idx, device="cuda", dtype=dtype)
     out = bn_mask_relu(x, scale, shift, index, relu)
+    assert out.dtype == dtype
     torch.testing.assert_close(out.cpu(), bn_mask_relu_reference(x, scale, shift, index, relu).cpu(),
-                               rtol=1e-6, atol=1e-6)
+                               rtol=CUDA_RTOL[dtype], atol=1e-6)
     y = x.clone() if kx == k and index is None else None
     if y is not None:
         bn_mask_relu_(y, scale, shift, relu)

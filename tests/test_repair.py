@@ -453,3 +453,20 @@ def test_cli_repair_reward_sequential_option(tiny_ckpt, tmp_path):
     bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out",
                                     str(tmp_path / "fixed.pt"), "--reward-sequential", "1", *FAST])
     assert bad.exit_code == 2 and "reward-sequential" in bad.output
+
+
+def test_cli_repair_precision_option(tiny_ckpt, tmp_path):
+    """--precision bfloat16 reaches the config and purification's report; float16 on a CPU and an unknown name
+    are one-line errors before any work."""
+    res, report = _short_repair(tiny_ckpt, tmp_path, "--precision", "bfloat16", "--purify", "sam+proxy",
+                                "--purify-epochs", "1")
+    assert report["config"]["precision"] == "bfloat16"
+    assert report["purify"]["precision"] == "bfloat16"
+    for value, needle in (("float16", "float16 precision needs a CUDA device"), ("fp8", "fp8")):
+        bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out",
+                                        str(tmp_path / "bad.pt"), "--precision", value, *FAST])
+        if value == "fp8":  # click's own choice check
+            assert bad.exit_code == 2 and needle in bad.output
+        else:
+            one_line_error(bad, needle)
+        assert not (tmp_path / "bad.pt").exists()

@@ -21,11 +21,12 @@ BnMaskArgs bn_mask_prepare(const at::Tensor& x, const at::Tensor& scale, const a
 at::Tensor bn_mask_empty_out(const BnMaskArgs& a, const at::Tensor& x);
 void reward_epilogue_check(const at::Tensor& logits, const at::Tensor& labels);
 
-// x [Kx, B, C, *S] float32 (each x[k] contiguous or channels-last), scale/shift [K, C] float32,
-// index [K, C'] int64 (-1 = zero channel) or none -> [K, B, C', *S] in x's per-mask layout.
+// x [Kx, B, C, *S] float32, bfloat16 or float16 (each x[k] contiguous or channels-last), scale/shift [K, C]
+// float32, index [K, C'] int64 (-1 = zero channel) or none -> [K, B, C', *S] of x's dtype in x's per-mask
+// layout. Math in float (mf::bn_mask_act), rounded once to x's dtype.
 at::Tensor bn_mask_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                             const std::optional<at::Tensor>& index, bool relu);
-// In place on x [K, B, C, *S] (dense per mask, either layout).
+// In place on x [K, B, C, *S] (float32, bfloat16 or float16; dense per mask, either layout).
 void bn_mask_relu_inplace_cpu(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu);
 // logits [K, B, C] float, labels [B] int64 -> (correct [K] int64, ce_sum [K] float64, counts [K, C] int64,
 // prob_sum [K] float64: the summed softmax probability of the label).

@@ -1,5 +1,7 @@
 // CUDA kernels of the masked-forward reward ops. Raw pointers, sizes and streams only (no torch headers);
 // the torch-facing glue is csrc/cuda/masked_forward_cuda.cpp. Layouts as in csrc/cpu/masked_forward_cpu.h.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -10,9 +12,19 @@
 namespace onp_fast {
 namespace {
 
-// One thread per output element. channels_last: out [K, B, S, Cout], x [Kx, B, S, C];
-// else out [K, B, Cout, S], x [Kx, B, C, S]. index [K, Cout] (-1 = zero) or null; out may alias x.
-__global__ void bn_mask_act_kernel(const float* x, float* out, const float* scale, const float* shift,
+// Element <-> float conversions of bn_mask_act_kernel (stores round to nearest even).
+__device__ __forceinline__ float load_elem(const float* p) { return *p; }
+__device__ __forceinline__ float load_elem(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load_elem(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void store_elem(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_elem(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_elem(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// One thread per output element; x and out of element type T. channels_last: out [K, B, S, Cout],
+// x [Kx, B, S, C]; else out [K, B, Cout, S], x [Kx, B, C, S]. index [K, Cout] (-1 = zero) or null;
+// out may alias x.
+template <typename T>
+__global__ void bn_mask_act_kernel(const T* x, T* out, const float* scale, const float* shift,
                                    const int64_t* index, int64_t K, int64_t Kx, int64_t B, int64_t C,
                                    int64_t Cout, int64_t S, bool channels_last, bool relu) {
   const int64_t total = K * B * Cout * S;
@@ -30,13 +42,27 @@ __global__ void bn_mask_act_kernel(const float* x, float* out, const float* scal
     const int64_t k = kb / B, b = kb % B;
     const int64_t c = index ? index[k * Cout + j] : j;
     if (c < 0) {
-      out[e] = 0.f;
+      store_elem(out + e, 0.f);
       continue;
     }
     const int64_t kx = Kx == 1 ? 0 : k;
     const int64_t xi = channels_last ? ((kx * B + b) * S + s) * C + c : ((kx * B + b) * C + c) * S + s;
-    out[e] = mf::bn_mask_act(x[xi], scale[k * C + c], shift[k * C + c], relu);
+    store_elem(out + e, mf::bn_mask_act(load_elem(x + xi), scale[k * C + c], shift[k * C + c], relu));
   }
+}
+
+// Launches bn_mask_act_kernel<T> over total = K * B * Cout * S > 0 output elements.
+template <typename T>
+cudaError_t launch_bn_mask_act_typed(const void* x, void* out, const float* scale, const float* shift,
+                                     const int64_t* index, int64_t K, int64_t Kx, int64_t B, int64_t C, int64_t Cout,
+                                     int64_t S, bool channels_last, bool relu, cudaStream_t stream) {
+  const int64_t total = K * B * Cout * S;
+  const int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  const int grid = (int)(blocks < 65535 * 8 ? blocks : 65535 * 8);
+  bn_mask_act_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out), scale, shift,
+                                                      index, K, Kx, B, C, Cout, S, channels_last, relu);
+  return cudaGetLastError();
 }
 
 constexpr int kEpilogueThreads = 256;
@@ -81,17 +107,22 @@ __global__ void reward_epilogue_kernel(const float* logits, const int64_t* label
 
 }  // namespace
 
-cudaError_t launch_bn_mask_act(const float* x, float* out, const float* scale, const float* shift,
+cudaError_t launch_bn_mask_act(const void* x, void* out, ElemType elem, const float* scale, const float* shift,
                                const int64_t* index, int64_t K, int64_t Kx, int64_t B, int64_t C, int64_t Cout,
                                int64_t S, bool channels_last, bool relu, cudaStream_t stream) {
-  const int64_t total = K * B * Cout * S;
-  if (total == 0) return cudaSuccess;
-  const int threads = 256;
-  const int64_t blocks = (total + threads - 1) / threads;
-  const int grid = (int)(blocks < 65535 * 8 ? blocks : 65535 * 8);
-  bn_mask_act_kernel<<<grid, threads, 0, stream>>>(x, out, scale, shift, index, K, Kx, B, C, Cout, S,
-                                                   channels_last, relu);
-  return cudaGetLastError();
+  if (K * B * Cout * S == 0) return cudaSuccess;
+  switch (elem) {
+    case ElemType::kFloat32:
+      return launch_bn_mask_act_typed<float>(x, out, scale, shift, index, K, Kx, B, C, Cout, S, channels_last, relu,
+                                             stream);
+    case ElemType::kFloat16:
+      return launch_bn_mask_act_typed<__half>(x, out, scale, shift, index, K, Kx, B, C, Cout, S, channels_last,
+                                              relu, stream);
+    case ElemType::kBFloat16:
+      return launch_bn_mask_act_typed<__nv_bfloat16>(x, out, scale, shift, index, K, Kx, B, C, Cout, S,
+                                                     channels_last, relu, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_reward_epilogue(const float* logits, const int64_t* labels, int64_t K, int64_t B, int64_t C,

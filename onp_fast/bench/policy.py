@@ -1,8 +1,8 @@
 """Bench cases of the reward the repair's policy phase computes: one RL iteration's K = 16 masks (each group
 pruned with probability 0.02, the default policy's early samples) scored by MaskScorer on 128 clean images
 and the ~115 of them stamped with a trigger proxy (CA_B and CA_T, the default reward). Impls: `hooks` (one
-hooked forward per mask, the reference: the baseline) and `engine` (RewardEngine over the groups' mask
-points, batched). Models: the digits model's shape (PreActResNet-18 width 0.5, 1x16x16) and, without
+hooked forward per mask, the reference: the baseline), `engine` (RewardEngine over the groups' mask
+points, batched) and `engine_bf16` (the engine under bfloat16 autocast, `repair --precision bfloat16`). Models: the digits model's shape (PreActResNet-18 width 0.5, 1x16x16) and, without
 --quick, the shapes model's (width 0.5, 3x32x32), random weights with non-trivial BN statistics. Every
 entry's `note` holds the backend's masks/s and images/s (from its fastest call).
 """
@@ -73,9 +73,12 @@ def _model_cases(name: str, quick: bool) -> list[Case]:
     prune = torch.rand(K, groups.num_groups, generator=g) < PRUNE_P
     title = f"repair policy phase: reward of one RL iteration, {name} model (preactresnet18 w=0.5 {channels}x{size}x{size}) K={K}"
     out = []
-    for backend in ("hooks", "engine"):
-        scorer = MaskScorer(groups, model, x, y, RewardWeights(), trigger=_Stamp(), backend=backend)
-        info = {"model": name, "K": K, "images_per_mask": scorer.images_per_mask(), "backend": backend}
-        out.append(Case(title, backend, _Throughput(scorer, prune, info),
-                        baseline=None if backend == "hooks" else "hooks", repeats=2 if quick else 3, info=info))
+    for impl, backend, precision in (("hooks", "hooks", "float32"), ("engine", "engine", "float32"),
+                                     ("engine_bf16", "engine", "bfloat16")):
+        scorer = MaskScorer(groups, model, x, y, RewardWeights(), trigger=_Stamp(), backend=backend,
+                            precision=precision)
+        info = {"model": name, "K": K, "images_per_mask": scorer.images_per_mask(), "backend": backend,
+                "precision": precision}
+        out.append(Case(title, impl, _Throughput(scorer, prune, info),
+                        baseline=None if impl == "hooks" else "hooks", repeats=2 if quick else 3, info=info))
     return out

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, compute_options,
-                      data_files, defense_images, load_model_and_data, purify_families_option,
-                      trigger_families_option)
+from ..torchutil import PRECISIONS
+from .options import (accuracy_check_option, check_defense_accuracy, checkpoint_options, compute_options, data_files,
+                      defense_images, load_model_and_data, purify_families_option, trigger_families_option)
 
 
 def _default(out: Path, suffix: str) -> Path:
@@ -76,6 +76,10 @@ def _weights(text: str | None):
               show_default=True,
               help="ONP's policy: score every mask on this share of the reward images first and stop scoring the "
                    "masks whose clean accuracy already fails the tolerance by three standard errors (0: off).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
+              help="Precision of the policy's masks and of purification (autocast); the trigger proxies, the depth "
+                   "rule and every accuracy check stay float32. bfloat16 needs a CPU with native bfloat16 "
+                   "(AVX512-BF16 or AMX) or a GPU to be faster; float16 is for CUDA only.")
 @click.option("--compact", "compact_model", is_flag=True,
               help="Remove pruned channels physically (written as TorchScript: its shapes no longer match the arch).")
 @click.option("--purify", type=click.Choice(["auto", "none", "sam", "proxy", "sam+proxy"]), default="auto",
@@ -100,7 +104,7 @@ def _weights(text: str | None):
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
             iterations, samples, algorithm, actions, reward_weights, trigger_steps, tolerance, reward_backend, reward_sequential,
-            compact_model, trigger_families, purify_families,
+            precision, compact_model, trigger_families, purify_families,
             purify,
             purify_epochs, purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet,
             device, max_memory, **model_opts):
@@ -134,7 +138,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     rank, _, device = init_from_env(device)  # under torchrun: mask scoring shared; rank 0 alone writes and talks
     quiet = quiet or rank > 0
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,
-                       reward_backend=reward_backend, reward_sequential=reward_sequential,
+                       reward_backend=reward_backend, reward_sequential=reward_sequential, precision=precision,
                        trigger_steps=trigger_steps, trigger_families=trigger_families,
                        purify_families=purify_families, purify=purify,
                        purify_epochs=purify_epochs, **given,

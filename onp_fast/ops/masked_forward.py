@@ -23,6 +23,7 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 def _out_like(x: torch.Tensor, k: int, cout: int) -> torch.Tensor:
+    """Empty [K, B, C', *S] of x's dtype and device, in x's per-mask layout (bn_mask_empty_out in C++)."""
     spatial = list(x.shape[3:])
     if _channels_last(x):
         return x.new_empty([k, x.shape[1], *spatial, cout]).movedim(-1, 2)
@@ -51,19 +52,21 @@ def bn_mask_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, inde
                  relu: bool = True) -> torch.Tensor:
     """Fused eval-BN + mask (+ ReLU) for K masks, gathering the surviving channels.
 
-    x:     [Kx, B, C, *S] float32, Kx in {1, K} (1: one input shared by all masks, e.g. the unmasked prefix);
-           each x[k] contiguous or channels-last (the output keeps that layout).
+    x:     [Kx, B, C, *S] float32, bfloat16 or float16, Kx in {1, K} (1: one input shared by all masks, e.g. the
+           unmasked prefix); each x[k] contiguous or channels-last (the output keeps that layout).
     scale: [K, C] float32, m * gamma' / sqrt(var + eps) (m the mask, gamma' the perturbed BN weight).
     shift: [K, C] float32, m * (beta' - mean * gamma' / sqrt(var + eps)).
     index: [K, C'] int64 or None; output channel j of mask k is input channel index[k, j] (-1: all zero).
-    Returns [K, B, C', *S] float32: act(x[k, :, index[k, j]] * scale[k, c] + shift[k, c]), act = ReLU or identity.
+    Returns [K, B, C', *S] of x's dtype: act(x[k, :, index[k, j]] * scale[k, c] + shift[k, c]), act = ReLU or
+    identity, computed in float32 and rounded once to x's dtype (bfloat16 x, e.g. under torch.autocast, stays bf16).
     """
     return torch.ops.onp_fast.bn_mask_relu(x, scale, shift, index, relu)
 
 
 def bn_mask_relu_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool = True) -> torch.Tensor:
-    """In-place bn_mask_relu without channel gathering. x: [K, B, C, *S] float32, dense per mask (contiguous
-    or channels-last); scale/shift [K, C] float32. Returns x."""
+    """In-place bn_mask_relu without channel gathering. x: [K, B, C, *S] float32, bfloat16 or float16, dense per
+    mask (contiguous or channels-last); scale/shift [K, C] float32 (math in float32, one rounding to x's dtype).
+    Returns x."""
     torch.ops.onp_fast.bn_mask_relu_(x, scale, shift, relu)
     return x
 

@@ -129,13 +129,17 @@ def neuron_graphs_reference(weights, eps: float = 0.5, dormant_quantile: float =
 
 
 def bn_mask_relu_reference(x, scale, shift, index=None, relu=True):
-    """Same contract as ops.masked_forward.bn_mask_relu: x [Kx, B, C, *S], scale/shift [K, C],
-    index [K, C'] or None -> [K, B, C', *S]."""
+    """Same contract as ops.masked_forward.bn_mask_relu: x [Kx, B, C, *S] float32/bfloat16/float16,
+    scale/shift [K, C] float32, index [K, C'] or None -> [K, B, C', *S] of x's dtype.
+
+    Computed in float32 and rounded once to x's dtype, as the op does.
+    """
     K, C = scale.shape
     extra = [1] * (x.dim() - 3)
-    y = x * scale.view(K, 1, C, *extra) + shift.view(K, 1, C, *extra)
+    y = x.float() * scale.float().view(K, 1, C, *extra) + shift.float().view(K, 1, C, *extra)
     if relu:
         y = torch.relu(y)
+    y = y.to(x.dtype)
     if index is None:
         return y
     y = torch.cat([y, torch.zeros_like(y[:, :, :1])], dim=2)  # channel C: the zero channel for index -1

@@ -16,7 +16,7 @@ from ..groups import NeuronGroups, find_groups
 from ..memory import DEFAULT_MAX_MEMORY, MODEL_COPIES, format_bytes, micro_batch, parse_memory, reserved_bytes
 from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
-from ..torchutil import DEFAULT_DEVICE, check_device
+from ..torchutil import DEFAULT_DEVICE, check_device, check_precision
 from .perturb import adversarial_perturbations
 from .trigger import (DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES, FAMILIES, MAX_CLASSES, TRIGGER_BATCH, TRIGGER_LR,
                       TRIGGER_STEPS, ProxySet, TriggerProxy, synthesize_proxies)
@@ -44,6 +44,7 @@ class RepairConfig:
     reward_batch: int = 128  # images of D_opt scored per reward call (a fixed seeded subset)
     reward_backend: str = "engine"  # engine (batched RewardEngine) or hooks (one hooked forward per mask; reference)
     reward_sequential: float = 0.0  # the policy's sequential test: share of the images in its first look (0: off)
+    precision: str = "float32"  # the policy's masks' and purification's forwards (autocast); decisions stay float32
     perturbations: int = 2  # adversarial neuron perturbations for CA_P (when its weight is not 0)
     perturb_eps: float = 0.4
     unlearn_lr: float = 0.01
@@ -79,6 +80,7 @@ class RepairConfig:
         if not 0 <= self.reward_sequential < 1:
             raise UserError(f"reward_sequential is a share of the images in [0, 1): got {self.reward_sequential}")
         self.device = str(check_device(self.device))
+        check_precision(self.precision, self.device)
         if self.max_memory is not None:
             parse_memory(self.max_memory)
         if self.purify not in PURIFY_MODES:
@@ -205,7 +207,8 @@ class DefenseContext:
     def scorer(self, on: str = "opt") -> MaskScorer:
         """The reward (onp.md section 5) on the fixed seeded D_opt subset of `reward_batch` images (on="opt") or
         on all of D_val (on="val"), computed by the `reward_backend`; the sequential test (`reward_sequential`,
-        against the depth rule's `tolerance`) on D_opt only: the depth rule scores every depth on every image."""
+        against the depth rule's `tolerance`) and the `precision` on D_opt only: the depth rule scores every depth
+        on every image at float32."""
         if on == "val":
             x, y = self.x_val, self.y_val
         else:
@@ -216,7 +219,8 @@ class DefenseContext:
                           self.trigger, backend=self.cfg.reward_backend,
                           max_memory=(DEFAULT_MAX_MEMORY if self.cfg.activation_memory is None
                                       else self.cfg.activation_memory),
-                          sequential=self.cfg.reward_sequential if on == "opt" else 0.0, tolerance=self.cfg.tolerance)
+                          sequential=self.cfg.reward_sequential if on == "opt" else 0.0, tolerance=self.cfg.tolerance,
+                          precision=self.cfg.precision if on == "opt" else "float32")
 
 
 MIN_DEFENSE_IMAGES = 10  # a defense set may hold fewer images than classes (1,000 classes) but not fewer than this

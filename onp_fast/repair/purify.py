@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..prepare import PURIFY_EPOCHS, DefenseContext, accuracy_of, finetune_pruned
+from ..torchutil import autocast, full_precision
 
 DISTILL_TEMPERATURE = 2.0
 
@@ -30,7 +31,8 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     (annealed to 0 by a cosine over the steps when `purify_cosine`), each step's gradient clipped to norm
     `purify_clip` (0: not clipped). After each epoch CA on D_val is measured; the model kept is the one after the
     last epoch whose CA stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and "kept": False when none
-    does: the model is put back as it was). A bar of its steps on stderr when ctx.progress. -> the report part."""
+    does: the model is put back as it was). The steps run at `precision` (`torchutil.autocast`), the held-out
+    check at float32. A bar of its steps on stderr when ctx.progress. -> the report part."""
     cfg = ctx.cfg
     epochs = PURIFY_EPOCHS if cfg.purify_epochs is None else cfg.purify_epochs
     clip = cfg.purify_clip or None
@@ -48,7 +50,8 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     curve = []
 
     def check(epoch):  # the last epoch whose held-out CA stays within the tolerance is what purification keeps
-        ca = accuracy_of(model, ctx.x_val, ctx.y_val, max_memory=cfg.activation_memory)
+        with full_precision(ctx.x_val.device):
+            ca = accuracy_of(model, ctx.x_val, ctx.y_val, max_memory=cfg.activation_memory)
         curve.append(round(ca, 4))
         if ca >= floor:
             for name, value in model.state_dict().items():
@@ -56,14 +59,15 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             best.update(epoch=epoch, ca=ca)
 
     steps: dict = {}
-    finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=epochs, lr=cfg.purify_lr,
-                    seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check,
-                    teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE,
-                    hard_weight=cfg.purify_hard, labels_where_wrong=cfg.purify_labels_where_wrong,
-                    cosine_t_max=0 if cfg.purify_cosine else None,
-                    max_grad_norm=clip, progress=ctx.progress, max_memory=cfg.activation_memory, info=steps)
+    with autocast(ctx.x_opt.device, cfg.precision):
+        finetune_pruned(model, ctx.groups, prune, ctx.x_opt, ctx.y_opt, epochs=epochs, lr=cfg.purify_lr,
+                        seed=cfg.seed, rho=cfg.sam_rho if sam else 0.0, augment=augment, after_epoch=check,
+                        teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE,
+                        hard_weight=cfg.purify_hard, labels_where_wrong=cfg.purify_labels_where_wrong,
+                        cosine_t_max=0 if cfg.purify_cosine else None,
+                        max_grad_norm=clip, progress=ctx.progress, max_memory=cfg.activation_memory, info=steps)
     model.load_state_dict(best["state"])
-    return {"mode": mode, "sam_rho": cfg.sam_rho if sam else 0.0,
+    return {"mode": mode, "precision": cfg.precision, "sam_rho": cfg.sam_rho if sam else 0.0,
             "proxy_images_per_epoch": (len(ctx.x_opt) * (len(proxies.patterns) if cfg.purify_every_family else 1)
                                        if proxies is not None else 0),
             "images": len(ctx.x_opt), "epochs": epochs, "lr": cfg.purify_lr,

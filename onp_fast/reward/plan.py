@@ -50,10 +50,11 @@ def _mask_point(x: torch.Tensor, key: tuple) -> torch.Tensor:
 
 
 def _mask_values(x: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
-    """x [Kx, B, ...] (Kx in {1, K}) times m [K, C] along x's dim `dim` + 1 (C channels there) -> [K, B, ...]."""
+    """x [Kx, B, ...] (Kx in {1, K}) times m [K, C] along x's dim `dim` + 1 (C channels there) -> [K, B, ...] in
+    x's dtype (under autocast the activations may be bfloat16 or float16; the mask follows them)."""
     shape = [m.shape[0]] + [1] * (x.dim() - 1)
     shape[dim + 1] = m.shape[1]
-    return x * m.view(shape)
+    return x * m.to(x.dtype).view(shape)
 
 
 class _Sparse:

@@ -31,6 +31,7 @@ from ..distributed import gather_rows, share, world
 from ..errors import UserError
 from ..groups import NeuronGroups
 from ..memory import DEFAULT_MAX_MEMORY, fit_batch
+from ..torchutil import autocast
 from .engine import RewardEngine
 from .neurons import GroupPoints
 
@@ -75,15 +76,19 @@ class MaskScorer:
     always runs the hooked forward. Device: the models, x and y on one device; masks and the terms [K] on the
     CPU (the engine moves masks to the models and its results back). sequential: the share of the images in the
     sequential test's first look (0: off; module docstring), with `tolerance` the CA_B drop it measures against;
-    it applies where CA_B is on and more than one mask is scored. `scored` counts the masks and image forwards
-    scored so far and the masks the test stopped."""
+    it applies where CA_B is on and more than one mask is scored. precision (`torchutil.PRECISIONS`): the masks
+    of `terms` (and so of a call) run under `torchutil.autocast` at it (float32: as is); `standard_error`
+    always runs at float32. `scored` counts the masks and image forwards scored so far and the masks the test
+    stopped."""
 
     def __init__(self, groups: NeuronGroups, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  weights: RewardWeights, unlearned: nn.Module | None = None,
                  perturbations: torch.Tensor | None = None, trigger=None, batch_size: int = 512,
                  backend: str = "engine", strategy: str = "batched",
-                 max_memory: int | str = DEFAULT_MAX_MEMORY, sequential: float = 0.0, tolerance: float = 0.02):
+                 max_memory: int | str = DEFAULT_MAX_MEMORY, sequential: float = 0.0, tolerance: float = 0.02,
+                 precision: str = "float32"):
         self.backend = check_backend(backend)
+        self.precision = precision
         if not 0 <= sequential < 1:
             raise UserError(f"the sequential test's first look is a share of the images in [0, 1): got {sequential}")
         self.sequential, self.tolerance = sequential, tolerance
@@ -114,7 +119,9 @@ class MaskScorer:
 
     @staticmethod
     def _score(logits: torch.Tensor, y: torch.Tensor, soft: bool) -> torch.Tensor:
-        """[n] float64: 1/0 top-1 correctness, or (soft) the probability of the true label."""
+        """[n] float64: 1/0 top-1 correctness, or (soft) the probability of the true label (logits of any float
+        dtype, taken to float32 first)."""
+        logits = logits.float()
         if soft:
             return logits.softmax(1).gather(1, y.unsqueeze(1)).flatten().double()
         return (logits.argmax(1) == y).double()
@@ -157,8 +164,9 @@ class MaskScorer:
         out = {t: torch.zeros(len(keep)) for t in TERMS if t != "sparsity"}
         out["stopped"] = torch.zeros(len(keep))
         if len(keep):
-            out.update(self._b_t_terms(keep, sequential=k > 1))
-            out.update(self._engine_terms(keep) if self.backend == "engine" else self._hooked_terms(keep))
+            with autocast(self.x.device, self.precision):
+                out.update(self._b_t_terms(keep, sequential=k > 1))
+                out.update(self._engine_terms(keep) if self.backend == "engine" else self._hooked_terms(keep))
         out = gather_rows(out, k)
         stopped = out.pop("stopped").bool()
         out["sparsity"] = prune.float() @ self.group_size
