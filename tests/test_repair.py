@@ -461,6 +461,8 @@ def test_cli_repair_precision_option(tiny_ckpt, tmp_path):
     res, report = _short_repair(tiny_ckpt, tmp_path, "--precision", "bfloat16", "--purify", "sam+proxy",
                                 "--purify-epochs", "1")
     assert report["config"]["precision"] == "bfloat16"
+    assert report["details"]["policy_reward"]["precision"] == "bfloat16"
+    assert "policy reward (engine, bfloat16): 8 masks, " in res.output
     assert report["purify"]["precision"] == "bfloat16"
     for value, needle in (("float16", "float16 precision needs a CUDA device"), ("fp8", "fp8")):
         bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out",

@@ -232,7 +232,8 @@ def summary(report: dict, asked_tolerance: float | None = None) -> str:
     lines.append(memory_line(report["peak_memory"]))
     rate = report["details"].get("policy_reward")
     if rate is not None:
-        lines.append(f"policy reward ({rate['backend']}): {rate['masks']} masks, {rate['masks_per_s']} masks/s, "
+        how = rate["backend"] + (f", {rate['precision']}" if rate.get("precision", "float32") != "float32" else "")
+        lines.append(f"policy reward ({how}): {rate['masks']} masks, {rate['masks_per_s']} masks/s, "
                      f"{rate['images_per_s']} images/s"
                      + (f"; sequential test: first look {rate['sequential']:g} of the images, {rate['stopped']} "
                         "masks stopped there" if rate.get("sequential") else ""))

@@ -31,7 +31,7 @@ from ..distributed import gather_rows, share, world
 from ..errors import UserError
 from ..groups import NeuronGroups
 from ..memory import DEFAULT_MAX_MEMORY, fit_batch
-from ..torchutil import autocast
+from ..torchutil import autocast, check_precision
 from .engine import RewardEngine
 from .neurons import GroupPoints
 
@@ -88,7 +88,7 @@ class MaskScorer:
                  max_memory: int | str = DEFAULT_MAX_MEMORY, sequential: float = 0.0, tolerance: float = 0.02,
                  precision: str = "float32"):
         self.backend = check_backend(backend)
-        self.precision = precision
+        self.precision = check_precision(precision, x.device)
         if not 0 <= sequential < 1:
             raise UserError(f"the sequential test's first look is a share of the images in [0, 1): got {sequential}")
         self.sequential, self.tolerance = sequential, tolerance
