@@ -382,14 +382,16 @@ def test_unlearning_and_purification_follow_the_effort_too():
 
 def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckpt, tmp_path, monkeypatch):
     """`onp-fast repair --iterations 2 --samples 4` (8 of 320 masks) synthesises the proxies in 2 steps of 8
-    images per class (50 x 12 x 8 / 320 = 15 per class); --trigger-steps sets the steps by hand (12 images)."""
+    images per class (50 x 12 x 8 / 320 = 15 per class); --trigger-steps sets the steps by hand (12 images),
+    --trigger-batch and --trigger-lr the rest of the optimisation; a learning rate of 0 is a one-line error."""
     import onp_fast.prepare.context as context_mod
 
     seen = []
     real = context_mod.synthesize_proxies
     monkeypatch.setattr(context_mod, "synthesize_proxies", lambda *a, **k: seen.append((k["steps"], k["batch"]))
                         or real(*a, **k))
-    for extra, want in (([], (2, 8)), (["--trigger-steps", "3"], (3, 12))):
+    for extra, want in (([], (2, 8)), (["--trigger-steps", "3"], (3, 12)),
+                        (["--trigger-steps", "3", "--trigger-batch", "5", "--trigger-lr", "0.1"], (3, 5))):
         out = tmp_path / f"r{len(seen)}.pt"
         res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
                                         "--defense-size", "40", "--purify", "none", *FAST, *extra])
@@ -397,6 +399,11 @@ def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckp
         assert seen[-1] == want
         cfg = json.loads(out.with_suffix(".report.json").read_text())["config"]
         assert (cfg["trigger_steps"], cfg["trigger_batch"]) == want
+        assert cfg["trigger_lr"] == (0.1 if "--trigger-lr" in extra else 0.2)
+    bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out",
+                                    str(tmp_path / "bad.pt"), "--trigger-lr", "0", *FAST])
+    one_line_error(bad, "trigger_lr must be a positive number")
+    assert not (tmp_path / "bad.pt").exists()
 
 
 def test_a_short_repair_command_unlearns_and_purifies_briefly(tiny_ckpt, tmp_path):

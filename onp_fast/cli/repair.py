@@ -66,6 +66,13 @@ def _weights(text: str | None):
 @click.option("--trigger-steps", type=click.IntRange(min=1), default=None,
               help="Optimisation steps of the trigger proxies [default: 50, scaled down with a run of fewer RL "
                    "iterations x samples than ONP's defaults].")
+@click.option("--trigger-batch", type=click.IntRange(min=1), default=None,
+              help="Images per class in each step of the trigger proxies [default: 12, scaled down as the steps "
+                   "are].")
+@click.option("--trigger-lr", type=float, default=None,
+              help="Adam learning rate of the trigger proxies [default: 0.2]. On 32 x 32 models the defaults can "
+                   "miss the target; --trigger-steps 100 --trigger-batch 24 --trigger-lr 0.1 is the previous "
+                   "setting (README, \"Defense comparison\").")
 @click.option("--tolerance", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="Accuracy drop (a fraction) allowed on the held-out defense images when choosing the depth "
                    "[default: 0.02, raised to one held-out image when there are fewer than 50].")
@@ -103,7 +110,8 @@ def _weights(text: str | None):
 @accuracy_check_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
-            iterations, samples, algorithm, actions, reward_weights, trigger_steps, tolerance, reward_backend, reward_sequential,
+            iterations, samples, algorithm, actions, reward_weights, trigger_steps, trigger_batch,
+            trigger_lr, tolerance, reward_backend, reward_sequential,
             precision, compact_model, trigger_families, purify_families,
             purify,
             purify_epochs, purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet,
@@ -133,19 +141,19 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     if given and method != "onp":
         raise UserError(f"{', '.join(given)} set ONP's policy training; --method {method} has none")
     onp = ONPConfig(**{k: v for k, v in onp_options.items() if v is not None})
-    given = {k: v for k, v in (("purify_lr", purify_lr), ("purify_clip", purify_clip), ("tolerance", tolerance))
-             if v is not None}
+    given = {k: v for k, v in (("purify_lr", purify_lr), ("purify_clip", purify_clip), ("tolerance", tolerance),
+                               ("trigger_lr", trigger_lr)) if v is not None}
     rank, _, device = init_from_env(device)  # under torchrun: mask scoring shared; rank 0 alone writes and talks
     quiet = quiet or rank > 0
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,
                        reward_backend=reward_backend, reward_sequential=reward_sequential, precision=precision,
-                       trigger_steps=trigger_steps, trigger_families=trigger_families,
+                       trigger_steps=trigger_steps, trigger_batch=trigger_batch, trigger_families=trigger_families,
                        purify_families=purify_families, purify=purify,
                        purify_epochs=purify_epochs, **given,
                        finetune_epochs=finetune_epochs, compact=compact_model, device=device,
                        max_memory=max_memory).check()
     # a short run (few RL iterations x samples) gets short trigger, unlearning and purification phases,
-    # unless --trigger-steps / --purify-epochs set them
+    # unless --trigger-steps (--trigger-batch) / --purify-epochs set them
     cfg = with_effort(cfg, [get_defense(method, onp if method == "onp" else None).effort()])
 
     loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, device=device, **model_opts)
