@@ -3,8 +3,9 @@ pruned with probability 0.02, the default policy's early samples) scored by Mask
 and the ~115 of them stamped with a trigger proxy (CA_B and CA_T, the default reward). Impls: `hooks` (one
 hooked forward per mask, the reference: the baseline), `engine` (RewardEngine over the groups' mask
 points, batched) and `engine_bf16` (the engine under bfloat16 autocast, `repair --precision bfloat16`).
-Models: the digits model's shape (PreActResNet-18 width 0.5, 1x16x16) and, without --quick, the shapes model's (width 0.5, 3x32x32), random weights with non-trivial BN statistics. Every
-entry's `note` holds the backend's masks/s and images/s (from its fastest call).
+Models: the digits model's shape (PreActResNet-18 width 0.5, 1x16x16) and, without --quick, the shapes
+model's (width 0.5, 3x32x32), random weights with non-trivial BN statistics. Every entry's `note` holds the
+backend's masks/s and images/s (from its fastest call).
 """
 from __future__ import annotations
 
