@@ -41,14 +41,14 @@ class ONPConfig:
 
 
 def policy_throughput(scorer, seconds: float) -> dict:
-    """The policy phase's reward work: backend and precision, masks and image forwards scored (`MaskScorer.scored`; "ranks"
-    and "masks_here", the masks this process scored itself, when torch.distributed shares them; "sequential",
-    the sequential test's first look, and "stopped", the masks it stopped), the phase's seconds, masks/s and
-    images/s over it."""
+    """The policy phase's reward work: backend and precision, masks and image forwards scored
+    (`MaskScorer.scored`; "ranks" and "masks_here", the masks this process scored itself, when torch.distributed
+    shares them; "sequential", the sequential test's first look, and "stopped", the masks it stopped), the
+    phase's seconds, masks/s and images/s over it."""
     masks, images = scorer.scored["masks"], scorer.scored["images"]
     rate = (lambda n: round(n / seconds, 1)) if seconds > 0 else (lambda n: None)
-    return {"backend": scorer.backend, "precision": scorer.precision, "masks": masks, "images": images, "seconds": seconds,
-            "masks_per_s": rate(masks), "images_per_s": rate(images), "ranks": world()[1],
+    return {"backend": scorer.backend, "precision": scorer.precision, "masks": masks, "images": images,
+            "seconds": seconds, "masks_per_s": rate(masks), "images_per_s": rate(images), "ranks": world()[1],
             "masks_here": scorer.scored["masks_here"], "sequential": scorer.sequential,
             "stopped": scorer.scored["stopped"]}
 
