@@ -322,11 +322,14 @@ def test_apply_params_sets_fields_and_rejects_bad_items():
     assert apply_params(["repair.purify_families=blend"], ["onp"])[0].check().purify_families == ("blend",)
     with pytest.raises(UserError, match="trigger families"):
         apply_params(["repair.purify_families=wave"], ["onp"])[0].check()
-    # fields left None until a run's effort resolves them take integers
-    cfg, _ = apply_params(["repair.purify_epochs=3", "repair.trigger_steps=5", "repair.unlearn_epochs=2"], ["onp"])
-    assert (cfg.purify_epochs, cfg.trigger_steps, cfg.unlearn_epochs) == (3, 5, 2)
+    # fields left None until a run's effort (or the image size) resolves them take integers, or numbers
+    cfg, _ = apply_params(["repair.purify_epochs=3", "repair.trigger_steps=5", "repair.unlearn_epochs=2",
+                           "repair.trigger_lr=0.05"], ["onp"])
+    assert (cfg.purify_epochs, cfg.trigger_steps, cfg.unlearn_epochs, cfg.trigger_lr) == (3, 5, 2, 0.05)
+    assert apply_params(["repair.slack=0.01"], ["onp"])[0].slack == 0.01  # None: one standard error
     assert apply_params(["repair.max_memory=2GB"], ["onp"])[0].max_memory == "2GB"  # None or a size: text
-    bad = {"repair.purify_epochs=many": "takes a int", "repair.slack=0.1": "no field 'slack'",
+    bad = {"repair.purify_epochs=many": "takes a int", "repair.trigger_lr=fast": "takes a float",
+           "repair.weights=1": "no field 'weights'",
            "ftsam.bn_frozen_second_pass=maybe": "takes true or false", "anp.iterations": "METHOD.FIELD=VALUE", "anp.nope=1": "has no field 'nope'",
            "foo.x=1": "unknown method 'foo'", "fp.finetune_epochs=1": "not among the methods",
            "anp.iterations=ten": "takes a int", "anp.batch_size=0": "at least 1", "repair.iterations=3": "no field 'iterations'",

@@ -12,7 +12,7 @@ from onp_fast.defenses.anp import ANPConfig, anp_masks
 from onp_fast.defenses.onp.defense import ONPConfig, onp_scores
 from onp_fast.defenses.rnp import rnp_scores
 from onp_fast.prepare import Phase, RepairConfig, finetune_pruned, prepare
-from onp_fast.prepare.trigger import TRIGGER_STEPS
+from onp_fast.prepare.trigger import trigger_setting
 from onp_fast.progress import bar, note
 from onp_fast.repair import RewardWeights, choose_depth
 
@@ -57,7 +57,8 @@ def test_prepare_with_progress_writes_phase_lines_and_bars_to_stderr_only(prepar
     lines = [l for l in err.splitlines() if l.startswith("[onp] ")]
     assert lines == [f"[onp] {p} ..." for p in ("split", "groups", "unlearn", "trigger", "perturbations")]
     trigger_at = err.index("[onp] trigger ...")
-    assert "trigger proxies:" in err[trigger_at:] and f"/{TRIGGER_STEPS} [" in err[trigger_at:]  # its bar
+    steps = trigger_setting(ctx.x_opt.shape)[0]
+    assert "trigger proxies:" in err[trigger_at:] and f"/{steps} [" in err[trigger_at:]  # its bar
     assert err.index("unlearn:") > err.index("[onp] unlearn ...")
     assert "perturbations:" in err[err.index("[onp] perturbations ..."):]
     assert set(ctx.times) == {"split", "groups", "unlearn", "trigger", "perturbations"}

@@ -187,11 +187,16 @@ def test_purification_only_families_never_name_the_suspect():
     assert split.to("cpu").detect == split.detect
     cfg = RepairConfig(purify_families="blend,periodic").check()
     assert cfg.purify_families == ("periodic", "blend")
-    assert trigger_settings(cfg)["families"] == FAMILIES and trigger_settings(cfg)["detect"] == DEFAULT_FAMILIES
+    kw = trigger_settings(cfg, x.shape)
+    assert kw["families"] == FAMILIES and kw["detect"] == DEFAULT_FAMILIES
     assert RepairConfig().check().purify_families == DEFAULT_PURIFY_FAMILIES == ("periodic", "blend")
-    assert trigger_settings(RepairConfig().check())["families"] == FAMILIES  # the default: all four synthesised
-    assert trigger_settings(RepairConfig(purify="none").check())["families"] == DEFAULT_FAMILIES  # none unlearned
-    assert trigger_settings(RepairConfig(purify_families=()).check())["families"] == DEFAULT_FAMILIES
+
+    def synthesised(cfg):
+        return trigger_settings(cfg.check(), x.shape)["families"]
+
+    assert synthesised(RepairConfig()) == FAMILIES  # the default: all four synthesised
+    assert synthesised(RepairConfig(purify="none")) == DEFAULT_FAMILIES  # none unlearned
+    assert synthesised(RepairConfig(purify_families=())) == DEFAULT_FAMILIES
     with pytest.raises(UserError, match="trigger families"):
         RepairConfig(purify_families="stripes").check()
 

@@ -333,14 +333,18 @@ def test_a_model_of_more_classes_than_defense_images_is_repaired_with_screened_p
         repair(m, x[:9], y[:9], 30, "onp", _tiny_cfg(), TINY_ONP, progress=False)
 
 
+DIGITS, SHAPES, IMAGENET = (1, 16, 16), (3, 32, 32), (3, 224, 224)
+
+
 def test_the_trigger_phase_follows_the_effort_the_methods_ask_for():
     """ONP at 1 iteration x 2 masks (2 of the default 20 x 16 = 320 masks) gets 1 trigger step of 4 images per
-    class, the defaults 50 of 12; a baseline has no say (alone: 50 of 12); explicit settings are kept."""
+    class on 16 x 16 images, the defaults 50 of 12; a baseline has no say (alone: 50 of 12); explicit settings are
+    kept. On 32 x 32 images the full setting is 100 steps of 24 (the same 2 of 320 masks: 1 step of 15)."""
     from onp_fast.defenses import get
     from onp_fast.prepare import with_effort
 
-    def steps_batch(cfg, *efforts):
-        c = with_effort(cfg, efforts)
+    def steps_batch(cfg, *efforts, shape=DIGITS):
+        c = with_effort(cfg, efforts, shape)
         return c.trigger_steps, c.trigger_batch
 
     assert get("onp", ONPConfig(iterations=1, samples=2)).effort() == pytest.approx(2 / 320)
@@ -352,12 +356,60 @@ def test_the_trigger_phase_follows_the_effort_the_methods_ask_for():
     assert steps_batch(RepairConfig(), get("fp").effort(), 0.01) == (1, 6)  # fp has no say: ONP's 0.01 rules
     assert steps_batch(RepairConfig(trigger_steps=7), 0.01) == (7, 12)
     assert steps_batch(RepairConfig(trigger_batch=3), 1.0) == (50, 3)
+    assert steps_batch(RepairConfig(), get("onp").effort(), shape=SHAPES) == (100, 24)
+    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=1, samples=2)).effort(),
+                       shape=SHAPES) == (1, 15)
+    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=10, samples=16)).effort(),
+                       shape=SHAPES) == (50, 24)
+    assert steps_batch(RepairConfig(trigger_steps=7), 0.01, shape=SHAPES) == (7, 24)
     for key in ("trigger_steps", "trigger_batch", "unlearn_epochs"):
         with pytest.raises(UserError, match=key):
             RepairConfig(**{key: 0}).check()
     for lr in (0.0, -0.1, float("nan")):
         with pytest.raises(UserError, match="trigger_lr"):
             RepairConfig(trigger_lr=lr).check()
+
+
+def test_the_full_trigger_setting_follows_the_image_size():
+    """Up to 16 x 16 pixels: 50 steps of 12 images at lr 0.2 (measured on the digits models); 257 to 1,024
+    pixels (28 x 28, 32 x 32): 100 of 24 at 0.1 (the faster one misses the 32 x 32 shapes backdoor); larger
+    images: 50 of 12 at 0.2 again (cost). The effort rule and prepare's keywords both follow it; a rate set by
+    hand is kept."""
+    from onp_fast.prepare import trigger_settings, with_effort
+    from onp_fast.prepare.trigger import trigger_setting
+
+    assert trigger_setting((8, 8)) == trigger_setting(DIGITS) == (50, 12, 0.2)
+    assert trigger_setting((1, 17, 16)) == trigger_setting((1, 28, 28)) == trigger_setting(SHAPES) == (100, 24, 0.1)
+    assert trigger_setting((3, 33, 32)) == trigger_setting(IMAGENET) == (50, 12, 0.2)
+    for shape in (DIGITS, (1, 28, 28), SHAPES, IMAGENET):
+        kw = trigger_settings(RepairConfig().check(), (7, *shape))
+        assert (kw["steps"], kw["batch"], kw["lr"]) == trigger_setting(shape)
+        assert with_effort(RepairConfig(), [1.0], shape).trigger_lr == trigger_setting(shape)[2]
+    assert trigger_settings(RepairConfig(trigger_lr=0.05).check(), SHAPES)["lr"] == 0.05
+    assert with_effort(RepairConfig(trigger_lr=0.05), [1.0], SHAPES).trigger_lr == 0.05
+
+
+def test_prepare_and_the_report_use_the_image_size_trigger_setting(monkeypatch):
+    """Planted: prepare on 32 x 32 images hands synthesize_proxies 100 steps of 24 at lr 0.1, on 8 x 8 images
+    50 of 12 at 0.2, and the report's trigger_proxy.setting says the same (the proxies run 1 step here)."""
+    import onp_fast.prepare.context as context_mod
+
+    seen = []
+    real = context_mod.synthesize_proxies
+
+    def spy(*a, **k):
+        seen.append((k["steps"], k["batch"], k["lr"]))
+        return real(*a, **{**k, "steps": 1, "batch": 2})
+
+    monkeypatch.setattr(context_mod, "synthesize_proxies", spy)
+    for side, want in ((32, (100, 24, 0.1)), (8, (50, 12, 0.2))):
+        torch.manual_seed(0)
+        m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=side).eval()
+        x, y = torch.randn(24, 1, side, side), torch.arange(24) % 4
+        res = repair(m, x, y, 4, "onp", _tiny_cfg(purify="none"), ONPConfig(iterations=1, samples=2),
+                     progress=False)
+        assert seen[-1] == want
+        assert res.report["trigger_proxy"]["setting"] == dict(zip(("steps", "batch", "lr"), want))
 
 
 def test_unlearning_and_purification_follow_the_effort_too():
@@ -367,7 +419,7 @@ def test_unlearning_and_purification_follow_the_effort_too():
     from onp_fast.prepare import with_effort
 
     def epochs(cfg, *efforts):
-        c = with_effort(cfg, efforts)
+        c = with_effort(cfg, efforts, DIGITS)
         return c.unlearn_epochs, c.purify_epochs
 
     assert epochs(RepairConfig(), get("onp", ONPConfig(iterations=1, samples=2)).effort()) == (1, 1)
@@ -397,9 +449,11 @@ def test_the_repair_command_scales_the_trigger_phase_with_its_rl_effort(tiny_ckp
                                         "--defense-size", "40", "--purify", "none", *FAST, *extra])
         assert res.exit_code == 0, res.output
         assert seen[-1] == want
-        cfg = json.loads(out.with_suffix(".report.json").read_text())["config"]
+        report = json.loads(out.with_suffix(".report.json").read_text())
+        cfg = report["config"]
         assert (cfg["trigger_steps"], cfg["trigger_batch"]) == want
         assert cfg["trigger_lr"] == (0.1 if "--trigger-lr" in extra else 0.2)
+        assert report["trigger_proxy"]["setting"] == {"steps": want[0], "batch": want[1], "lr": cfg["trigger_lr"]}
     bad = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out",
                                     str(tmp_path / "bad.pt"), "--trigger-lr", "0", *FAST])
     one_line_error(bad, "trigger_lr must be a positive number")

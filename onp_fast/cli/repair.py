@@ -64,15 +64,15 @@ def _weights(text: str | None):
                    "features, the rest never pruned (0: every group) [default: 2048].")
 @click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_t=1,ca_u=0,ca_p=0,sparsity=0.1")
 @click.option("--trigger-steps", type=click.IntRange(min=1), default=None,
-              help="Optimisation steps of the trigger proxies [default: 50, scaled down with a run of fewer RL "
-                   "iterations x samples than ONP's defaults].")
+              help="Optimisation steps of the trigger proxies [default: 100 on images of 257 to 1,024 pixels "
+                   "(28 x 28, 32 x 32), else 50; scaled down with a run of fewer RL iterations x samples than "
+                   "ONP's defaults].")
 @click.option("--trigger-batch", type=click.IntRange(min=1), default=None,
-              help="Images per class in each step of the trigger proxies [default: 12, scaled down as the steps "
-                   "are].")
+              help="Images per class in each step of the trigger proxies [default: 24 on images of 257 to "
+                   "1,024 pixels, else 12; scaled down as the steps are].")
 @click.option("--trigger-lr", type=float, default=None,
-              help="Adam learning rate of the trigger proxies [default: 0.2]. On 32 x 32 models the defaults can "
-                   "miss the target; --trigger-steps 100 --trigger-batch 24 --trigger-lr 0.1 is the previous "
-                   "setting (README, \"Defense comparison\").")
+              help="Adam learning rate of the trigger proxies [default: 0.1 on images of 257 to 1,024 "
+                   "pixels, else 0.2].")
 @click.option("--tolerance", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="Accuracy drop (a fraction) allowed on the held-out defense images when choosing the depth "
                    "[default: 0.02, raised to one held-out image when there are fewer than 50].")
@@ -152,13 +152,12 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
                        purify_epochs=purify_epochs, **given,
                        finetune_epochs=finetune_epochs, compact=compact_model, device=device,
                        max_memory=max_memory).check()
-    # a short run (few RL iterations x samples) gets short trigger, unlearning and purification phases,
-    # unless --trigger-steps (--trigger-batch) / --purify-epochs set them
-    cfg = with_effort(cfg, [get_defense(method, onp if method == "onp" else None).effort()])
-
     loaded, splits, mean, std = load_model_and_data(model_path, dataset, seed=seed, device=device, **model_opts)
     # Only the train split is read (defense images); the test split stays untouched.
     x, y = defense_images(splits, defense_size, seed)
+    # a short run (few RL iterations x samples) gets short trigger, unlearning and purification phases,
+    # unless --trigger-steps (--trigger-batch) / --purify-epochs set them; the full ones follow the image size
+    cfg = with_effort(cfg, [get_defense(method, onp if method == "onp" else None).effort()], x.shape)
     cfg = cfg.for_defense_set(y, splits.num_classes)  # too small for the tolerance: fail before any work
     check_defense_accuracy(loaded, splits, x, y, skip=skip_accuracy_check, max_memory=max_memory,
                            echo=None if quiet else lambda s: click.echo(s, err=True))

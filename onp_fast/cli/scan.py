@@ -42,7 +42,7 @@ def format_scan(result: dict) -> str:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the defense subset and the proxies (repair with the same seed gives the same verdict).")
 @click.option("--trigger-steps", type=click.IntRange(min=1), default=None,
-              help="Optimisation steps of the proxies [default: 50, as a default repair].")
+              help="Optimisation steps of the proxies [default: by the image size, as a default repair].")
 @trigger_families_option
 @checkpoint_options
 @compute_options

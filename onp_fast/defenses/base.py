@@ -98,12 +98,13 @@ _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no"
 def _kind(value, annotation) -> type | None:
     """The type a "FIELD=VALUE" text becomes for a config field holding `value`, annotated `annotation`: the
     value's own type (int, float, str, bool, tuple); for a field left None, str when it may hold a string (e.g.
-    max_memory: None or a size), else int when it may hold one (e.g. purify_epochs: None, by the run's effort);
-    None for a field no text sets."""
+    max_memory: None or a size), else int when it may hold one (e.g. purify_epochs: None, by the run's effort),
+    else float (e.g. trigger_lr: None, by the image size); None for a field no text sets."""
     if type(value) in (int, float, str, bool, tuple):
         return type(value)
     if value is None:
-        return str if "str" in str(annotation) else int if "int" in str(annotation) else None
+        text = str(annotation)
+        return next((kind for kind in (str, int, float) if kind.__name__ in text), None)
     return None
 
 

@@ -18,8 +18,8 @@ from ..progress import note
 from ..reward import MaskScorer, RewardWeights, check_backend
 from ..torchutil import DEFAULT_DEVICE, check_device, check_precision
 from .perturb import adversarial_perturbations
-from .trigger import (DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES, FAMILIES, MAX_CLASSES, TRIGGER_BATCH, TRIGGER_LR,
-                      TRIGGER_STEPS, ProxySet, TriggerProxy, synthesize_proxies)
+from .trigger import (DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES, FAMILIES, MAX_CLASSES, ProxySet, TriggerProxy,
+                      synthesize_proxies, trigger_setting)
 from .unlearn import unlearn
 
 
@@ -50,9 +50,9 @@ class RepairConfig:
     unlearn_lr: float = 0.01
     unlearn_epochs: int | None = None  # unlearning's most epochs; None: UNLEARN_EPOCHS (`repair` CLI: with_effort)
     anomaly_threshold: float = 2.0  # the trigger proxy drives CA_T only when its class stands out this far (MAD)
-    trigger_steps: int | None = None  # the proxies' Adam steps; None: TRIGGER_STEPS (`repair` CLI: with_effort)
-    trigger_batch: int | None = None  # images per class per step; None: TRIGGER_BATCH (`repair` CLI: with_effort)
-    trigger_lr: float = TRIGGER_LR  # the proxies' Adam learning rate
+    trigger_steps: int | None = None  # the proxies' Adam steps; None: trigger_setting's (`repair` CLI: with_effort)
+    trigger_batch: int | None = None  # images per class per step; None: trigger_setting's (CLI: with_effort)
+    trigger_lr: float | None = None  # the proxies' Adam learning rate; None: trigger_setting's
     trigger_classes: int = MAX_CLASSES  # classes whose proxies are optimised; more are screened first
     trigger_families: tuple[str, ...] = DEFAULT_FAMILIES  # proxy families (prepare.trigger.FAMILIES)
     purify_families: tuple[str, ...] = DEFAULT_PURIFY_FAMILIES  # synthesised for purification only (never the suspect)
@@ -96,7 +96,7 @@ class RepairConfig:
             raise UserError("the purification learning rate must be positive and its gradient clip not negative")
         if not (math.isfinite(self.tolerance) and self.tolerance <= 1):  # negative: no change is allowed at all
             raise UserError(f"the tolerance is a drop in accuracy, a fraction up to 1: got {self.tolerance}")
-        if not (math.isfinite(self.trigger_lr) and self.trigger_lr > 0):
+        if self.trigger_lr is not None and not (math.isfinite(self.trigger_lr) and self.trigger_lr > 0):
             raise UserError(f"trigger_lr must be a positive number, not {self.trigger_lr}")
         for key in ("trigger_steps", "trigger_batch"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
@@ -297,7 +297,7 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
                                           seed=cfg.seed, progress=progress, max_memory=cfg.activation_memory)
     with Phase("trigger", times, progress):
         need = cfg.weights.ca_t or cfg.purify != "none"
-        proxies = (synthesize_proxies(model, x_opt, y_opt, num_classes, **trigger_settings(cfg),
+        proxies = (synthesize_proxies(model, x_opt, y_opt, num_classes, **trigger_settings(cfg, x_opt.shape),
                                       progress=progress, max_memory=cfg.activation_memory)
                    if need else None)
     proxy = proxies.suspect() if proxies is not None else None
@@ -311,13 +311,16 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
                           trigger, perts, times, progress, proxy, proxies)
 
 
-def trigger_settings(cfg: RepairConfig) -> dict:
-    """synthesize_proxies' keywords under cfg: seed, steps and batch (trigger_steps / trigger_batch; None: full
-    effort, TRIGGER_STEPS / TRIGGER_BATCH), lr (trigger_lr), max_classes, families (trigger_families, and
-    purify_families unless cfg.purify is "none") and detect (trigger_families: only they may name the suspect)."""
+def trigger_settings(cfg: RepairConfig, shape) -> dict:
+    """synthesize_proxies' keywords under cfg for images of shape [..., H, W]: seed, steps, batch and lr
+    (trigger_steps, trigger_batch, trigger_lr; each None: full effort, `trigger_setting(shape)`), max_classes,
+    families (trigger_families, and purify_families unless cfg.purify is "none") and detect (trigger_families:
+    only they may name the suspect)."""
     both = set(cfg.trigger_families) | set(cfg.purify_families if cfg.purify != "none" else ())
-    return {"seed": cfg.seed, "steps": TRIGGER_STEPS if cfg.trigger_steps is None else cfg.trigger_steps,
-            "batch": TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch, "lr": cfg.trigger_lr,
+    full = trigger_setting(shape)
+    given = (cfg.trigger_steps, cfg.trigger_batch, cfg.trigger_lr)
+    steps, batch, lr = (full[i] if v is None else v for i, v in enumerate(given))
+    return {"seed": cfg.seed, "steps": steps, "batch": batch, "lr": lr,
             "max_classes": cfg.trigger_classes, "families": tuple(f for f in FAMILIES if f in both),
             "detect": cfg.trigger_families}
 
@@ -345,15 +348,16 @@ def check_purify_families(families) -> tuple[str, ...]:
     return () if [f.lower() for f in names if f] in ([], ["none"]) else check_families(names)
 
 
-def with_effort(cfg: RepairConfig, efforts) -> RepairConfig:
-    """cfg with the work of the shared phases and of purification resolved where it is None, from e = the
+def with_effort(cfg: RepairConfig, efforts, shape) -> RepairConfig:
+    """cfg with the work of the shared phases and of purification resolved where it is None, for images of shape
+    [..., H, W] whose full-effort trigger setting is (S, B, lr) = `trigger_setting(shape)`, from e = the
     largest of `efforts` (each in (0, 1], the share of its method's default work a run asks for:
-    `Defense.effort`; None entries have no say; 1 when none has): trigger steps = ceil(TRIGGER_STEPS x e), at
-    least 1; trigger batch = ceil(TRIGGER_STEPS x TRIGGER_BATCH x e / steps), between 2 and TRIGGER_BATCH (so
-    the proxies' images per class, steps x batch, follow e); unlearning's most epochs ceil(UNLEARN_EPOCHS x e)
-    and purification's epochs ceil(PURIFY_EPOCHS x e), each at least 1. A short run (one RL iteration of two
-    masks) has short phases, the defaults the full ones. A setting made by hand is kept (trigger steps set by
-    hand keep the batch set by hand, else TRIGGER_BATCH). `onp-fast repair` applies it with its method's
+    `Defense.effort`; None entries have no say; 1 when none has): trigger steps = ceil(S x e), at least 1;
+    trigger batch = ceil(S x B x e / steps), between 2 and B (so the proxies' images per class, steps x batch,
+    follow e); trigger lr = lr; unlearning's most epochs ceil(UNLEARN_EPOCHS x e) and purification's epochs
+    ceil(PURIFY_EPOCHS x e), each at least 1. A short run (one RL iteration of two masks) has short phases, the
+    defaults the full ones. A setting made by hand is kept (trigger steps set by hand keep the batch set by hand,
+    else B). `onp-fast repair` applies it with its method's
     effort; the library's repair and compare take the config as given (None: the full phase), so a compare row
     stays what repair gives with the same config."""
     effort = min(1.0, max([float(e) for e in efforts if e is not None] or [1.0]))
@@ -361,14 +365,15 @@ def with_effort(cfg: RepairConfig, efforts) -> RepairConfig:
     def share(full: int) -> int:
         return max(1, math.ceil(full * effort - 1e-9))
 
+    full_steps, full_batch, full_lr = trigger_setting(shape)
     done = {"unlearn_epochs": share(UNLEARN_EPOCHS) if cfg.unlearn_epochs is None else cfg.unlearn_epochs,
-            "purify_epochs": share(PURIFY_EPOCHS) if cfg.purify_epochs is None else cfg.purify_epochs}
+            "purify_epochs": share(PURIFY_EPOCHS) if cfg.purify_epochs is None else cfg.purify_epochs,
+            "trigger_lr": full_lr if cfg.trigger_lr is None else cfg.trigger_lr}
     if cfg.trigger_steps is not None:  # set by hand: the batch too, or the full one
-        return replace(cfg, trigger_batch=TRIGGER_BATCH if cfg.trigger_batch is None else cfg.trigger_batch,
-                       **done)
-    steps = share(TRIGGER_STEPS)
+        return replace(cfg, trigger_batch=full_batch if cfg.trigger_batch is None else cfg.trigger_batch, **done)
+    steps = share(full_steps)
     batch = cfg.trigger_batch if cfg.trigger_batch is not None else \
-        min(TRIGGER_BATCH, max(2, math.ceil(TRIGGER_STEPS * TRIGGER_BATCH * effort / steps - 1e-9)))
+        min(full_batch, max(2, math.ceil(full_steps * full_batch * effort / steps - 1e-9)))
     return replace(cfg, trigger_steps=steps, trigger_batch=batch, **done)
 
 

@@ -44,8 +44,15 @@ LAM_BLEND = 4.0  # the blend family's penalty on its strength (measurements: doc
 PERIODIC_LR = 0.05  # the periodic family's Adam rate (measurements: docs/design.md, "A periodic proxy family")
 MAD_FLOOR = 0.05  # the least MAD, as a fraction of the median norm (measurements: docs/design.md)
 MAX_CLASSES = 16  # classes whose proxies are optimised together; more are screened first (docs/design.md)
-# the proxies' Adam steps, images per class per step and Adam rate at full effort (docs/design.md, "Repair time")
-TRIGGER_STEPS, TRIGGER_BATCH, TRIGGER_LR = 50, 12, 0.2
+# the proxies' setting at full effort, (Adam steps, images per class per step, Adam rate), by the images' pixel
+# count H x W: the first row whose bound it does not exceed (None: any count). Why: docs/design.md, "Repair time"
+TRIGGER_SETTINGS = ((16 * 16, (50, 12, 0.2)), (32 * 32, (100, 24, 0.1)), (None, (50, 12, 0.2)))
+
+
+def trigger_setting(shape) -> tuple[int, int, float]:
+    """An image shape [..., H, W] -> (steps, batch, lr): TRIGGER_SETTINGS' row for its pixel count."""
+    pixels = int(shape[-2]) * int(shape[-1])
+    return next(setting for bound, setting in TRIGGER_SETTINGS if bound is None or pixels <= bound)
 
 
 def _patch(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -197,8 +204,8 @@ class ProxySet:
 
 
 def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
-                       steps: int = TRIGGER_STEPS, batch: int = TRIGGER_BATCH, lam: float = 10.0,
-                       lam_additive: float = 10.0, lr: float = TRIGGER_LR,
+                       steps: int | None = None, batch: int | None = None, lam: float = 10.0,
+                       lam_additive: float = 10.0, lr: float | None = None,
                        lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND,
                        seed: int = 0, families: tuple[str, ...] = DEFAULT_FAMILIES, max_classes: int = MAX_CLASSES,
                        detect: tuple[str, ...] | None = None, progress: bool = False,
@@ -206,16 +213,18 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     """x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> the proxies in every family
     of `families` of every class (at most `max_classes` classes), else of the `max_classes // 2` classes
     `screen_classes` ranks first and of a seeded random sample of the others (the reference, max_classes minus
-    those), on that device. `steps` Adam steps (lr) on `batch` images per class per step, all families in one
-    forward; lam weighs the mean mask value, lam_additive (lam_periodic) the relative RMS of the additive
-    (periodic) D_t, lam_blend the blend's strength a_t, against the cross-entropy (the defaults' measurements:
-    docs/design.md; the periodic family's coefficients take Adam at PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum
-    over images: where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch
-    stamped images at once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
+    those), on that device. `steps` Adam steps (lr) on `batch` images per class per step (each None: the images'
+    `trigger_setting`), all families in one forward; lam weighs the mean mask value, lam_additive (lam_periodic)
+    the relative RMS of the additive (periodic) D_t, lam_blend the blend's strength a_t, against the
+    cross-entropy (the defaults' measurements: docs/design.md; the periodic family's coefficients take Adam at
+    PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum over images: where
+    `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch stamped images at
+    once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
     The random draws come from CPU generators whatever the device. detect: the families that may name the
     suspect (ProxySet.detect; None: every one). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
     if max_classes < 2:
         raise ValueError(f"max_classes must be at least 2, got {max_classes}")
+    steps, batch, lr = _resolved(x.shape, steps, batch, lr)
     detect = None if detect is None else tuple(f for f in families if f in detect)
     if num_classes <= max_classes:
         classes, reference = torch.arange(num_classes), None
@@ -304,15 +313,16 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
 
 
 def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
-                   steps: int = TRIGGER_STEPS, batch: int = TRIGGER_BATCH, lam: float = 10.0,
-                   lam_additive: float = 10.0, lr: float = TRIGGER_LR, seed: int = 0,
+                   steps: int | None = None, batch: int | None = None, lam: float = 10.0,
+                   lam_additive: float = 10.0, lr: float | None = None, seed: int = 0,
                    lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND,
                    families: tuple[str, ...] = DEFAULT_FAMILIES, progress: bool = False,
                    max_memory: int | str | None = None) -> torch.Tensor:
     """Ranks every class as a likely backdoor target at a cost that does not grow with the class count.
     x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> scores [num_classes] float32
     on the CPU, higher = more suspect. One universal proxy per family (a patch: mask [1, 1, H, W] and pattern; an
-    additive delta [1, C, H, W]; a periodic one; a blend) is fitted, `steps` Adam steps (lr) on `batch` images, to lower
+    additive delta [1, C, H, W]; a periodic one; a blend) is fitted, `steps` Adam steps (lr) on `batch` images (each
+    None: the images' `trigger_setting`), to lower
     the probability of each image's own class (untargeted), with the size penalties of `synthesize_proxies`
     (lam, lam_additive, lam_periodic, lam_blend): the cheapest way to move every image elsewhere is a backdoor's trigger,
     and it moves them to its target.
@@ -321,6 +331,7 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     Under torch.distributed each rank passes its share of every step's stamped images and of the scoring
     images (`distributed.share`), the proxies' gradients and the scores summed over the ranks (`all_sum`): every
     rank fits the same proxies, up to the order of float sums."""
+    steps, batch, lr = _resolved(x.shape, steps, batch, lr)
     g = torch.Generator().manual_seed(seed + 3)
     n, c, h, w = x.shape
     dev = x.device
@@ -420,6 +431,12 @@ class _Blend:
 
     def strength(self) -> torch.Tensor:
         return torch.sigmoid(self.a)
+
+
+def _resolved(shape, steps: int | None, batch: int | None, lr: float | None) -> tuple[int, int, float]:
+    """(steps, batch, lr) with each None taken from `trigger_setting(shape)`."""
+    full = trigger_setting(shape)
+    return tuple(full[i] if v is None else v for i, v in enumerate((steps, batch, lr)))
 
 
 def _waves(side: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ from ..errors import UserError
 from ..groups import NeuronGroups, compact
 from ..memory import parse_memory, peak_memory
 from ..prepare import (FINETUNE_BATCH, UNLEARN_BATCH, DefenseContext, RepairConfig, accuracy_of, check_training_budget,
-                       checked_config, finetune_pruned, prepare, summarize)
+                       checked_config, finetune_pruned, prepare, summarize,
+                       trigger_settings)
 from ..prepare.context import PURIFY_MODES
 from .purify import purify as purify_model
 from .scan_plot import picture_data
@@ -192,8 +193,9 @@ def _params(model: nn.Module) -> int:
 
 def proxy_part(ctx: DefenseContext) -> dict | None:
     """What the shared trigger scan of a prepared context found (None when no proxies were synthesised): the
-    suspect's "target", "family", "anomaly_index", whether it was "flagged" (it steers the reward), and per
-    family the anomaly index and each class's proxy norm. The report's trigger_proxy part without its scan
+    suspect's "target", "family", "anomaly_index", whether it was "flagged" (it steers the reward), per
+    family the anomaly index and each class's proxy norm, and the optimisation that ran ("setting": steps,
+    images per class per step, Adam rate). The report's trigger_proxy part without its scan
     picture; `compare` reports it once for every method."""
     proxy = ctx.proxy
     if proxy is None:
@@ -201,7 +203,9 @@ def proxy_part(ctx: DefenseContext) -> dict | None:
     return {"target": proxy.target, "family": proxy.family, "anomaly_index": round(proxy.anomaly_index, 3),
             "flagged": ctx.trigger is not None,
             "anomaly_per_family": {f: round(v, 3) for f, v in ctx.proxies.anomaly().items()},
-            "norms_per_family": {f: [round(float(v), 4) for v in n] for f, n in ctx.proxies.norms.items()}}
+            "norms_per_family": {f: [round(float(v), 4) for v in n] for f, n in ctx.proxies.norms.items()},
+            "setting": {k: v for k, v in trigger_settings(ctx.cfg, ctx.x_opt.shape).items()
+                        if k in ("steps", "batch", "lr")}}
 
 
 def _scan_parts(ctx: DefenseContext) -> dict:
