@@ -16,8 +16,8 @@ from onp_fast.cli import main
 from onp_fast.data import channel_stats, load_dataset, normalize
 from onp_fast.io import save_model
 from onp_fast.prepare import RepairConfig, prepare, scan
-from onp_fast.prepare.trigger import FAMILIES
-from onp_fast.repair.pipeline import _scan_parts
+from onp_fast.prepare.trigger import FAMILIES, trigger_setting
+from onp_fast.repair.pipeline import _scan_parts, proxy_part
 from onp_fast.repair.scan_plot import write_trigger_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +106,9 @@ def test_scan_agrees_with_what_repair_prepares(tiny, scanned, tmp_path):
     # repair's report carries the same verdict, and what its OUT.trigger.png needs, as JSON
     part = json.loads(json.dumps(_scan_parts(ctx)))
     detect = {**part["scan"], "families": {f: part["scan"]["families"][f] for f in r["families"]}}
-    assert {k: v for k, v in r.items() if k not in ("seed", "defense", "seconds")} == detect
+    assert {k: v for k, v in r.items() if k not in ("seed", "defense", "seconds", "setting")} == detect
+    assert r["setting"] == proxy_part(ctx)["setting"] == dict(zip(("steps", "batch", "lr"),
+                                                                   trigger_setting(tiny["x"].shape)))
     assert set(part["scan"]["families"]) - set(r["families"]) == {"periodic", "blend"}
     png = tmp_path / "m.trigger.png"
     assert write_trigger_png(png, {"trigger_proxy": part}, tiny["x"], tiny["y"], tiny["mean"], tiny["std"])

@@ -325,6 +325,12 @@ def trigger_settings(cfg: RepairConfig, shape) -> dict:
             "detect": cfg.trigger_families}
 
 
+def trigger_run(cfg: RepairConfig, shape) -> dict:
+    """The optimisation `trigger_settings(cfg, shape)` asks for, as reports give it: {"steps", "batch", "lr"}."""
+    kw = trigger_settings(cfg, shape)
+    return {k: kw[k] for k in ("steps", "batch", "lr")}
+
+
 def _family_names(families) -> list[str]:
     """A sequence of names, or one comma-separated string -> the names, stripped, in the order given."""
     return [f.strip() for f in (families.split(",") if isinstance(families, str) else families)]

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..data import stratified_split
-from .context import Phase, RepairConfig, checked_inputs, trigger_settings
+from .context import Phase, RepairConfig, checked_inputs, trigger_run, trigger_settings
 from .trigger import ProxySet, synthesize_proxies
 
 
@@ -79,7 +79,7 @@ def scan_with_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cl
     proxies = scan_proxies(model, x, y, num_classes, cfg, progress)
     result = summarize(proxies, cfg.anomaly_threshold)
     result.update(seed=cfg.seed, defense={"n": len(x), "n_opt": len(_d_opt(y, cfg))},
-                  seconds=round(time.perf_counter() - t0, 3))
+                  setting=trigger_run(cfg, x.shape), seconds=round(time.perf_counter() - t0, 3))
     return result, proxies
 
 
@@ -90,5 +90,6 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, c
     (scan_proxies: the same function, split, seed and settings, less cfg.purify_families, so scan's verdict is
     repair's `trigger_proxy`) and returns
     `summarize`'s dict with the gate cfg.anomaly_threshold, plus seed, defense {"n": N, "n_opt": the D_opt images
-    the proxies were fitted on} and seconds. UserError for a bad defense set or config."""
+    the proxies were fitted on}, setting (`trigger_run`: steps, images per class per step, Adam rate) and
+    seconds. UserError for a bad defense set or config."""
     return scan_with_proxies(model, x, y, num_classes, cfg, progress)[0]

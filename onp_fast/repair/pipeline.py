@@ -15,7 +15,7 @@ from ..groups import NeuronGroups, compact
 from ..memory import parse_memory, peak_memory
 from ..prepare import (FINETUNE_BATCH, UNLEARN_BATCH, DefenseContext, RepairConfig, accuracy_of, check_training_budget,
                        checked_config, finetune_pruned, prepare, summarize,
-                       trigger_settings)
+                       trigger_run)
 from ..prepare.context import PURIFY_MODES
 from .purify import purify as purify_model
 from .scan_plot import picture_data
@@ -204,8 +204,7 @@ def proxy_part(ctx: DefenseContext) -> dict | None:
             "flagged": ctx.trigger is not None,
             "anomaly_per_family": {f: round(v, 3) for f, v in ctx.proxies.anomaly().items()},
             "norms_per_family": {f: [round(float(v), 4) for v in n] for f, n in ctx.proxies.norms.items()},
-            "setting": {k: v for k, v in trigger_settings(ctx.cfg, ctx.x_opt.shape).items()
-                        if k in ("steps", "batch", "lr")}}
+            "setting": trigger_run(ctx.cfg, ctx.x_opt.shape)}
 
 
 def _scan_parts(ctx: DefenseContext) -> dict:
