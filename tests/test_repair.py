@@ -371,8 +371,8 @@ def test_the_trigger_phase_follows_the_effort_the_methods_ask_for():
 
 
 def test_the_full_trigger_setting_follows_the_image_size():
-    """Up to 16 x 16 pixels: 50 steps of 12 images at lr 0.2 (measured on the digits models); 257 to 1,024
-    pixels (28 x 28, 32 x 32): 100 of 24 at 0.1 (the faster one misses the 32 x 32 shapes backdoor); larger
+    """Up to 16 x 16 pixels: 50 steps of 12 images at lr 0.2 (measured on the digits models); 257 to 4,096
+    pixels (28 x 28 to 64 x 64): 100 of 24 at 0.1 (the faster one misses the 32 x 32 shapes backdoor); larger
     images: 50 of 12 at 0.2 again (cost). The effort rule and prepare's keywords both follow it; a rate set by
     hand is kept."""
     from onp_fast.prepare import trigger_settings, with_effort
@@ -380,7 +380,8 @@ def test_the_full_trigger_setting_follows_the_image_size():
 
     assert trigger_setting((8, 8)) == trigger_setting(DIGITS) == (50, 12, 0.2)
     assert trigger_setting((1, 17, 16)) == trigger_setting((1, 28, 28)) == trigger_setting(SHAPES) == (100, 24, 0.1)
-    assert trigger_setting((3, 33, 32)) == trigger_setting(IMAGENET) == (50, 12, 0.2)
+    assert trigger_setting((3, 64, 64)) == (100, 24, 0.1)
+    assert trigger_setting((3, 65, 64)) == trigger_setting(IMAGENET) == (50, 12, 0.2)
     for shape in (DIGITS, (1, 28, 28), SHAPES, IMAGENET):
         kw = trigger_settings(RepairConfig().check(), (7, *shape))
         assert (kw["steps"], kw["batch"], kw["lr"]) == trigger_setting(shape)

@@ -64,14 +64,14 @@ def _weights(text: str | None):
                    "features, the rest never pruned (0: every group) [default: 2048].")
 @click.option("--reward-weights", default=None, help="e.g. ca_b=1,ca_t=1,ca_u=0,ca_p=0,sparsity=0.1")
 @click.option("--trigger-steps", type=click.IntRange(min=1), default=None,
-              help="Optimisation steps of the trigger proxies [default: 100 on images of 257 to 1,024 pixels "
-                   "(28 x 28, 32 x 32), else 50; scaled down with a run of fewer RL iterations x samples than "
+              help="Optimisation steps of the trigger proxies [default: 100 on images of 257 to 4,096 pixels "
+                   "(e.g. 28 x 28 to 64 x 64), else 50; scaled down with a run of fewer RL iterations x samples than "
                    "ONP's defaults].")
 @click.option("--trigger-batch", type=click.IntRange(min=1), default=None,
               help="Images per class in each step of the trigger proxies [default: 24 on images of 257 to "
-                   "1,024 pixels, else 12; scaled down as the steps are].")
+                   "4,096 pixels, else 12; scaled down as the steps are].")
 @click.option("--trigger-lr", type=float, default=None,
-              help="Adam learning rate of the trigger proxies [default: 0.1 on images of 257 to 1,024 "
+              help="Adam learning rate of the trigger proxies [default: 0.1 on images of 257 to 4,096 "
                    "pixels, else 0.2].")
 @click.option("--tolerance", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="Accuracy drop (a fraction) allowed on the held-out defense images when choosing the depth "

@@ -19,7 +19,7 @@ from ..reward import MaskScorer, RewardWeights, check_backend
 from ..torchutil import DEFAULT_DEVICE, check_device, check_precision
 from .perturb import adversarial_perturbations
 from .trigger import (DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES, FAMILIES, MAX_CLASSES, ProxySet, TriggerProxy,
-                      synthesize_proxies, trigger_setting)
+                      resolve_setting, synthesize_proxies, trigger_setting)
 from .unlearn import unlearn
 
 
@@ -317,9 +317,7 @@ def trigger_settings(cfg: RepairConfig, shape) -> dict:
     families (trigger_families, and purify_families unless cfg.purify is "none") and detect (trigger_families:
     only they may name the suspect)."""
     both = set(cfg.trigger_families) | set(cfg.purify_families if cfg.purify != "none" else ())
-    full = trigger_setting(shape)
-    given = (cfg.trigger_steps, cfg.trigger_batch, cfg.trigger_lr)
-    steps, batch, lr = (full[i] if v is None else v for i, v in enumerate(given))
+    steps, batch, lr = resolve_setting(shape, cfg.trigger_steps, cfg.trigger_batch, cfg.trigger_lr)
     return {"seed": cfg.seed, "steps": steps, "batch": batch, "lr": lr,
             "max_classes": cfg.trigger_classes, "families": tuple(f for f in FAMILIES if f in both),
             "detect": cfg.trigger_families}

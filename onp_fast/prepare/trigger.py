@@ -46,7 +46,7 @@ MAD_FLOOR = 0.05  # the least MAD, as a fraction of the median norm (measurement
 MAX_CLASSES = 16  # classes whose proxies are optimised together; more are screened first (docs/design.md)
 # the proxies' setting at full effort, (Adam steps, images per class per step, Adam rate), by the images' pixel
 # count H x W: the first row whose bound it does not exceed (None: any count). Why: docs/design.md, "Repair time"
-TRIGGER_SETTINGS = ((16 * 16, (50, 12, 0.2)), (32 * 32, (100, 24, 0.1)), (None, (50, 12, 0.2)))
+TRIGGER_SETTINGS = ((16 * 16, (50, 12, 0.2)), (64 * 64, (100, 24, 0.1)), (None, (50, 12, 0.2)))
 
 
 def trigger_setting(shape) -> tuple[int, int, float]:
@@ -224,7 +224,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     suspect (ProxySet.detect; None: every one). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
     if max_classes < 2:
         raise ValueError(f"max_classes must be at least 2, got {max_classes}")
-    steps, batch, lr = _resolved(x.shape, steps, batch, lr)
+    steps, batch, lr = resolve_setting(x.shape, steps, batch, lr)
     detect = None if detect is None else tuple(f for f in families if f in detect)
     if num_classes <= max_classes:
         classes, reference = torch.arange(num_classes), None
@@ -331,7 +331,7 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     Under torch.distributed each rank passes its share of every step's stamped images and of the scoring
     images (`distributed.share`), the proxies' gradients and the scores summed over the ranks (`all_sum`): every
     rank fits the same proxies, up to the order of float sums."""
-    steps, batch, lr = _resolved(x.shape, steps, batch, lr)
+    steps, batch, lr = resolve_setting(x.shape, steps, batch, lr)
     g = torch.Generator().manual_seed(seed + 3)
     n, c, h, w = x.shape
     dev = x.device
@@ -433,8 +433,8 @@ class _Blend:
         return torch.sigmoid(self.a)
 
 
-def _resolved(shape, steps: int | None, batch: int | None, lr: float | None) -> tuple[int, int, float]:
-    """(steps, batch, lr) with each None taken from `trigger_setting(shape)`."""
+def resolve_setting(shape, steps: int | None, batch: int | None, lr: float | None) -> tuple[int, int, float]:
+    """(steps, batch, lr) for images of shape [..., H, W], each None taken from `trigger_setting(shape)`."""
     full = trigger_setting(shape)
     return tuple(full[i] if v is None else v for i, v in enumerate((steps, batch, lr)))
 
