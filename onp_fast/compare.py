@@ -17,7 +17,7 @@ import torch.nn as nn
 from .defenses import METHODS, get
 from .evaluate import evaluate
 from .memory import SHARED_COPIES
-from .metrics import defense_effectiveness_rating
+from .metrics import defense_effectiveness_rating, within_tolerance
 from .data import normalize
 from .errors import UserError
 from .prepare import FINETUNE_BATCH, DefenseContext, RepairConfig, check_training_budget, checked_config, \
@@ -67,7 +67,7 @@ def oracle(defense, ctx: DefenseContext, result: RepairResult, before: dict, tes
     for d in depths:
         prune = _top(result.scores, d)
         r = _eval(ctx.groups.pruned_copy(ctx.model, prune), test, attack, target)
-        ok = r["ca"] >= before["ca"] - tolerance - 1e-12
+        ok = within_tolerance(r["ca"], before["ca"], tolerance)
         if ok and (best is None or r["asr"] < best[1]["asr"]):
             best = (d, r, prune)
     if best is None:  # depth 0 always passes; kept for models whose CA is 0

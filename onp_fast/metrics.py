@@ -63,3 +63,13 @@ def defense_effectiveness_rating(asr_before: float, asr_after: float, ca_before:
             raise UserError(f"DER takes fractions in [0, 1]; {name} = {v}")
     return (max(0.0, asr_before - asr_after) - max(0.0, ca_before - ca_after) + 1.0) / 2.0
 
+
+
+ACCURACY_SLACK = 1e-6  # under the 1/N step of any accuracy on N < 10^6 images, over float32 rounding (~6e-8)
+
+
+def within_tolerance(ca: float, ca_before: float, tolerance: float) -> bool:
+    """Whether accuracy `ca` is at most `tolerance` under `ca_before` (a drop of exactly `tolerance` allowed).
+    Either accuracy may come from a float32 count ratio (0.91 is 0.9100000262 there, 0.89 is 0.8899999857), so
+    the comparison gives ACCURACY_SLACK of room, less than one image of any defense or test set."""
+    return ca >= ca_before - tolerance - ACCURACY_SLACK

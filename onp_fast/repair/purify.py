@@ -8,6 +8,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..metrics import within_tolerance
 from ..prepare import PURIFY_EPOCHS, DefenseContext, accuracy_of, finetune_pruned
 from ..torchutil import autocast, full_precision
 
@@ -45,7 +46,6 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             return (torch.cat([xb, *(proxies.stamp(xb, family, cls) for family, cls in draws)]),
                     yb.repeat(1 + len(draws)))
     sam = "sam" in mode or proxies is None
-    floor = ca_val_before - cfg.tolerance - 1e-12
     best = {"epoch": 0, "state": copy.deepcopy(model.state_dict()), "ca": None}  # one copy, overwritten in place
     curve = []
 
@@ -53,7 +53,7 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
         with full_precision(ctx.x_val.device):
             ca = accuracy_of(model, ctx.x_val, ctx.y_val, max_memory=cfg.activation_memory)
         curve.append(round(ca, 4))
-        if ca >= floor:
+        if within_tolerance(ca, ca_val_before, cfg.tolerance):
             for name, value in model.state_dict().items():
                 best["state"][name].copy_(value)
             best.update(epoch=epoch, ca=ca)

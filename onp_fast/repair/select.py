@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..metrics import within_tolerance
 from ..progress import bar
 from ..reward import MaskScorer
 
@@ -50,7 +51,7 @@ def choose_depth(scores: torch.Tensor, scorer: MaskScorer, *, tolerance: float =
         shown.update(len(rewards))
     shown.close()
     base = rows[0]["ca_b"]
-    allowed = [r for r in rows if r["ca_b"] >= base - tolerance - 1e-12 or r["depth"] == 0]
+    allowed = [r for r in rows if within_tolerance(r["ca_b"], base, tolerance) or r["depth"] == 0]
     top = max(allowed, key=lambda r: r["reward"])
     if slack is None:
         margin = scorer.standard_error(masks[depths.index(top["depth"])])
