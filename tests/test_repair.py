@@ -339,7 +339,8 @@ DIGITS, SHAPES, IMAGENET = (1, 16, 16), (3, 32, 32), (3, 224, 224)
 def test_the_trigger_phase_follows_the_effort_the_methods_ask_for():
     """ONP at 1 iteration x 2 masks (2 of the default 20 x 16 = 320 masks) gets 1 trigger step of 4 images per
     class on 16 x 16 images, the defaults 50 of 12; a baseline has no say (alone: 50 of 12); explicit settings are
-    kept. On 32 x 32 images the full setting is 100 steps of 24 (the same 2 of 320 masks: 1 step of 15)."""
+    kept. On 32 x 32 images the full setting is 100 steps of 24 (the same 2 of 320 masks: 1 step of 15); on
+    224 x 224 images 50 of 12 again (1 step of 4)."""
     from onp_fast.defenses import get
     from onp_fast.prepare import with_effort
 
@@ -362,6 +363,8 @@ def test_the_trigger_phase_follows_the_effort_the_methods_ask_for():
     assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=10, samples=16)).effort(),
                        shape=SHAPES) == (50, 24)
     assert steps_batch(RepairConfig(trigger_steps=7), 0.01, shape=SHAPES) == (7, 24)
+    assert steps_batch(RepairConfig(), get("onp", ONPConfig(iterations=1, samples=2)).effort(),
+                       shape=IMAGENET) == (1, 4)  # the short 224-px runs of issue 18 stay short
     for key in ("trigger_steps", "trigger_batch", "unlearn_epochs"):
         with pytest.raises(UserError, match=key):
             RepairConfig(**{key: 0}).check()
