@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -47,10 +48,21 @@ def init_from_env(device: str = "cpu") -> tuple[int, int, str]:
     return world() + (device,)
 
 
+LEAVE_TIMEOUT = timedelta(seconds=30)  # how long a gloo rank waits at exit for the others (see `leave`)
+
+
 def leave() -> None:
-    """Destroys the current process group, if any (after a caller's own `destroy_process_group`, nothing)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroys the current process group, if any (after a caller's own `destroy_process_group`, nothing). Under
+    gloo the ranks first meet at a monitored barrier, so no rank tears its connections down while another still
+    uses them; a rank whose peers do not arrive within LEAVE_TIMEOUT (one left on an error) leaves anyway."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo" and world()[1] > 1:
+        try:
+            dist.monitored_barrier(timeout=LEAVE_TIMEOUT, wait_all_ranks=True)
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()
 
 
 def share(k: int, rank: int, size: int) -> slice:

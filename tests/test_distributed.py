@@ -74,6 +74,22 @@ EXIT = textwrap.dedent("""
 """)
 
 
+LATE = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    from onp_fast.distributed import all_sum, init_from_env, leave
+
+    rank, size, _ = init_from_env("cpu")
+    t = torch.ones(10)
+    all_sum([t])
+    if rank == 1:
+        time.sleep(3)  # still busy after the last collective when rank 0 leaves
+    t0 = time.perf_counter()
+    leave()
+    json.dump({"rank": rank, "waited": time.perf_counter() - t0}, open(sys.argv[1] + f".{rank}.json", "w"))
+""")
+
+
 def test_shares_cover_every_row_once_in_rank_order():
     for k in range(0, 9):
         for size in (1, 2, 3, 4):
@@ -108,6 +124,14 @@ def test_a_rank_leaves_its_process_group_at_exit_and_exits_cleanly(tmp_path):
     for _ in range(4):
         for r in _run(tmp_path, 2, EXIT):
             assert r["sum"] == 2.0 ** 50 and r["left"]
+
+
+def test_a_gloo_rank_that_leaves_first_waits_for_the_others_before_tearing_down(tmp_path):
+    """Planted: rank 1 is still busy 3 s after the last collective. Rank 0's `leave` meets it at a barrier before
+    destroying the group (it waits about 3 s), so no rank closes its connections while another still holds
+    them (the rare exit abort CI saw with a bare destroy)."""
+    waited = {r["rank"]: r["waited"] for r in _run(tmp_path, 2, LATE)}
+    assert waited[0] > 2.0 and waited[1] < 2.0
 
 
 def test_two_gloo_ranks_repair_to_the_masks_of_one_process(tmp_path):
