@@ -64,7 +64,6 @@ def defense_effectiveness_rating(asr_before: float, asr_after: float, ca_before:
     return (max(0.0, asr_before - asr_after) - max(0.0, ca_before - ca_after) + 1.0) / 2.0
 
 
-
 ACCURACY_SLACK = 1e-6  # under the 1/N step of any accuracy on N < 10^6 images, over float32 rounding (~6e-8)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import asdict
 
 import torch
@@ -103,8 +104,8 @@ def _kind(value, annotation) -> type | None:
     if type(value) in (int, float, str, bool, tuple):
         return type(value)
     if value is None:
-        text = str(annotation)
-        return next((kind for kind in (str, int, float) if kind.__name__ in text), None)
+        names = set(re.findall(r"\w+", str(annotation)))  # "int | None" -> {"int", "None"}
+        return next((kind for kind in (str, int, float) if kind.__name__ in names), None)
     return None
 
 

@@ -55,6 +55,12 @@ def trigger_setting(shape) -> tuple[int, int, float]:
     return next(setting for bound, setting in TRIGGER_SETTINGS if bound is None or pixels <= bound)
 
 
+def resolve_setting(shape, steps: int | None, batch: int | None, lr: float | None) -> tuple[int, int, float]:
+    """(steps, batch, lr) for images of shape [..., H, W], each None taken from `trigger_setting(shape)`."""
+    full = trigger_setting(shape)
+    return tuple(full[i] if v is None else v for i, v in enumerate((steps, batch, lr)))
+
+
 def _patch(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     """The patch family's stamp x * (1 - mask) + pattern * mask (broadcast)."""
     return x * (1 - mask) + pattern * mask
@@ -431,12 +437,6 @@ class _Blend:
 
     def strength(self) -> torch.Tensor:
         return torch.sigmoid(self.a)
-
-
-def resolve_setting(shape, steps: int | None, batch: int | None, lr: float | None) -> tuple[int, int, float]:
-    """(steps, batch, lr) for images of shape [..., H, W], each None taken from `trigger_setting(shape)`."""
-    full = trigger_setting(shape)
-    return tuple(full[i] if v is None else v for i, v in enumerate((steps, batch, lr)))
 
 
 def _waves(side: int) -> torch.Tensor:

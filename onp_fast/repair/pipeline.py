@@ -14,8 +14,7 @@ from ..errors import UserError
 from ..groups import NeuronGroups, compact
 from ..memory import parse_memory, peak_memory
 from ..prepare import (FINETUNE_BATCH, UNLEARN_BATCH, DefenseContext, RepairConfig, accuracy_of, check_training_budget,
-                       checked_config, finetune_pruned, prepare, summarize,
-                       trigger_run)
+                       checked_config, finetune_pruned, prepare, summarize, trigger_run)
 from ..prepare.context import PURIFY_MODES
 from .purify import purify as purify_model
 from .scan_plot import picture_data
