@@ -44,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--purify-epochs", type=int, default=10)
     ap.add_argument("--modes", default=",".join(MODES), help="purification modes to measure")
     ap.add_argument("--no-only", action="store_true", help="skip the purification-only rows (no pruning)")
+    ap.add_argument("--paths", default="0",
+                    help="path-aware steps to measure (RepairConfig.purify_path), comma-separated; 0: off")
     ap.add_argument("--train-subset", type=int, default=0, help="backdoored model trained on this many images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trigger-families", default=",".join(DEFAULT_FAMILIES),
@@ -72,23 +74,27 @@ def main(argv=None):
               f"({time.perf_counter() - t:.0f}s); proxy {res.report['trigger_proxy']}", flush=True)
         none = torch.zeros_like(res.prune)
         ca_val = res.report["ca_val_before"]
-        for mode in args.modes.split(","):
-            c = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, purify=mode,
+        for mode, path in [(m, float(a)) for m in args.modes.split(",") for a in args.paths.split(",")]:
+            c = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, purify=mode, purify_path=path,
                                                                  purify_epochs=args.purify_epochs))
-            variants = [(f"prune + {mode}", res.model, res.prune)]
+            tag = f"{mode}, path {path:g}" if path else mode
+            variants = [(f"prune + {tag}", res.model, res.prune)]
             if not args.no_only:
-                variants.append((f"{mode} only", ctx.model, none))
+                variants.append((f"{tag} only", ctx.model, none))
             for label, start, prune in variants:
                 m = copy.deepcopy(start)
                 t = time.perf_counter()
                 part = purify(c, m, prune, ca_val, mode)
                 rows[label] = {**measure(m, res.groups, prune, splits, attack, xn, y, args.seed),
-                               "kept": part["kept"], "proxy_images": part["proxy_images_per_epoch"],
+                               "kept": part["kept"], "kept_epochs": part["kept_epochs"],
+                               "ca_val_per_epoch": part["ca_val_per_epoch"],
+                               "proxy_images": part["proxy_images_per_epoch"],
                                "seconds": time.perf_counter() - t}
         for label, r in rows.items():
-            print(f"  {label:<18} CA {100 * r['ca']:6.2f} ASR {100 * r['asr']:6.2f} | re-act ASR "
+            print(f"  {label:<28} CA {100 * r['ca']:6.2f} ASR {100 * r['asr']:6.2f} | re-act ASR "
                   f"{100 * r['re_asr']:6.2f} (CA {100 * r['re_ca']:6.2f}) | retune ASR {100 * r['retune_asr']:6.2f}"
-                  + ("" if r.get("kept", True) else "  (undone by the held-out guard)"), flush=True)
+                  + ("" if r.get("kept", True) else "  (undone by the held-out guard)")
+                  + (f" | epochs kept {r['kept_epochs']}" if "kept_epochs" in r else ""), flush=True)
         out.append({"attack": name, "before": before, "pruned": int(res.prune.sum()), "rows": rows})
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

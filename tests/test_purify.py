@@ -306,3 +306,45 @@ def test_labels_replace_the_distillation_only_where_the_teacher_is_wrong():
     kw["epochs"] = 2
     same = [finetune_pruned(_tiny(2), groups, none, x, t_cls, labels_where_wrong=on, **kw) for on in (True, False)]
     assert all(torch.equal(a, b) for a, b in zip(same[0].state_dict().values(), same[1].state_dict().values()))
+
+
+@pytest.mark.parametrize("a", [1.5, -0.5])
+def test_path_step_takes_each_gradient_on_the_line_from_the_start(a):
+    """Planted: two full-batch steps with path a (past the weights, or short of them). The first is a plain SGD
+    step from w0; the second's gradient is taken at w0 + (1 + a)(w1 - w0) and applied at w1 (weight decay and
+    momentum at w1), the weights restored in between. Replayed by hand with torch's SGD; path 0 gives other
+    weights, and a path of -1 or less is refused."""
+    from onp_fast.prepare import finetune_pruned
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8) * 3
+    y = torch.arange(16) % 4
+    groups = find_groups(_tiny(), (1, 8, 8))
+    none = torch.zeros(groups.num_groups, dtype=torch.bool)
+    kw = dict(epochs=2, lr=0.2, batch_size=16)
+    got = finetune_pruned(_tiny(), groups, none, x, y, path=a, **kw)
+    plain = finetune_pruned(_tiny(), groups, none, x, y, **kw)
+
+    m = _tiny().train()
+    ps = list(m.parameters())
+    w0 = [p.detach().clone() for p in ps]
+    opt = torch.optim.SGD(ps, lr=0.2, momentum=0.9, weight_decay=5e-4)
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    w1 = [p.detach().clone() for p in ps]
+    with torch.no_grad():
+        for p, s, e in zip(ps, w0, w1):
+            p.copy_(s + (1 + a) * (e - s))
+    F.cross_entropy(m(x), y).backward()
+    with torch.no_grad():
+        for p, e in zip(ps, w1):
+            p.copy_(e)
+    opt.step()
+    m.eval()
+    close = lambda u, v: all(torch.allclose(p, q, atol=1e-5) for p, q in zip(u.state_dict().values(),  # noqa: E731
+                                                                           v.state_dict().values()))
+    assert close(got, m)
+    assert not close(plain, m)
+    for bad in (-1.0, -2.0, float("nan")):
+        with pytest.raises(UserError, match="purify_path"):
+            RepairConfig(purify_path=bad).check()

@@ -135,11 +135,12 @@ def test_cli_repair_purifies_after_pruning_and_reports_it(tiny_ckpt, tmp_path):
     res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
                                     "--defense-size", "60", "--method", "clp", "--purify", "sam",
                                     "--purify-epochs", "1", "--purify-lr", "0.002", "--purify-clip", "3",
-                                    "--skip-accuracy-check"])
+                                    "--purify-path", "-0.25", "--skip-accuracy-check"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "fixed.report.json").read_text())
     assert report["purify"]["mode"] == "sam" and report["purify"]["epochs"] == 1
     assert report["purify"]["lr"] == 0.002 and report["purify"]["grad_clip"] == 3
+    assert report["purify"]["path_step"] == -0.25
     assert "purification (sharpness-aware fine-tuning): " + (
         "kept 1 of 1 epochs" if report["purify"]["kept"] else "undone") in res.output
 
@@ -182,7 +183,7 @@ def test_cli_repair_reward_backend_option(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_folder", "too_few_images", "wrong_channels", "no_prunable",
                                   "unknown_method", "onp_option_for_a_baseline", "zero_purify_lr",
-                                  "negative_purify_clip"])
+                                  "negative_purify_clip", "purify_path_minus_one"])
 def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
     model, extra = str(tiny_ckpt), ["--defense-size", "60"]
     out = tmp_path / "out.pt"
@@ -202,6 +203,8 @@ def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
         extra += ["--purify-lr", "0"]
     if case == "negative_purify_clip":
         extra += ["--purify-clip", "-1"]
+    if case == "purify_path_minus_one":
+        extra += ["--purify-path", "-1"]
     if case == "no_prunable":
         model = str(tmp_path / "linear.pt")
         torch.save(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), model)

@@ -99,6 +99,10 @@ def _weights(text: str | None):
 @click.option("--purify-lr", type=float, default=None, help="Purification learning rate [default: RepairConfig's].")
 @click.option("--purify-clip", type=float, default=None,
               help="Largest gradient norm of a purification step, 0 for none [default: RepairConfig's].")
+@click.option("--purify-path", type=float, default=None,
+              help="Path-aware purification a > -1: each step's gradient is taken at w0 + (1 + a)(w - w0), w0 the "
+                   "pruned model; a < 0 carries the weights further from it (a more lasting removal, at some clean "
+                   "accuracy), 0 off [default: RepairConfig's].")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Clean fine-tuning on the defense set afterwards, pruned channels held at zero.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -114,7 +118,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
             trigger_lr, tolerance, reward_backend, reward_sequential,
             precision, compact_model, trigger_families, purify_families,
             purify,
-            purify_epochs, purify_lr, purify_clip, finetune_epochs, seed, force, skip_accuracy_check, quiet,
+            purify_epochs, purify_lr, purify_clip, purify_path, finetune_epochs, seed, force, skip_accuracy_check, quiet,
             device, max_memory, **model_opts):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..atomic import check_outputs
@@ -141,8 +145,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     if given and method != "onp":
         raise UserError(f"{', '.join(given)} set ONP's policy training; --method {method} has none")
     onp = ONPConfig(**{k: v for k, v in onp_options.items() if v is not None})
-    given = {k: v for k, v in (("purify_lr", purify_lr), ("purify_clip", purify_clip), ("tolerance", tolerance),
-                               ("trigger_lr", trigger_lr)) if v is not None}
+    given = {k: v for k, v in (("purify_lr", purify_lr), ("purify_clip", purify_clip), ("purify_path", purify_path),
+                               ("tolerance", tolerance), ("trigger_lr", trigger_lr)) if v is not None}
     rank, _, device = init_from_env(device)  # under torchrun: mask scoring shared; rank 0 alone writes and talks
     quiet = quiet or rank > 0
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,

@@ -66,6 +66,7 @@ class RepairConfig:
     purify_labels_where_wrong: bool = False  # an image the model as given misclassifies is fit to its label instead
     purify_every_family: bool = False  # each image gets a proxy copy per family (else one over every family)
     purify_cosine: bool = False  # the purification rate anneals from purify_lr to 0 over its steps (else constant)
+    purify_path: float = 0.0  # path-aware step a > -1: gradients at w0 + (1 + a)(w - w0) (finetune_pruned; 0: off)
     finetune_epochs: int = 0  # clean fine-tuning on the defense set after pruning, pruned groups held at zero
     compact: bool = False  # also build the compact model (pruned channels removed)
     device: str = DEFAULT_DEVICE  # where every phase runs: cpu, cuda or cuda:N (results come back on the CPU)
@@ -94,6 +95,9 @@ class RepairConfig:
             raise UserError(f"purify_hard is a share in [0, 1]: got {self.purify_hard}")
         if not self.purify_lr > 0 or not self.purify_clip >= 0:
             raise UserError("the purification learning rate must be positive and its gradient clip not negative")
+        if not (math.isfinite(self.purify_path) and self.purify_path > -1):
+            raise UserError(f"purify_path places each step's gradient at w0 + (1 + a)(w - w0), a > -1: got "
+                            f"{self.purify_path}")
         if not (math.isfinite(self.tolerance) and self.tolerance <= 1):  # negative: no change is allowed at all
             raise UserError(f"the tolerance is a drop in accuracy, a fraction up to 1: got {self.tolerance}")
         if self.trigger_lr is not None and not (math.isfinite(self.trigger_lr) and self.trigger_lr > 0):

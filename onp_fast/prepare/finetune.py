@@ -21,7 +21,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
                     augment=None, after_epoch=None,
                     teacher: nn.Module | None = None, temperature: float = 2.0,
                     max_grad_norm: float | None = None, hard_weight: float = 0.0, labels_where_wrong: bool = False,
-                    progress: bool = False, max_memory: int | str | None = None,
+                    path: float = 0.0, progress: bool = False, max_memory: int | str | None = None,
                     info: dict | None = None) -> nn.Module:
     """Fine-tunes `model` in place on (x [N, C, H, W] normalised, y [N]) with SGD (momentum 0.9, weight decay
     5e-4); after every step the pruned groups (prune [G] bool) are zeroed again, so they stay exactly zero.
@@ -43,7 +43,12 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     takes CE(s, y) in place of its distillation term (the teacher is kept only where it is right). Without a
     teacher the loss is the cross-entropy over the whole batch.
     max_grad_norm: each step's gradient (after the sharpness-aware step, before weight decay and momentum) is
-    rescaled to at most this L2 norm over all parameters. progress: a bar of the steps on stderr
+    rescaled to at most this L2 norm over all parameters. path = a > -1, not 0: a path-aware step (after Min et
+    al. 2024's path-aware minimisation, in our own form): each step's gradient (and the sharpness-aware one on
+    top of it) is taken at w0 + (1 + a)(w - w0), w0 the weights the fine-tuning started from, then applied at w
+    (the first step, at w = w0, is a plain one). Where the loss has a minimum w*, the steps settle (weight decay
+    aside) where that point reaches it, w = w0 + (w* - w0) / (1 + a): a < 0 carries the weights further from w0
+    along the way fine-tuning moves them, a > 0 holds them nearer. progress: a bar of the steps on stderr
     (onp_fast.progress.bar).
     Device: x, y on the model's device; the shuffles and `augment`'s draws use a CPU generator, so a seed
     gives the same batches on every device. max_memory (bytes or "512MB"; None: no budget): a step's batch
@@ -70,6 +75,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     sched = None if cosine_t_max is None else \
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, cosine_t_max or max(1, steps))
     keep = ~prune
+    origin = [p.detach().clone() for p in params] if path else None
     least = train_mode_min(model)  # the fewest images of a micro-batch
     soft = wrong = None
     if teacher is not None:
@@ -139,10 +145,11 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
                              else [xb])
                     info.update(batch=len(xb), micro_batch=max(len(p) for p in parts), micro_batches=len(parts))
             opt.zero_grad(set_to_none=True)
-            gradient(xb, yb, sb, wb, own, micro)
-            if rho > 0:
-                with _running_stats_frozen(model, sam_bn_frozen):
-                    _sharpness_aware_gradient(params, rho, lambda: gradient(xb, yb, sb, wb, own, micro))
+            with _along_path(params, origin, path):
+                gradient(xb, yb, sb, wb, own, micro)
+                if rho > 0:
+                    with _running_stats_frozen(model, sam_bn_frozen):
+                        _sharpness_aware_gradient(params, rho, lambda: gradient(xb, yb, sb, wb, own, micro))
             if max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
@@ -169,6 +176,26 @@ def smooth_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float
     n = logits.shape[1]
     target = torch.full_like(logits, smoothing / (n - 1)).scatter_(1, y.unsqueeze(1), 1.0 - smoothing)
     return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+class _along_path:
+    """Within: every parameter w of `params` is moved to w0 + (1 + a)(w - w0) (w0: `origin`, a list matching
+    `params`, or None for no move; a = `path`); the weights are put back exactly on exit."""
+
+    def __init__(self, params: list[torch.Tensor], origin: list[torch.Tensor] | None, path: float):
+        self.pairs = list(zip(params, origin)) if origin is not None else []
+        self.path = path
+
+    def __enter__(self):
+        with torch.no_grad():
+            self.kept = [p.detach().clone() for p, _ in self.pairs]
+            for p, p0 in self.pairs:
+                p.add_(p - p0, alpha=self.path)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for (p, _), w in zip(self.pairs, self.kept):
+                p.copy_(w)
 
 
 class _running_stats_frozen:
