@@ -188,13 +188,13 @@ def test_purification_only_families_never_name_the_suspect():
     cfg = RepairConfig(purify_families="blend,periodic").check()
     assert cfg.purify_families == ("periodic", "blend")
     kw = trigger_settings(cfg, x.shape)
-    assert kw["families"] == FAMILIES and kw["detect"] == DEFAULT_FAMILIES
-    assert RepairConfig().check().purify_families == DEFAULT_PURIFY_FAMILIES == ("periodic", "blend")
+    assert kw["families"] == ("patch", "additive", "periodic", "blend") and kw["detect"] == DEFAULT_FAMILIES
+    assert RepairConfig().check().purify_families == DEFAULT_PURIFY_FAMILIES == ("periodic", "blend", "warp")
 
     def synthesised(cfg):
         return trigger_settings(cfg.check(), x.shape)["families"]
 
-    assert synthesised(RepairConfig()) == FAMILIES  # the default: all four synthesised
+    assert synthesised(RepairConfig()) == FAMILIES  # the default: all five synthesised
     assert synthesised(RepairConfig(purify="none")) == DEFAULT_FAMILIES  # none unlearned
     assert synthesised(RepairConfig(purify_families=())) == DEFAULT_FAMILIES
     with pytest.raises(UserError, match="trigger families"):
@@ -300,3 +300,48 @@ def test_many_classes_are_screened_with_the_periodic_family_too():
     ps = synthesize_proxies(model, x, y, 40, steps=30, seed=0, families=FAMILIES, max_classes=16)
     assert list(ps.patterns) == list(FAMILIES) and len(ps.classes) == 16
     assert ps.patterns["periodic"].shape == ps.patterns["additive"].shape
+
+
+def test_the_warp_family_finds_a_planted_shift_backdoor():
+    """Planted: the target logit also reads the column just right of every block, which a one-pixel shift of
+    the image to the right lights up (a warp trigger, no new pixels). Must find: the warp family's smallest flow
+    is the target's, clearly anomalous, it moves content to the right (sampling from the left: flow x < 0), and
+    its stamp flips the other classes; the warp proxies are the same beside the patch and additive families
+    (their own random stream); without the planted columns no class stands out."""
+    planted = torch.zeros(1, 8, 8)
+    for c in range(4):
+        rows, cols = _block(c)
+        planted[:, rows, cols.stop] = 1.0
+    model = _block_model(planted, gain=2.0)
+    x, y = _block_images(80)
+    ps = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=("warp",))
+    z = ps.z_scores("warp")
+    assert int(z.argmax()) == TARGET and float(z[TARGET]) >= 2.0
+    s = ps.proxy("warp", TARGET)
+    assert s.mask is None and s.pattern.shape == (2, 8, 8) and float(s.pattern[0].mean()) < 0
+    other = y != TARGET
+    assert (model(s.apply(x[other])).argmax(1) == TARGET).float().mean() > 0.9
+    beside = synthesize_proxies(model, x, y, 4, steps=150, seed=0, families=("patch", "additive", "warp"))
+    assert torch.allclose(beside.patterns["warp"], ps.patterns["warp"], atol=1e-6)
+    clean = synthesize_proxies(_block_model(), x, y, 4, steps=150, seed=0, families=("warp",))
+    assert float(clean.z_scores("warp").max()) < 2.0
+
+
+def test_a_warp_stamp_moves_every_pixel_by_its_flow():
+    """A zero flow leaves the image as it is; a flow of one pixel in x (y) samples the next column (row), the
+    edge repeated; ProxySet.stamp gives each image its row's warp, as TriggerProxy.apply does."""
+    from onp_fast.prepare.trigger import _warp
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(_warp(x, torch.zeros(2, 8, 8)), x, atol=1e-6)
+    right, down = torch.zeros(2, 8, 8), torch.zeros(2, 8, 8)
+    right[0], down[1] = 1.0, 1.0
+    assert torch.allclose(_warp(x, right)[..., :-1], x[..., 1:], atol=1e-5)
+    assert torch.allclose(_warp(x, right)[..., -1], x[..., -1], atol=1e-6)
+    assert torch.allclose(_warp(x, down)[..., :-1, :], x[..., 1:, :], atol=1e-5)
+    xb, yb = _block_images(12)
+    ps = synthesize_proxies(_block_model(), xb, yb, 4, steps=5, seed=0, families=("patch", "warp"))
+    rows = torch.arange(12) % 4
+    family = torch.ones(12, dtype=torch.long)  # "warp": the second family of this set
+    stamped = ps.stamp(xb, family, rows)
+    for i in range(12):
+        assert torch.allclose(stamped[i], ps.proxy("warp", int(rows[i])).apply(xb[i:i + 1])[0], atol=1e-6)

@@ -483,7 +483,7 @@ def test_a_short_repair_command_unlearns_and_purifies_briefly(tiny_ckpt, tmp_pat
 
 
 def test_the_repair_command_synthesises_purification_only_families(tiny_ckpt, tmp_path, monkeypatch):
-    """--purify-families (default periodic,blend): synthesised beside --trigger-families and unlearned, never the
+    """--purify-families (default periodic,blend,warp): synthesised beside --trigger-families and unlearned, never the
     suspect (detect); `none` and `--purify none` leave them out; a bad name is one error line before any work."""
     import onp_fast.prepare.context as context_mod
 
@@ -491,7 +491,7 @@ def test_the_repair_command_synthesises_purification_only_families(tiny_ckpt, tm
     real = context_mod.synthesize_proxies
     monkeypatch.setattr(context_mod, "synthesize_proxies", lambda *a, **k: seen.append((k["families"], k["detect"]))
                         or real(*a, **k))
-    cases = (([], ("patch", "additive", "periodic", "blend")),
+    cases = (([], ("patch", "additive", "periodic", "blend", "warp")),
              (["--purify-families", "none"], ("patch", "additive")),
              (["--purify-families", "blend", "--trigger-families", "patch"], ("patch", "blend")),
              (["--purify", "none"], ("patch", "additive")))

@@ -16,7 +16,7 @@ from onp_fast.cli import main
 from onp_fast.data import channel_stats, load_dataset, normalize
 from onp_fast.io import save_model
 from onp_fast.prepare import RepairConfig, prepare, scan
-from onp_fast.prepare.trigger import FAMILIES, trigger_setting
+from onp_fast.prepare.trigger import DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES, FAMILIES, trigger_setting
 from onp_fast.repair.pipeline import _scan_parts, proxy_part
 from onp_fast.repair.scan_plot import write_trigger_png
 
@@ -100,7 +100,8 @@ def test_scan_agrees_with_what_repair_prepares(tiny, scanned, tmp_path):
     assert ctx.trigger is not None and ctx.trigger is ctx.proxy
     assert (ctx.proxy.target, ctx.proxy.family) == (r["target"], r["family"])
     assert round(ctx.proxy.anomaly_index, 3) == r["anomaly_index"]
-    assert list(ctx.proxies.patterns) == list(FAMILIES) and ctx.proxies.detecting() == list(r["families"])
+    synthesised = [f for f in FAMILIES if f in DEFAULT_FAMILIES + DEFAULT_PURIFY_FAMILIES]
+    assert list(ctx.proxies.patterns) == synthesised and ctx.proxies.detecting() == list(r["families"])
     for f in r["families"]:
         assert [round(float(v), 4) for v in ctx.proxies.norms[f]] == r["families"][f]["norms"]
     # repair's report carries the same verdict, and what its OUT.trigger.png needs, as JSON
@@ -109,7 +110,7 @@ def test_scan_agrees_with_what_repair_prepares(tiny, scanned, tmp_path):
     assert {k: v for k, v in r.items() if k not in ("seed", "defense", "seconds", "setting")} == detect
     assert r["setting"] == proxy_part(ctx)["setting"] == dict(zip(("steps", "batch", "lr"),
                                                                    trigger_setting(tiny["x"].shape)))
-    assert set(part["scan"]["families"]) - set(r["families"]) == {"periodic", "blend"}
+    assert set(part["scan"]["families"]) - set(r["families"]) == {"periodic", "blend", "warp"}
     png = tmp_path / "m.trigger.png"
     assert write_trigger_png(png, {"trigger_proxy": part}, tiny["x"], tiny["y"], tiny["mean"], tiny["std"])
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 20_000
@@ -170,3 +171,13 @@ def test_cli_bad_inputs_fail_with_one_error_line(case, tiny, tmp_path):
             "unknown-option": (model, "--dataset", tiny["data"], "--nope"),
             "unknown-family": (model, "--dataset", tiny["data"], "--trigger-families", "patch,wave")}[case]
     one_line_error(_run(*args))
+
+
+def test_cli_scans_and_draws_the_warp_family(tiny, tmp_path):
+    picture = tmp_path / "scan.png"
+    res = _run(tiny["root"] / "clean.pt", "--dataset", tiny["data"], "--json", "--trigger-families", "warp,patch",
+               "--trigger-steps", "5", "--image", picture)
+    assert res.exit_code in (0, 3), res.output
+    got = json.loads(res.output)
+    assert list(got["families"]) == ["patch", "warp"] and len(got["families"]["warp"]["norms"]) == 10
+    assert picture.read_bytes()[:4] == b"\x89PNG"

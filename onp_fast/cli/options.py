@@ -111,7 +111,8 @@ def trigger_families_option(f):
                         show_default=True, metavar="NAMES",
                         help=f"Trigger-proxy families, comma-separated among {', '.join(FAMILIES)} (periodic: "
                              "stripes of any frequency over the whole image, for sinusoid-like triggers; blend: a picture mixed "
-                             "into the whole image at a per-class strength, for blended triggers).")(f)
+                             "into the whole image at a per-class strength, for blended triggers; warp: the image "
+                             "resampled along a smooth flow, for warping triggers such as WaNet's).")(f)
 
 
 def _purify_families(ctx, param, value):

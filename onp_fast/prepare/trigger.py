@@ -10,7 +10,9 @@ Families, optimised for every class t in one batched pass (the default: patch an
   phase and mix, and nothing else (a free delta fits every class with an adversarial pattern; a stripe pattern
   is cheap only for a class a periodic trigger was planted for), penalty on its RMS amplitude;
 - blend (opt-in): (1 - a_t) x + a_t P_t, a full-image pattern P_t [C, H, W] in the images' range and a strength
-  a_t in (0, 1) per class (a blended trigger mixes a fixed picture into the image), penalty on a_t.
+  a_t in (0, 1) per class (a blended trigger mixes a fixed picture into the image), penalty on a_t;
+- warp (opt-in): x resampled at every pixel shifted by a smooth flow V_t [2, H, W] (WARP_GRID x WARP_GRID control
+  points upsampled bicubically, as WaNet draws its warp), penalty on the RMS of V_t in pixels.
 Each asks that clean images of other classes be classified as t. A backdoor target needs a far smaller trigger
 than the other classes in the family its trigger belongs to: per family, the class with the smallest norm and its
 MAD anomaly index (how far below the median, in MAD units) are kept. Nothing here reads a real trigger.
@@ -35,12 +37,15 @@ from ..memory import fit_batch
 from ..progress import bar
 from ..torchutil import frozen
 
-FAMILIES = ("patch", "additive", "periodic", "blend")  # every family, in the order of a ProxySet's patterns
+FAMILIES = ("patch", "additive", "periodic", "blend", "warp")  # every family, in the order of a ProxySet's patterns
 DEFAULT_FAMILIES = ("patch", "additive")
-DEFAULT_PURIFY_FAMILIES = ("periodic", "blend")  # synthesised for purification only (RepairConfig.purify_families)
+DEFAULT_PURIFY_FAMILIES = ("periodic", "blend", "warp")  # for purification only (RepairConfig.purify_families)
 ADDITIVE = ("additive", "periodic")  # families whose pattern is a delta added to the image (no mask)
 LAM_PERIODIC = 10.0  # the periodic family's size penalty (measurements: docs/design.md, "A periodic proxy family")
 LAM_BLEND = 4.0  # the blend family's penalty on its strength (measurements: docs/design.md, "A blend proxy family")
+LAM_WARP = 2.0  # the warp family's penalty on its flow's RMS in pixels (docs/design.md, "A warp proxy family")
+WARP_GRID = 4  # control points per side of a warp proxy's flow (WaNet's k)
+WARP_MAX = 2.0  # the largest displacement of a control point, in pixels
 PERIODIC_LR = 0.05  # the periodic family's Adam rate (measurements: docs/design.md, "A periodic proxy family")
 MAD_FLOOR = 0.05  # the least MAD, as a fraction of the median norm (measurements: docs/design.md)
 MAX_CLASSES = 16  # classes whose proxies are optimised together; more are screened first (docs/design.md)
@@ -76,11 +81,27 @@ def _blend(x: torch.Tensor, strength: torch.Tensor, pattern: torch.Tensor) -> to
     return x + strength * (pattern - x)
 
 
+def _warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """The warp family's stamp: x [..., C, H, W] resampled (bilinear, edges repeated) at pixel (row + flow[1],
+    column + flow[0]); flow [..., 2, H, W] in pixels, its leading dimensions broadcast against x's."""
+    c, h, w = x.shape[-3:]
+    lead = torch.broadcast_shapes(x.shape[:-3], flow.shape[:-3])
+    xs = x.expand(*lead, c, h, w).reshape(-1, c, h, w)
+    fl = flow.expand(*lead, 2, h, w).reshape(-1, 2, h, w)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
+                            indexing="ij")
+    per_pixel = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=x.device).view(1, 2, 1, 1)
+    grid = torch.stack((xx, yy)).unsqueeze(0) + fl * per_pixel  # [N, 2, H, W], (x, y) as grid_sample wants
+    out = F.grid_sample(xs, grid.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=True)
+    return out.reshape(*lead, c, h, w)
+
+
 @dataclass
 class TriggerProxy:
     """One class's proxy trigger in the model's input space. family "patch": mask [1, H, W] and pattern
     [C, H, W]; "additive", "periodic": pattern [C, H, W] is the added delta (mask None), clipped to lo/hi
-    [1, C, 1, 1]; "blend": pattern [C, H, W] is the picture mixed in at `strength` (mask None).
+    [1, C, 1, 1]; "blend": pattern [C, H, W] is the picture mixed in at `strength` (mask None); "warp": pattern
+    [2, H, W] is the flow in pixels (x, y displacement) the image is resampled at (mask None).
     target: its class; norms [T]: its family's per-class trigger norms; anomaly_index: the target's."""
 
     mask: torch.Tensor | None
@@ -97,6 +118,8 @@ class TriggerProxy:
         """x [N, C, H, W] (normalised) -> stamped [N, C, H, W]."""
         if self.family == "blend":
             return _blend(x, self.strength, self.pattern)
+        if self.family == "warp":
+            return _warp(x, self.pattern)
         if self.family in ADDITIVE:
             return _additive(x, self.pattern, self.lo, self.hi)
         return _patch(x, self.mask, self.pattern)
@@ -107,7 +130,7 @@ class ProxySet:
     """The proxies of R classes (rows) in every family: classes [R] int64, the class of each row (ascending;
     every class 0..T-1 when none was screened out); masks [R, 1, H, W] (patch), patterns {family: [R, C, H, W]},
     norms {family: [R]} (patch: mask L1; additive, periodic: RMS of D_t over the input range; blend: the strength
-    a_t its stamp mixes the pattern in at), lo/hi
+    a_t its stamp mixes the pattern in at; warp: the RMS of its flow [R, 2, H, W] in pixels), lo/hi
     [1, C, 1, 1]: the defense images' per-channel range; reference [R] bool: the rows the anomaly index is
     measured against (every row when none was screened out; else the random sample of the classes the screen did
     not pick); detect: the families that may name the suspect (None: every family; the others' proxies serve
@@ -179,6 +202,8 @@ class ProxySet:
             xs, p = x[sel], self.patterns[name][cls[sel]]
             if name == "blend":
                 out[sel] = _blend(xs, self.norms[name][cls[sel]].view(-1, 1, 1, 1), p)
+            elif name == "warp":
+                out[sel] = _warp(xs, p)
             elif name in ADDITIVE:
                 out[sel] = _additive(xs, p, self.lo, self.hi)
             else:
@@ -212,7 +237,7 @@ class ProxySet:
 def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                        steps: int | None = None, batch: int | None = None, lam: float = 10.0,
                        lam_additive: float = 10.0, lr: float | None = None,
-                       lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND,
+                       lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND, lam_warp: float = LAM_WARP,
                        seed: int = 0, families: tuple[str, ...] = DEFAULT_FAMILIES, max_classes: int = MAX_CLASSES,
                        detect: tuple[str, ...] | None = None, progress: bool = False,
                        max_memory: int | str | None = None) -> ProxySet:
@@ -221,7 +246,8 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     `screen_classes` ranks first and of a seeded random sample of the others (the reference, max_classes minus
     those), on that device. `steps` Adam steps (lr) on `batch` images per class per step (each None: the images'
     `trigger_setting`), all families in one forward; lam weighs the mean mask value, lam_additive (lam_periodic)
-    the relative RMS of the additive (periodic) D_t, lam_blend the blend's strength a_t, against the
+    the relative RMS of the additive (periodic) D_t, lam_blend the blend's strength a_t, lam_warp the RMS in
+    pixels of the warp's flow (WARP_GRID x WARP_GRID control points, at most WARP_MAX pixels each), against the
     cross-entropy (the defaults' measurements: docs/design.md; the periodic family's coefficients take Adam at
     PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum over images: where
     `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch stamped images at
@@ -258,7 +284,8 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     params = ([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else [])
     waves = _Waves(rows, c, h, w, seed, dev)  # its own stream: the other families are as without it
     blend = _Blend(rows, c, h, w, seed, dev)  # its own stream too
-    opt = _adam(params + (blend.params if "blend" in families else []),
+    warp = _Flow(rows, h, w, seed, dev)  # and this one
+    opt = _adam(params + (blend.params if "blend" in families else []) + (warp.params if "warp" in families else []),
                 waves.params if "periodic" in families else [], lr)
     targets = classes.to(dev)
     per_step = rows * batch * sum(f in families for f in FAMILIES)  # stamped images per step
@@ -267,13 +294,13 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     def current():
         m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
         d = span * torch.tanh(dlog)
-        return m, p, d, waves.delta(span), blend.strength(), blend.pattern(lo, span)
+        return m, p, d, waves.delta(span), blend.strength(), blend.pattern(lo, span), warp.flow()
 
     with frozen(model), bar(steps, "trigger proxies", progress) as shown:
         for _ in range(steps):
             idx = torch.randint(0, n, (batch,), generator=g).to(dev)
             xb, yb = x[idx], y[idx]
-            m, p, d, pd, ba, bp = current()
+            m, p, d, pd, ba, bp, fl = current()
             parts, penalty = [], 0.0
             if "patch" in families:
                 # _patch's formula with pattern * mask taken before the broadcast (the gradients' summation
@@ -289,6 +316,9 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             if "blend" in families:
                 parts.append(_blend(xb.unsqueeze(0), ba.view(-1, 1, 1, 1, 1), bp.unsqueeze(1)))
                 penalty = penalty + lam_blend * ba.sum()
+            if "warp" in families:
+                parts.append(_warp(xb.unsqueeze(0), fl.unsqueeze(1)))
+                penalty = penalty + lam_warp * _rms(fl).sum()
             stamped = torch.cat(parts).reshape(-1, c, h, w)
             tgt = targets.repeat_interleave(batch).repeat(len(parts))
             other = (yb.unsqueeze(0) != targets.unsqueeze(1)).reshape(-1).float().repeat(len(parts))
@@ -304,7 +334,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             opt.step()
             shown.update(1)
     with torch.no_grad():
-        m, p, d, pd, ba, bp = current()
+        m, p, d, pd, ba, bp, fl = current()
         patterns, norms = {}, {}
         if "patch" in families:
             patterns["patch"], norms["patch"] = p.clone(), m.sum(dim=(1, 2, 3))
@@ -314,6 +344,8 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             patterns["periodic"], norms["periodic"] = pd.clone(), _rms(pd / span)
         if "blend" in families:
             patterns["blend"], norms["blend"] = bp.clone(), ba.clone()
+        if "warp" in families:
+            patterns["warp"], norms["warp"] = fl.clone(), _rms(fl)
     return ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi, classes=classes,
                     reference=reference, detect=detect)
 
@@ -321,7 +353,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
 def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                    steps: int | None = None, batch: int | None = None, lam: float = 10.0,
                    lam_additive: float = 10.0, lr: float | None = None, seed: int = 0,
-                   lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND,
+                   lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND, lam_warp: float = LAM_WARP,
                    families: tuple[str, ...] = DEFAULT_FAMILIES, progress: bool = False,
                    max_memory: int | str | None = None) -> torch.Tensor:
     """Ranks every class as a likely backdoor target at a cost that does not grow with the class count.
@@ -330,8 +362,8 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     additive delta [1, C, H, W]; a periodic one; a blend) is fitted, `steps` Adam steps (lr) on `batch` images (each
     None: the images' `trigger_setting`), to lower
     the probability of each image's own class (untargeted), with the size penalties of `synthesize_proxies`
-    (lam, lam_additive, lam_periodic, lam_blend): the cheapest way to move every image elsewhere is a backdoor's trigger,
-    and it moves them to its target.
+    (lam, lam_additive, lam_periodic, lam_blend, lam_warp; a warp too): the cheapest way to move every image
+    elsewhere is a backdoor's trigger, and it moves them to its target.
     Score of class t: the mean probability of t over every (family, image of another class) after the fit.
     The model stays frozen in eval mode; images run in chunks `max_memory` can hold (`memory.fit_batch`).
     Under torch.distributed each rank passes its share of every step's stamped images and of the scoring
@@ -348,20 +380,24 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     dlog = (torch.randn(1, c, h, w, generator=g) * 0.01).to(dev).requires_grad_(True)
     waves = _Waves(1, c, h, w, seed + 3, dev)
     blend = _Blend(1, c, h, w, seed + 3, dev)
+    warp = _Flow(1, h, w, seed + 3, dev)
     opt = _adam(([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else [])
-                + (blend.params if "blend" in families else []), waves.params if "periodic" in families else [], lr)
+                + (blend.params if "blend" in families else []) + (warp.params if "warp" in families else []),
+                waves.params if "periodic" in families else [], lr)
 
     def stamps(xb):
         m, p, d = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog), span * torch.tanh(dlog)
-        pd, ba, bp = waves.delta(span), blend.strength(), blend.pattern(lo, span)
+        pd, ba, bp, fl = waves.delta(span), blend.strength(), blend.pattern(lo, span), warp.flow()
         out = ([_patch(xb, m, p)] if "patch" in families else []) + \
               ([_additive(xb, d, lo, hi)] if "additive" in families else []) + \
               ([_additive(xb, pd, lo, hi)] if "periodic" in families else []) + \
-              ([_blend(xb, ba.view(-1, 1, 1, 1), bp)] if "blend" in families else [])
+              ([_blend(xb, ba.view(-1, 1, 1, 1), bp)] if "blend" in families else []) + \
+              ([_warp(xb, fl)] if "warp" in families else [])
         penalty = (lam * m.mean() if "patch" in families else 0.0) + \
                   (lam_additive * _rms(d / span).sum() if "additive" in families else 0.0) + \
                   (lam_periodic * _rms(pd / span).sum() if "periodic" in families else 0.0) + \
-                  (lam_blend * ba.sum() if "blend" in families else 0.0)
+                  (lam_blend * ba.sum() if "blend" in families else 0.0) + \
+                  (lam_warp * _rms(fl).sum() if "warp" in families else 0.0)
         return torch.cat(out), penalty
 
     fams = sum(f in families for f in FAMILIES)
@@ -437,6 +473,22 @@ class _Blend:
 
     def strength(self) -> torch.Tensor:
         return torch.sigmoid(self.a)
+
+
+class _Flow:
+    """The warp family's proxies of `rows` classes: WARP_GRID x WARP_GRID control points of an (x, y)
+    displacement per class, logits [rows, 2, k, k] drawn from a generator of their own (seed + 6) at scale 0.01;
+    `flow()` -> [rows, 2, H, W] in pixels = WARP_MAX tanh(logits), upsampled bicubically over the image (the
+    shape of WaNet's warping field)."""
+
+    def __init__(self, rows: int, h: int, w: int, seed: int, device):
+        g = torch.Generator().manual_seed(seed + 6)
+        self.logits = (torch.randn(rows, 2, WARP_GRID, WARP_GRID, generator=g) * 0.01).to(device).requires_grad_(True)
+        self.size = (h, w)
+        self.params = [self.logits]
+
+    def flow(self) -> torch.Tensor:
+        return F.interpolate(WARP_MAX * torch.tanh(self.logits), size=self.size, mode="bicubic", align_corners=True)
 
 
 def _waves(side: int) -> torch.Tensor:

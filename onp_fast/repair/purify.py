@@ -30,10 +30,11 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     share `purify_hard` of their labels' cross-entropy mixed in, and, when `purify_labels_where_wrong`, their
     labels alone on the images that model misclassifies. `purify_epochs` epochs (None: PURIFY_EPOCHS) at `purify_lr`
     (annealed to 0 by a cosine over the steps when `purify_cosine`), each step's gradient clipped to norm
-    `purify_clip` (0: not clipped), path-aware when `purify_path` > 0 (finetune_pruned's `path`). After each epoch CA on D_val is measured; the model kept is the one after the
-    last epoch whose CA stays at or above ca_val_before - tolerance ("kept_epochs"; 0 and "kept": False when none
-    does: the model is put back as it was). The steps run at `precision` (`torchutil.autocast`), the held-out
-    check at float32. A bar of its steps on stderr when ctx.progress. -> the report part."""
+    `purify_clip` (0: not clipped), path-aware when `purify_path` is not 0 (finetune_pruned's `path`). After each
+    epoch CA on D_val is measured; the model kept is the one after the last epoch whose CA stays at or above
+    ca_val_before - tolerance ("kept_epochs"; 0 and "kept": False when none does: the model is put back as it
+    was). The steps run at `precision` (`torchutil.autocast`), the held-out check at float32. A bar of its steps
+    on stderr when ctx.progress. -> the report part."""
     cfg = ctx.cfg
     epochs = PURIFY_EPOCHS if cfg.purify_epochs is None else cfg.purify_epochs
     clip = cfg.purify_clip or None
@@ -65,7 +66,8 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
                         teacher=ctx.model if cfg.purify_distill else None, temperature=DISTILL_TEMPERATURE,
                         hard_weight=cfg.purify_hard, labels_where_wrong=cfg.purify_labels_where_wrong,
                         cosine_t_max=0 if cfg.purify_cosine else None,
-                        max_grad_norm=clip, path=cfg.purify_path, progress=ctx.progress, max_memory=cfg.activation_memory, info=steps)
+                        max_grad_norm=clip, path=cfg.purify_path, progress=ctx.progress,
+                        max_memory=cfg.activation_memory, info=steps)
     model.load_state_dict(best["state"])
     return {"mode": mode, "precision": cfg.precision, "sam_rho": cfg.sam_rho if sam else 0.0,
             "proxy_images_per_epoch": (len(ctx.x_opt) * (len(proxies.patterns) if cfg.purify_every_family else 1)

@@ -116,9 +116,14 @@ def _pixels(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 def _trigger_image(p: TriggerProxy, mean, std) -> tuple[torch.Tensor, str]:
     """The visible trigger [C, H, W] in [0, 1] and its caption: patch: mask * pattern (in pixels) on black;
-    additive: the delta in pixels, scaled so its largest value is 0.5 around mid grey."""
+    warp: how far each pixel is moved [1, H, W], white the largest; the others: the delta in pixels, scaled so
+    its largest value is 0.5 around mid grey."""
     if p.family == "patch":
         return p.mask * _pixels(p.pattern.unsqueeze(0), mean, std)[0], f"mask x pattern\n(mask L1 {p.mask.sum():.1f})"
+    if p.family == "warp":
+        shift = p.pattern.pow(2).sum(0, keepdim=True).sqrt()  # [1, H, W] pixels each pixel is moved by
+        peak = float(shift.max()) or 1.0
+        return shift / peak, f"shift, white {peak:.2f} px\n(RMS {float(p.pattern.pow(2).mean().sqrt()):.2f} px)"
     delta = p.pattern * torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
     peak = float(delta.abs().max()) or 1.0
     return (0.5 + 0.5 * delta / peak).clamp(0, 1), f"delta x{0.5 / peak:.1f}\n(+- {peak:.2f} of pixel range)"
