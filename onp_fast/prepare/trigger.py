@@ -359,7 +359,7 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     """Ranks every class as a likely backdoor target at a cost that does not grow with the class count.
     x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> scores [num_classes] float32
     on the CPU, higher = more suspect. One universal proxy per family (a patch: mask [1, 1, H, W] and pattern; an
-    additive delta [1, C, H, W]; a periodic one; a blend) is fitted, `steps` Adam steps (lr) on `batch` images (each
+    additive delta [1, C, H, W]; a periodic one; a blend; a warp) is fitted, `steps` Adam steps (lr) on `batch` images (each
     None: the images' `trigger_setting`), to lower
     the probability of each image's own class (untargeted), with the size penalties of `synthesize_proxies`
     (lam, lam_additive, lam_periodic, lam_blend, lam_warp; a warp too): the cheapest way to move every image
