@@ -49,15 +49,16 @@ def main(argv=None):
     print(f"clean model: CA {100 * out['clean']['ca']:.2f}, clean non-target images sent to {args.target}: "
           f"{100 * out['clean']['to_target']:.2f}%")
     classes = [c for c in range(splits.num_classes) if c != args.target]
+    if args.retune:  # the defense set compare draws, and the model's groups, for every attack
+        x, y = defense_subset(splits, args.defense_size, seed=args.seed)
+        xn, groups = normalize(x, splits.mean, splits.std), find_groups(model, tuple(x.shape[1:]))
     for name in args.attacks.split(","):
         attack = attacks.build(name, tuple(splits.train_x.shape[1:]), seed=args.seed, **(params.get(name) or {}))
         r = ev(model, splits, attack, target=args.target)
         pred = predict_classes(model, attack.apply(splits.test_x[other]), splits.mean, splits.std)
         r["per_source"] = {c: float((pred[src == c] == args.target).float().mean()) for c in classes}
         if args.retune:
-            x, y = defense_subset(splits, args.defense_size, seed=args.seed)
-            tuned = retune(model, find_groups(model, tuple(x.shape[1:])), normalize(x, splits.mean, splits.std), y,
-                           splits.mean, splits.std, attack, args.target, seed=args.seed)
+            tuned = retune(model, groups, xn, y, splits.mean, splits.std, attack, args.target, seed=args.seed)
             r["retune_asr"] = ev(tuned, splits, attack, target=args.target)["asr"]
         out[name] = r
         print(f"{name:<8} ASR {100 * r['asr']:6.2f}  RA {100 * r['ra']:6.2f}"

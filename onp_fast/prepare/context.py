@@ -329,8 +329,8 @@ def trigger_settings(cfg: RepairConfig, shape) -> dict:
 
 def trigger_run(cfg: RepairConfig, shape) -> dict:
     """The optimisation `trigger_settings(cfg, shape)` asks for, as reports give it: {"steps", "batch", "lr"}."""
-    kw = trigger_settings(cfg, shape)
-    return {k: kw[k] for k in ("steps", "batch", "lr")}
+    return dict(zip(("steps", "batch", "lr"), resolve_setting(shape, cfg.trigger_steps, cfg.trigger_batch,
+                                                               cfg.trigger_lr)))
 
 
 def _family_names(families) -> list[str]:

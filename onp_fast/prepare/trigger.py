@@ -96,6 +96,19 @@ def _warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, c, h, w)
 
 
+def _stamp(family: str, x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor | None,
+           strength: torch.Tensor | float | None, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
+    """x stamped with a proxy of `family` (broadcast): its pattern, and the patch's mask, the blend's strength or
+    the additive families' bounds lo/hi (the others' are not read)."""
+    if family == "blend":
+        return _blend(x, strength, pattern)
+    if family == "warp":
+        return _warp(x, pattern)
+    if family in ADDITIVE:
+        return _additive(x, pattern, lo, hi)
+    return _patch(x, mask, pattern)
+
+
 @dataclass
 class TriggerProxy:
     """One class's proxy trigger in the model's input space. family "patch": mask [1, H, W] and pattern
@@ -116,13 +129,7 @@ class TriggerProxy:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W] (normalised) -> stamped [N, C, H, W]."""
-        if self.family == "blend":
-            return _blend(x, self.strength, self.pattern)
-        if self.family == "warp":
-            return _warp(x, self.pattern)
-        if self.family in ADDITIVE:
-            return _additive(x, self.pattern, self.lo, self.hi)
-        return _patch(x, self.mask, self.pattern)
+        return _stamp(self.family, x, self.pattern, self.mask, self.strength, self.lo, self.hi)
 
 
 @dataclass
@@ -199,15 +206,9 @@ class ProxySet:
             sel = family == fi
             if not bool(sel.any()):
                 continue
-            xs, p = x[sel], self.patterns[name][cls[sel]]
-            if name == "blend":
-                out[sel] = _blend(xs, self.norms[name][cls[sel]].view(-1, 1, 1, 1), p)
-            elif name == "warp":
-                out[sel] = _warp(xs, p)
-            elif name in ADDITIVE:
-                out[sel] = _additive(xs, p, self.lo, self.hi)
-            else:
-                out[sel] = _patch(xs, self.masks[cls[sel]], p)
+            rows = cls[sel]
+            out[sel] = _stamp(name, x[sel], self.patterns[name][rows], self.masks[rows] if name == "patch" else None,
+                              self.norms[name][rows].view(-1, 1, 1, 1) if name == "blend" else None, self.lo, self.hi)
         return out
 
     def sample(self, y: torch.Tensor, gen: torch.Generator, temperature: float = 1.0, family: int | None = None
@@ -359,8 +360,8 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     """Ranks every class as a likely backdoor target at a cost that does not grow with the class count.
     x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> scores [num_classes] float32
     on the CPU, higher = more suspect. One universal proxy per family (a patch: mask [1, 1, H, W] and pattern; an
-    additive delta [1, C, H, W]; a periodic one; a blend; a warp) is fitted, `steps` Adam steps (lr) on `batch` images (each
-    None: the images' `trigger_setting`), to lower
+    additive delta [1, C, H, W]; a periodic one; a blend; a warp) is fitted, `steps` Adam steps (lr) on `batch`
+    images (each None: the images' `trigger_setting`), to lower
     the probability of each image's own class (untargeted), with the size penalties of `synthesize_proxies`
     (lam, lam_additive, lam_periodic, lam_blend, lam_warp; a warp too): the cheapest way to move every image
     elsewhere is a backdoor's trigger, and it moves them to its target.
