@@ -78,6 +78,14 @@ def done_training(params) -> None:
         p.grad = None
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x [N, C, H, W] in channels-last memory order: the same values, the order whose convolutions a CPU runs
+    fastest with gradients to take (trigger proxies, unlearning, fine-tuning; docs/design.md, "The trigger phase's
+    cost at 32 x 32"). With one channel both orders are the same, and x comes back as it is; so does an x that is
+    not 4-d."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
     """Within the block no parameter of `modules` requires grad (gradients flow to other leaves only, e.g. masks

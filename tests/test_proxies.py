@@ -345,3 +345,51 @@ def test_a_warp_stamp_moves_every_pixel_by_its_flow():
     stamped = ps.stamp(xb, family, rows)
     for i in range(12):
         assert torch.allclose(stamped[i], ps.proxy("warp", int(rows[i])).apply(xb[i:i + 1])[0], atol=1e-6)
+
+
+
+def test_the_passes_that_take_gradients_run_channels_last_with_the_same_values(monkeypatch):
+    """The trigger proxies', unlearning's and fine-tuning's forwards take their images in channels-last order (the
+    faster one on a CPU for three channels; docs/design.md, "The trigger phase's cost at 32 x 32"): a hook on a
+    three-channel conv model sees every such image in that order, and the proxies match those of a run left in
+    NCHW up to float rounding. One channel, or a tensor that is not 4-d, comes back as it is."""
+    import copy
+
+    from onp_fast import torchutil
+    from onp_fast.groups import find_groups
+    from onp_fast.prepare import finetune, trigger
+    from onp_fast.prepare.unlearn import unlearn
+
+    x1 = torch.rand(6, 1, 8, 8)
+    flat = x1.flatten(1)
+    assert torchutil.channels_last(x1) is x1 and torchutil.channels_last(flat) is flat
+    x3 = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cl = torchutil.channels_last(x3)
+    assert torch.equal(cl, x3) and cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    y = torch.arange(40) % 4
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    seen = []
+
+    def look(_, args):
+        if torch.is_grad_enabled():  # the passes that take gradients, not the accuracy checks
+            seen.append(args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())
+
+    model[0].register_forward_pre_hook(look)
+    fast = synthesize_proxies(model, x3, y, 4, steps=5, batch=6, seed=0)
+    assert seen and all(seen)
+    seen.clear()
+    unlearn(model, x3, y, max_epochs=1, batch_size=16)
+    tuned = copy.deepcopy(model)  # the hook comes along
+    groups = find_groups(tuned, (3, 8, 8))
+    finetune.finetune_pruned(tuned, groups, torch.zeros(groups.num_groups, dtype=torch.bool), x3, y, epochs=1,
+                             batch_size=16)
+    assert len(seen) >= 6 and all(seen)
+    seen.clear()
+    monkeypatch.setattr(trigger, "channels_last", lambda t: t)
+    slow = synthesize_proxies(model, x3, y, 4, steps=5, batch=6, seed=0)
+    assert seen and not any(seen)
+    assert torch.allclose(slow.masks, fast.masks, atol=1e-5)
+    for f in fast.patterns:
+        assert torch.allclose(slow.patterns[f], fast.patterns[f], atol=1e-5)

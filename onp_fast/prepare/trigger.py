@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..distributed import all_sum, share, world
 from ..memory import fit_batch
 from ..progress import bar
-from ..torchutil import frozen
+from ..torchutil import channels_last, frozen
 
 FAMILIES = ("patch", "additive", "periodic", "blend", "warp")  # every family, in the order of a ProxySet's patterns
 DEFAULT_FAMILIES = ("patch", "additive")
@@ -246,13 +246,13 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     of `families` of every class (at most `max_classes` classes), else of the `max_classes // 2` classes
     `screen_classes` ranks first and of a seeded random sample of the others (the reference, max_classes minus
     those), on that device. `steps` Adam steps (lr) on `batch` images per class per step (each None: the images'
-    `trigger_setting`), all families in one forward; lam weighs the mean mask value, lam_additive (lam_periodic)
-    the relative RMS of the additive (periodic) D_t, lam_blend the blend's strength a_t, lam_warp the RMS in
-    pixels of the warp's flow (WARP_GRID x WARP_GRID control points, at most WARP_MAX pixels each), against the
-    cross-entropy (the defaults' measurements: docs/design.md; the periodic family's coefficients take Adam at
-    PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum over images: where
-    `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch stamped images at
-    once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
+    `trigger_setting`), all families in one channels-last forward; lam weighs the mean mask value, lam_additive
+    (lam_periodic) the relative RMS of the additive (periodic) D_t, lam_blend the blend's strength a_t, lam_warp
+    the RMS in pixels of the warp's flow (WARP_GRID x WARP_GRID control points, at most WARP_MAX pixels each),
+    against the cross-entropy (the defaults' measurements: docs/design.md; the periodic family's coefficients
+    take Adam at PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum over images:
+    where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch stamped images
+    at once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
     The random draws come from CPU generators whatever the device. detect: the families that may name the
     suspect (ProxySet.detect; None: every one). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
     if max_classes < 2:
@@ -320,7 +320,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             if "warp" in families:
                 parts.append(_warp(xb.unsqueeze(0), fl.unsqueeze(1)))
                 penalty = penalty + lam_warp * _rms(fl).sum()
-            stamped = torch.cat(parts).reshape(-1, c, h, w)
+            stamped = channels_last(torch.cat(parts).reshape(-1, c, h, w))
             tgt = targets.repeat_interleave(batch).repeat(len(parts))
             other = (yb.unsqueeze(0) != targets.unsqueeze(1)).reshape(-1).float().repeat(len(parts))
             opt.zero_grad(set_to_none=True)
@@ -409,6 +409,7 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
         for _ in range(steps):
             idx = torch.randint(0, n, (batch,), generator=g).to(dev)
             stamped, penalty = stamps(x[idx])
+            stamped = channels_last(stamped)
             own = y[idx].repeat(fams)
             mine = share(len(stamped), rank, size)  # every row when there is one process
             opt.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..memory import fit_batch, micro_batch
 from ..progress import bar
-from ..torchutil import done_training
+from ..torchutil import channels_last, done_training
 
 
 @torch.no_grad()
@@ -58,13 +58,14 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
             for i in range(0, len(x), batch_size):
                 idx = order[i:i + batch_size]
                 if len(idx) <= micro:  # the whole batch at once: as without a budget
-                    loss = -F.cross_entropy(u(x[idx]), y[idx])
+                    loss = -F.cross_entropy(u(channels_last(x[idx])), y[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 else:  # micro-batches: BatchNorm is frozen, so the summed gradients are the whole batch's
                     opt.zero_grad(set_to_none=True)
                     for part in idx.split(micro):
-                        (-F.cross_entropy(u(x[part]), y[part], reduction="sum") / len(idx)).backward()
+                        loss = -F.cross_entropy(u(channels_last(x[part])), y[part], reduction="sum") / len(idx)
+                        loss.backward()
                 nn.utils.clip_grad_norm_(u.parameters(), 20.0)
                 opt.step()
                 steps += 1
