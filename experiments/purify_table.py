@@ -48,6 +48,9 @@ def main(argv=None):
                     help="path-aware steps to measure (RepairConfig.purify_path), comma-separated; 0: off")
     ap.add_argument("--train-subset", type=int, default=0, help="backdoored model trained on this many images")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repair-seed", type=int, default=None,
+                    help="RepairConfig.seed alone (default: --seed): the same model, defense images and attacks, "
+                         "another draw of the repair's own randomness (its split, proxies, policy, purification)")
     ap.add_argument("--trigger-families", default=",".join(DEFAULT_FAMILIES),
                     help="proxy families (onp_fast.prepare.trigger.FAMILIES), comma-separated")
     ap.add_argument("--purify-families", default=",".join(DEFAULT_PURIFY_FAMILIES),
@@ -65,7 +68,8 @@ def main(argv=None):
         xn = normalize(x, splits.mean, splits.std)
         before = ev(model, splits, attack)
         t = time.perf_counter()
-        cfg = RepairConfig(seed=args.seed, trigger_families=args.trigger_families,
+        cfg = RepairConfig(seed=args.seed if args.repair_seed is None else args.repair_seed,
+                           trigger_families=args.trigger_families,
                            purify_families=args.purify_families).check()
         ctx = prepare(model, xn, y, splits.num_classes, cfg, progress=False)
         res = run(ctx, "onp", purify="none")
