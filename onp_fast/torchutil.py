@@ -86,6 +86,26 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def gradient_order(model: nn.Module, sample: torch.Tensor):
+    """The memory order for `model`'s images in the passes that take gradients, as a function of a batch:
+    `channels_last` when sample [n, C, H, W] has more than one channel and one channels-last image of it runs
+    through `model` (probed once, without gradients, in eval mode, the model's mode restored), else the identity.
+    A user's model that flattens with `.view` after a convolution fails on channels-last activations: it keeps
+    its images as they come."""
+    if sample.dim() != 4 or sample.shape[1] == 1 or len(sample) == 0:
+        return lambda x: x
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(channels_last(sample[:1]))
+    except RuntimeError:
+        return lambda x: x
+    finally:
+        model.train(training)
+    return channels_last
+
+
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
     """Within the block no parameter of `modules` requires grad (gradients flow to other leaves only, e.g. masks

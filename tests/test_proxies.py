@@ -352,7 +352,9 @@ def test_the_passes_that_take_gradients_run_channels_last_with_the_same_values(m
     """The trigger proxies', unlearning's and fine-tuning's forwards take their images in channels-last order (the
     faster one on a CPU for three channels; docs/design.md, "The trigger phase's cost at 32 x 32"): a hook on a
     three-channel conv model sees every such image in that order, and the proxies match those of a run left in
-    NCHW up to float rounding. One channel, or a tensor that is not 4-d, comes back as it is."""
+    NCHW up to float rounding. One channel, or a tensor that is not 4-d, comes back as it is. A user's model that
+    flattens with `.view` after a convolution (which fails on channels-last activations) keeps NCHW images in all
+    three passes, and the probe leaves its training mode as it was."""
     import copy
 
     from onp_fast import torchutil
@@ -387,9 +389,34 @@ def test_the_passes_that_take_gradients_run_channels_last_with_the_same_values(m
                              batch_size=16)
     assert len(seen) >= 6 and all(seen)
     seen.clear()
-    monkeypatch.setattr(trigger, "channels_last", lambda t: t)
+    monkeypatch.setattr(trigger, "gradient_order", lambda *_: (lambda t: t))
     slow = synthesize_proxies(model, x3, y, 4, steps=5, batch=6, seed=0)
     assert seen and not any(seen)
     assert torch.allclose(slow.masks, fast.masks, atol=1e-5)
     for f in fast.patterns:
         assert torch.allclose(slow.patterns[f], fast.patterns[f], atol=1e-5)
+    monkeypatch.undo()
+
+    class Viewing(nn.Module):  # the older CIFAR code's flatten: a view of the conv's output
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+    user = Viewing().eval()
+    with pytest.raises(RuntimeError):
+        user(cl)
+    assert torchutil.gradient_order(user, x3)(x3) is x3
+    assert torchutil.gradient_order(model, x3) is torchutil.channels_last
+    user.train()
+    assert torchutil.gradient_order(user, x3)(x3) is x3 and user.training
+    user.eval().conv.register_forward_pre_hook(look)
+    seen.clear()
+    synthesize_proxies(user, x3, y, 4, steps=2, batch=6, seed=0)
+    unlearn(user, x3, y, max_epochs=1, batch_size=16)
+    groups = find_groups(user, (3, 8, 8))
+    finetune.finetune_pruned(user, groups, torch.zeros(groups.num_groups, dtype=torch.bool), x3, y, epochs=1,
+                             batch_size=16)
+    assert len(seen) >= 6 and not any(seen)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ..groups import NeuronGroups
 from ..memory import fit_batch, micro_batch, train_mode_min
 from ..progress import bar
-from ..torchutil import channels_last, done_training
+from ..torchutil import done_training, gradient_order
 
 
 FINETUNE_BATCH = 64  # images per step of finetune_pruned (purification, the clean fine-tune, FP's and re-activation)
@@ -66,6 +66,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
     "micro_batch": images in its largest micro-batch (= batch when not split), "micro_batches": their count}.
     Returns the model in eval mode, its parameters not requiring grad and without gradients."""
     g = torch.Generator().manual_seed(seed)
+    layout = gradient_order(model, x)
     model.train()
     params = [p for p in model.parameters()]
     for p in params:
@@ -91,7 +92,7 @@ def finetune_pruned(model: nn.Module, groups: NeuronGroups, prune: torch.Tensor,
         (own images, images) of the whole batch, each term then weighted by its share of the whole (own_k / own
         for the own images' means, copies_k / total for the copies', size_k / total without a teacher), so that
         the micro-batches' losses add up to the whole batch's."""
-        out = model(channels_last(xb))
+        out = model(layout(xb))
         if sb is None:
             loss = smooth_cross_entropy(out, yb, label_smoothing)
             return loss if whole is None else len(xb) / whole[1] * loss

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..distributed import all_sum, share, world
 from ..memory import fit_batch
 from ..progress import bar
-from ..torchutil import channels_last, frozen
+from ..torchutil import frozen, gradient_order
 
 FAMILIES = ("patch", "additive", "periodic", "blend", "warp")  # every family, in the order of a ProxySet's patterns
 DEFAULT_FAMILIES = ("patch", "additive")
@@ -291,6 +291,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     targets = classes.to(dev)
     per_step = rows * batch * sum(f in families for f in FAMILIES)  # stamped images per step
     chunk = fit_batch(model, x, max_memory, per_step)
+    layout = gradient_order(model, x)
 
     def current():
         m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
@@ -320,7 +321,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             if "warp" in families:
                 parts.append(_warp(xb.unsqueeze(0), fl.unsqueeze(1)))
                 penalty = penalty + lam_warp * _rms(fl).sum()
-            stamped = channels_last(torch.cat(parts).reshape(-1, c, h, w))
+            stamped = layout(torch.cat(parts).reshape(-1, c, h, w))
             tgt = targets.repeat_interleave(batch).repeat(len(parts))
             other = (yb.unsqueeze(0) != targets.unsqueeze(1)).reshape(-1).float().repeat(len(parts))
             opt.zero_grad(set_to_none=True)
@@ -403,13 +404,14 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
 
     fams = sum(f in families for f in FAMILIES)
     chunk = fit_batch(model, x, max_memory, batch * fams)
+    layout = gradient_order(model, x)
     rank, size = world()
     params = [t for group in opt.param_groups for t in group["params"]]
     with frozen(model), bar(steps, "trigger screen", progress) as shown:
         for _ in range(steps):
             idx = torch.randint(0, n, (batch,), generator=g).to(dev)
             stamped, penalty = stamps(x[idx])
-            stamped = channels_last(stamped)
+            stamped = layout(stamped)
             own = y[idx].repeat(fams)
             mine = share(len(stamped), rank, size)  # every row when there is one process
             opt.zero_grad(set_to_none=True)

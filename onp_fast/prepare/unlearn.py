@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..memory import fit_batch, micro_batch
 from ..progress import bar
-from ..torchutil import channels_last, done_training
+from ..torchutil import done_training, gradient_order
 
 
 @torch.no_grad()
@@ -44,6 +44,7 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
     chunked to it. The shuffles come from a CPU generator whatever the device, so a seed gives the same batches
     on every device."""
     micro = micro_batch(model, x, min(batch_size, len(x)), max_memory, "unlearning", min_size=1)
+    layout = gradient_order(model, x)
     u = copy.deepcopy(model).eval()
     for p in u.parameters():
         p.requires_grad_(True)
@@ -58,13 +59,13 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 0
             for i in range(0, len(x), batch_size):
                 idx = order[i:i + batch_size]
                 if len(idx) <= micro:  # the whole batch at once: as without a budget
-                    loss = -F.cross_entropy(u(channels_last(x[idx])), y[idx])
+                    loss = -F.cross_entropy(u(layout(x[idx])), y[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 else:  # micro-batches: BatchNorm is frozen, so the summed gradients are the whole batch's
                     opt.zero_grad(set_to_none=True)
                     for part in idx.split(micro):
-                        loss = -F.cross_entropy(u(channels_last(x[part])), y[part], reduction="sum") / len(idx)
+                        loss = -F.cross_entropy(u(layout(x[part])), y[part], reduction="sum") / len(idx)
                         loss.backward()
                 nn.utils.clip_grad_norm_(u.parameters(), 20.0)
                 opt.step()
