@@ -246,13 +246,14 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     of `families` of every class (at most `max_classes` classes), else of the `max_classes // 2` classes
     `screen_classes` ranks first and of a seeded random sample of the others (the reference, max_classes minus
     those), on that device. `steps` Adam steps (lr) on `batch` images per class per step (each None: the images'
-    `trigger_setting`), all families in one channels-last forward; lam weighs the mean mask value, lam_additive
-    (lam_periodic) the relative RMS of the additive (periodic) D_t, lam_blend the blend's strength a_t, lam_warp
-    the RMS in pixels of the warp's flow (WARP_GRID x WARP_GRID control points, at most WARP_MAX pixels each),
-    against the cross-entropy (the defaults' measurements: docs/design.md; the periodic family's coefficients
-    take Adam at PERIODIC_LR). The model stays frozen in eval mode, so the step's loss is a sum over images:
-    where `max_memory` (bytes or "512MB"; None: no budget) cannot hold the step's F x R x batch stamped images
-    at once, they run in chunks whose gradients add up to the same step (`memory.fit_batch`).
+    `trigger_setting`), all families in one forward (channels-last where the model takes it:
+    `torchutil.gradient_order`); lam weighs the mean mask value, lam_additive (lam_periodic) the relative RMS of the
+    additive (periodic) D_t, lam_blend the blend's strength a_t, lam_warp the RMS in pixels of the warp's flow
+    (WARP_GRID x WARP_GRID control points, at most WARP_MAX pixels each), against the cross-entropy (the defaults'
+    measurements: docs/design.md; the periodic family's coefficients take Adam at PERIODIC_LR). The model stays
+    frozen in eval mode, so the step's loss is a sum over images: where `max_memory` (bytes or "512MB"; None: no
+    budget) cannot hold the step's F x R x batch stamped images at once, they run in chunks whose gradients add up
+    to the same step (`memory.fit_batch`).
     The random draws come from CPU generators whatever the device. detect: the families that may name the
     suspect (ProxySet.detect; None: every one). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
     if max_classes < 2:
