@@ -89,21 +89,31 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 def gradient_order(model: nn.Module, sample: torch.Tensor):
     """The memory order for `model`'s images in the passes that take gradients, as a function of a batch:
     `channels_last` when sample [n, C, H, W] has more than one channel and one channels-last image of it runs
-    through `model` (probed once, without gradients, in eval mode, the model's mode restored), else the identity.
+    through `model` (probed once, without gradients, in eval mode, the model's mode restored), else `as_given`.
     A user's model that flattens with `.view` after a convolution fails on channels-last activations: it keeps
     its images as they come."""
-    if sample.dim() != 4 or sample.shape[1] == 1 or len(sample) == 0:
-        return lambda x: x
+    wide = sample.dim() == 4 and sample.shape[1] > 1 and len(sample) > 0
+    return channels_last if wide and _runs_channels_last(model, sample[:1]) else as_given
+
+
+def as_given(x: torch.Tensor) -> torch.Tensor:
+    """x itself: the memory order a batch already has."""
+    return x
+
+
+def _runs_channels_last(model: nn.Module, image: torch.Tensor) -> bool:
+    """Whether `model` takes image [1, C, H, W] in channels-last order without a RuntimeError (no gradients, eval
+    mode; the model's mode is restored)."""
     training = model.training
     try:
         with torch.no_grad():
             model.eval()
-            model(channels_last(sample[:1]))
+            model(channels_last(image))
+        return True
     except RuntimeError:
-        return lambda x: x
+        return False
     finally:
         model.train(training)
-    return channels_last
 
 
 @contextlib.contextmanager
