@@ -73,6 +73,10 @@ def _weights(text: str | None):
 @click.option("--trigger-lr", type=float, default=None,
               help="Adam learning rate of the trigger proxies [default: 0.1 on images of 257 to 4,096 "
                    "pixels, else 0.2].")
+@click.option("--tile-proxies/--no-tile-proxies", default=None,
+              help="On a model that cuts its input into tiles (a ViT's patch embedding): run the patch proxies "
+                   "6 times longer and fit the suspect class a patch proxy from each tile, for purification "
+                   "[default: on, off with a run of fewer RL iterations x samples than ONP's defaults].")
 @click.option("--tolerance", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="Accuracy drop (a fraction) allowed on the held-out defense images when choosing the depth "
                    "[default: 0.02, raised to one held-out image when there are fewer than 50].")
@@ -115,7 +119,7 @@ def _weights(text: str | None):
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(model_path, dataset, defense_size, out_path, report_path, masks_path, plot_path, trigger_path, method,
             iterations, samples, algorithm, actions, reward_weights, trigger_steps, trigger_batch,
-            trigger_lr, tolerance, reward_backend, reward_sequential,
+            trigger_lr, tile_proxies, tolerance, reward_backend, reward_sequential,
             precision, compact_model, trigger_families, purify_families,
             purify,
             purify_epochs, purify_lr, purify_clip, purify_path, finetune_epochs, seed, force, skip_accuracy_check,
@@ -152,6 +156,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
     cfg = RepairConfig(seed=seed, weights=_weights(reward_weights), tolerance_auto=tolerance is None,
                        reward_backend=reward_backend, reward_sequential=reward_sequential, precision=precision,
                        trigger_steps=trigger_steps, trigger_batch=trigger_batch, trigger_families=trigger_families,
+                       tile_proxies=tile_proxies,
                        purify_families=purify_families, purify=purify,
                        purify_epochs=purify_epochs, **given,
                        finetune_epochs=finetune_epochs, compact=compact_model, device=device,

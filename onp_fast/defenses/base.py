@@ -100,12 +100,13 @@ def _kind(value, annotation) -> type | None:
     """The type a "FIELD=VALUE" text becomes for a config field holding `value`, annotated `annotation`: the
     value's own type (int, float, str, bool, tuple); for a field left None, str when it may hold a string (e.g.
     max_memory: None or a size), else int when it may hold one (e.g. purify_epochs: None, by the run's effort),
-    else float (e.g. trigger_lr: None, by the image size); None for a field no text sets."""
+    else float (e.g. trigger_lr: None, by the image size), else bool (e.g. tile_proxies: None, by the run's
+    effort); None for a field no text sets."""
     if type(value) in (int, float, str, bool, tuple):
         return type(value)
     if value is None:
         names = set(re.findall(r"\w+", str(annotation)))  # "int | None" -> {"int", "None"}
-        return next((kind for kind in (str, int, float) if kind.__name__ in names), None)
+        return next((kind for kind in (str, int, float, bool) if kind.__name__ in names), None)
     return None
 
 

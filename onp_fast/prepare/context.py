@@ -19,7 +19,7 @@ from ..reward import MaskScorer, RewardWeights, check_backend
 from ..torchutil import DEFAULT_DEVICE, check_device, check_precision
 from .perturb import adversarial_perturbations
 from .trigger import (DEFAULT_FAMILIES, DEFAULT_PURIFY_FAMILIES, FAMILIES, MAX_CLASSES, ProxySet, TriggerProxy,
-                      resolve_setting, synthesize_proxies, trigger_setting)
+                      resolve_setting, synthesize_proxies, tile_side, trigger_setting)
 from .unlearn import unlearn
 
 
@@ -56,6 +56,8 @@ class RepairConfig:
     trigger_classes: int = MAX_CLASSES  # classes whose proxies are optimised; more are screened first
     trigger_families: tuple[str, ...] = DEFAULT_FAMILIES  # proxy families (prepare.trigger.FAMILIES)
     purify_families: tuple[str, ...] = DEFAULT_PURIFY_FAMILIES  # synthesised for purification only (never the suspect)
+    tile_proxies: bool | None = None  # a tiled model (a ViT): longer patch family, tile proxies (trigger.py); None:
+    # on (`repair` CLI: with_effort, on at full effort only)
     purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
     purify_epochs: int | None = None  # None: PURIFY_EPOCHS (`repair` CLI: with_effort)
     purify_lr: float = 0.003
@@ -301,8 +303,9 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
                                           seed=cfg.seed, progress=progress, max_memory=cfg.activation_memory)
     with Phase("trigger", times, progress):
         need = cfg.weights.ca_t or cfg.purify != "none"
-        proxies = (synthesize_proxies(model, x_opt, y_opt, num_classes, **trigger_settings(cfg, x_opt.shape),
-                                      progress=progress, max_memory=cfg.activation_memory)
+        proxies = (synthesize_proxies(model, x_opt, y_opt, num_classes,
+                                      **trigger_settings(cfg, x_opt.shape, model), progress=progress,
+                                      max_memory=cfg.activation_memory)
                    if need else None)
     proxy = proxies.suspect() if proxies is not None else None
     trigger = proxy if proxy is not None and proxy.anomaly_index >= cfg.anomaly_threshold else None
@@ -315,16 +318,18 @@ def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
                           trigger, perts, times, progress, proxy, proxies)
 
 
-def trigger_settings(cfg: RepairConfig, shape) -> dict:
+def trigger_settings(cfg: RepairConfig, shape, model: nn.Module | None = None) -> dict:
     """synthesize_proxies' keywords under cfg for images of shape [..., H, W]: seed, steps, batch and lr
     (trigger_steps, trigger_batch, trigger_lr; each None: full effort, `trigger_setting(shape)`), max_classes,
-    families (trigger_families, and purify_families unless cfg.purify is "none") and detect (trigger_families:
-    only they may name the suspect)."""
+    families (trigger_families, and purify_families unless cfg.purify is "none"), detect (trigger_families:
+    only they may name the suspect) and tile: `model`'s tile side (`tile_side`) unless cfg.tile_proxies is
+    False (None: on), else None (and None without a model)."""
     both = set(cfg.trigger_families) | set(cfg.purify_families if cfg.purify != "none" else ())
     steps, batch, lr = resolve_setting(shape, cfg.trigger_steps, cfg.trigger_batch, cfg.trigger_lr)
     return {"seed": cfg.seed, "steps": steps, "batch": batch, "lr": lr,
             "max_classes": cfg.trigger_classes, "families": tuple(f for f in FAMILIES if f in both),
-            "detect": cfg.trigger_families}
+            "detect": cfg.trigger_families,
+            "tile": tile_side(model) if model is not None and cfg.tile_proxies is not False else None}
 
 
 def trigger_run(cfg: RepairConfig, shape) -> dict:
@@ -363,8 +368,9 @@ def with_effort(cfg: RepairConfig, efforts, shape) -> RepairConfig:
     `Defense.effort`; None entries have no say; 1 when none has): trigger steps = ceil(S x e), at least 1;
     trigger batch = ceil(S x B x e / steps), between 2 and B (so the proxies' images per class, steps x batch,
     follow e); trigger lr = lr; unlearning's most epochs ceil(UNLEARN_EPOCHS x e) and purification's epochs
-    ceil(PURIFY_EPOCHS x e), each at least 1. A short run (one RL iteration of two masks) has short phases, the
-    defaults the full ones. A setting made by hand is kept (trigger steps set by hand keep the batch set by hand,
+    ceil(PURIFY_EPOCHS x e), each at least 1; tile proxies (a tiled model's longer patch family and tile proxies,
+    several times the trigger phase's work, which has no short form) only at e = 1. A short run (one RL iteration
+    of two masks) has short phases, the defaults the full ones. A setting made by hand is kept (trigger steps set by hand keep the batch set by hand,
     else B). `onp-fast repair` applies it with its method's
     effort; the library's repair and compare take the config as given (None: the full phase), so a compare row
     stays what repair gives with the same config."""
@@ -376,7 +382,8 @@ def with_effort(cfg: RepairConfig, efforts, shape) -> RepairConfig:
     full_steps, full_batch, full_lr = trigger_setting(shape)
     done = {"unlearn_epochs": share(UNLEARN_EPOCHS) if cfg.unlearn_epochs is None else cfg.unlearn_epochs,
             "purify_epochs": share(PURIFY_EPOCHS) if cfg.purify_epochs is None else cfg.purify_epochs,
-            "trigger_lr": full_lr if cfg.trigger_lr is None else cfg.trigger_lr}
+            "trigger_lr": full_lr if cfg.trigger_lr is None else cfg.trigger_lr,
+            "tile_proxies": effort >= 1.0 if cfg.tile_proxies is None else cfg.tile_proxies}
     if cfg.trigger_steps is not None:  # set by hand: the batch too, or the full one
         return replace(cfg, trigger_batch=full_batch if cfg.trigger_batch is None else cfg.trigger_batch, **done)
     steps = share(full_steps)

@@ -30,7 +30,7 @@ def scan_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes
     i_opt = _d_opt(y, cfg)
     with Phase("trigger", {}, progress):
         return synthesize_proxies(model, x[i_opt].to(cfg.device), y[i_opt].to(cfg.device), num_classes,
-                                  **trigger_settings(cfg, x.shape), progress=progress,
+                                  **trigger_settings(cfg, x.shape, model), progress=progress,
                                   max_memory=cfg.activation_memory).to("cpu")
 
 

@@ -17,6 +17,12 @@ Each asks that clean images of other classes be classified as t. A backdoor targ
 than the other classes in the family its trigger belongs to: per family, the class with the smallest norm and its
 MAD anomaly index (how far below the median, in MAD units) are kept. Nothing here reads a real trigger.
 
+A model that cuts its input into tiles (`tile_side`: a ViT's patch embedding) gets two more things: its patch
+family runs longer (a ViT's patch proxies shrink for several times the steps a CNN's need), and the patch family's
+most anomalous class gets tile proxies, patch proxies of that class each started on another tile of the input,
+for purification: a ViT's backdoor patch may be reached from any tile, and unlearning the proxy of one tile does
+not remove it where the others reach it.
+
 Many classes (more than `max_classes`, e.g. 1,000): a screen (`screen_classes`) first fits one universal proxy
 per family that sends clean images of any class elsewhere (its cost does not grow with the class count) and ranks
 the classes by how much of their probability it moves to them; the proxies are then refined for the leading
@@ -49,6 +55,12 @@ WARP_MAX = 2.0  # the largest displacement of a control point, in pixels
 PERIODIC_LR = 0.05  # the periodic family's Adam rate (measurements: docs/design.md, "A periodic proxy family")
 MAD_FLOOR = 0.05  # the least MAD, as a fraction of the median norm (measurements: docs/design.md)
 MAX_CLASSES = 16  # classes whose proxies are optimised together; more are screened first (docs/design.md)
+# a model that cuts its input into tiles (a ViT's patch embedding): its patch family runs TILE_STEPS times the
+# other families' steps, and its suspect class gets tile proxies, kept where they move TILE_FLIP of the images,
+# at most MAX_TILES of them (measurements: docs/design.md, "Tile proxies for a ViT")
+TILE_STEPS = 6
+TILE_FLIP = 0.8
+MAX_TILES = 16
 # the proxies' setting at full effort, (Adam steps, images per class per step, Adam rate), by the images' pixel
 # count H x W: the first row whose bound it does not exceed (None: any count). Why: docs/design.md, "Repair time"
 TRIGGER_SETTINGS = ((16 * 16, (50, 12, 0.2)), (64 * 64, (100, 24, 0.1)), (None, (50, 12, 0.2)))
@@ -141,7 +153,8 @@ class ProxySet:
     [1, C, 1, 1]: the defense images' per-channel range; reference [R] bool: the rows the anomaly index is
     measured against (every row when none was screened out; else the random sample of the classes the screen did
     not pick); detect: the families that may name the suspect (None: every family; the others' proxies serve
-    purification only)."""
+    purification only); tile_masks [S, 1, H, W], tile_patterns [S, C, H, W]: the tile proxies of class
+    tile_class (None: none, the model is not tiled or no tile proxy moved the images), purification's alone."""
 
     masks: torch.Tensor
     patterns: dict[str, torch.Tensor]
@@ -151,6 +164,9 @@ class ProxySet:
     classes: torch.Tensor | None = None
     reference: torch.Tensor | None = None
     detect: tuple[str, ...] | None = None
+    tile_masks: torch.Tensor | None = None
+    tile_patterns: torch.Tensor | None = None
+    tile_class: int | None = None
 
     def __post_init__(self):
         rows = len(self.masks)
@@ -227,12 +243,35 @@ class ProxySet:
         pick = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=gen).squeeze(1).to(y.device)
         return pick // nt, pick % nt
 
+    def stamp_tiles(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """x [N, C, H, W] -> each image stamped with one of the tile proxies, drawn uniformly on the CPU
+        generator `gen` [N, C, H, W]; ValueError when the set has none."""
+        if self.tile_masks is None:
+            raise ValueError("this proxy set has no tile proxies")
+        k = torch.randint(0, len(self.tile_masks), (len(x),), generator=gen).to(x.device)
+        return _patch(x, self.tile_masks[k], self.tile_patterns[k])
+
     def to(self, device: str | torch.device) -> "ProxySet":
         """This set with every tensor on `device` (a copy; itself where they are there already)."""
-        move = (lambda t: t.to(device))
+        move = (lambda t: None if t is None else t.to(device))
         return ProxySet(masks=move(self.masks), patterns={f: move(p) for f, p in self.patterns.items()},
                         norms={f: move(n) for f, n in self.norms.items()}, lo=move(self.lo), hi=move(self.hi),
-                        classes=self.classes, reference=self.reference, detect=self.detect)
+                        classes=self.classes, reference=self.reference, detect=self.detect,
+                        tile_masks=move(self.tile_masks), tile_patterns=move(self.tile_patterns),
+                        tile_class=self.tile_class)
+
+
+def tile_side(model: nn.Module) -> int | None:
+    """The side p of the tiles a model cuts its input into, when its first Conv2d (in module order) has a square
+    p x p kernel with stride p > 1, no padding and no dilation (a ViT's patch embedding, a patchify stem); else
+    None (a CNN; a scripted model, whose modules are not nn.Conv2d)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return None
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    flat = all(v == 0 for v in conv.padding) if isinstance(conv.padding, tuple) else False
+    ok = kh == kw == sh == sw and kh > 1 and flat and tuple(conv.dilation) == (1, 1)
+    return int(kh) if ok else None
 
 
 def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
@@ -240,7 +279,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
                        lam_additive: float = 10.0, lr: float | None = None,
                        lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND, lam_warp: float = LAM_WARP,
                        seed: int = 0, families: tuple[str, ...] = DEFAULT_FAMILIES, max_classes: int = MAX_CLASSES,
-                       detect: tuple[str, ...] | None = None, progress: bool = False,
+                       detect: tuple[str, ...] | None = None, tile: int | None = None, progress: bool = False,
                        max_memory: int | str | None = None) -> ProxySet:
     """x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> the proxies in every family
     of `families` of every class (at most `max_classes` classes), else of the `max_classes // 2` classes
@@ -255,7 +294,10 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     budget) cannot hold the step's F x R x batch stamped images at once, they run in chunks whose gradients add up
     to the same step (`memory.fit_batch`).
     The random draws come from CPU generators whatever the device. detect: the families that may name the
-    suspect (ProxySet.detect; None: every one). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
+    suspect (ProxySet.detect; None: every one). tile: the model's tile side (`tile_side`; None: not tiled): the
+    patch family then runs TILE_STEPS x steps (the other families stop at `steps`; the later steps stamp the patch
+    family alone), and the patch family's most anomalous class gets tile proxies (`tile_proxies`, the patch
+    family's steps, batch, lr and lam). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
     if max_classes < 2:
         raise ValueError(f"max_classes must be at least 2, got {max_classes}")
     steps, batch, lr = resolve_setting(x.shape, steps, batch, lr)
@@ -299,27 +341,29 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
         d = span * torch.tanh(dlog)
         return m, p, d, waves.delta(span), blend.strength(), blend.pattern(lo, span), warp.flow()
 
-    with frozen(model), bar(steps, "trigger proxies", progress) as shown:
-        for _ in range(steps):
+    patch_steps = steps * TILE_STEPS if tile and "patch" in families else steps
+    with frozen(model), bar(patch_steps, "trigger proxies", progress) as shown:
+        for step in range(patch_steps):
+            on = families if step < steps else ("patch",)
             idx = torch.randint(0, n, (batch,), generator=g).to(dev)
             xb, yb = x[idx], y[idx]
             m, p, d, pd, ba, bp, fl = current()
             parts, penalty = [], 0.0
-            if "patch" in families:
+            if "patch" in on:
                 # _patch's formula with pattern * mask taken before the broadcast (the gradients' summation
                 # order, and so the proxies, stay bit-identical to the earlier releases)
                 parts.append(xb.unsqueeze(0) * (1 - m.unsqueeze(1)) + (p * m).unsqueeze(1))  # [R, b, C, H, W]
                 penalty = penalty + lam * m.mean(dim=(1, 2, 3)).sum()
-            if "additive" in families:
+            if "additive" in on:
                 parts.append(_additive(xb.unsqueeze(0), d.unsqueeze(1), lo, hi))
                 penalty = penalty + lam_additive * _rms(d / span).sum()
-            if "periodic" in families:
+            if "periodic" in on:
                 parts.append(_additive(xb.unsqueeze(0), pd.unsqueeze(1), lo, hi))
                 penalty = penalty + lam_periodic * _rms(pd / span).sum()
-            if "blend" in families:
+            if "blend" in on:
                 parts.append(_blend(xb.unsqueeze(0), ba.view(-1, 1, 1, 1, 1), bp.unsqueeze(1)))
                 penalty = penalty + lam_blend * ba.sum()
-            if "warp" in families:
+            if "warp" in on:
                 parts.append(_warp(xb.unsqueeze(0), fl.unsqueeze(1)))
                 penalty = penalty + lam_warp * _rms(fl).sum()
             stamped = layout(torch.cat(parts).reshape(-1, c, h, w))
@@ -349,8 +393,81 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             patterns["blend"], norms["blend"] = bp.clone(), ba.clone()
         if "warp" in families:
             patterns["warp"], norms["warp"] = fl.clone(), _rms(fl)
-    return ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi, classes=classes,
-                    reference=reference, detect=detect)
+    out = ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi, classes=classes,
+                   reference=reference, detect=detect)
+    if patch_steps > steps:
+        cls = int(classes[int(out.z_scores("patch").argmax())])
+        out.tile_masks, out.tile_patterns = tile_proxies(model, x, y, cls, tile, steps=patch_steps, batch=batch,
+                                                         lr=lr, lam=lam, seed=seed, progress=progress,
+                                                         max_memory=max_memory)
+        out.tile_class = cls if len(out.tile_masks) else None
+        if not len(out.tile_masks):
+            out.tile_masks = out.tile_patterns = None
+    return out
+
+
+def tile_starts(h: int, w: int, tile: int) -> list[tuple[int, int]]:
+    """The top-left pixels of the tile x tile tiles of an h x w image, row by row; at most MAX_TILES of them,
+    evenly spread over that order when there are more."""
+    starts = [(i, j) for i in range(0, h - tile + 1, tile) for j in range(0, w - tile + 1, tile)]
+    if len(starts) <= MAX_TILES:
+        return starts
+    return [starts[int(k)] for k in torch.linspace(0, len(starts) - 1, MAX_TILES).round().long()]
+
+
+def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, tile: int, *, steps: int,
+                 batch: int, lr: float, lam: float = 10.0, seed: int = 0, progress: bool = False,
+                 max_memory: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch proxies of class `cls`, one started on each tile (`tile_starts`: its mask's logits 0 on the tile,
+    -3 elsewhere, where `synthesize_proxies` starts every pixel at -3), fitted together as the patch family is
+    (`steps` Adam steps at lr on `batch` images of other classes each, penalty lam on the mean mask value).
+    x [N, C, H, W] normalised clean images, y [N] (on the model's device) -> (masks [S, 1, H, W], patterns
+    [S, C, H, W]) of the S proxies that send at least TILE_FLIP of x's images of other classes to cls (S may be
+    0). The model stays frozen in eval mode; the draws come from a CPU generator; images run in chunks
+    `max_memory` holds."""
+    n, c, h, w = x.shape
+    dev = x.device
+    lo, hi = _range(x)
+    span = hi - lo
+    starts = tile_starts(h, w, tile)
+    mlog = torch.full((len(starts), 1, h, w), -3.0, device=dev)
+    for k, (i, j) in enumerate(starts):
+        mlog[k, :, i:i + tile, j:j + tile] = 0.0
+    mlog.requires_grad_(True)
+    g = torch.Generator().manual_seed(seed + 4)
+    plog = (torch.randn(len(starts), c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
+    opt = torch.optim.Adam([mlog, plog], lr=lr)
+    pool = torch.nonzero(y != cls).flatten()
+    if len(pool) == 0:
+        return mlog.detach()[:0], plog.detach()[:0]
+    chunk = fit_batch(model, x, max_memory, len(starts) * batch)
+    layout = gradient_order(model, x)
+    with frozen(model), bar(steps, f"tile proxies of class {cls}", progress) as shown:
+        for _ in range(steps):
+            xb = x[pool[torch.randint(0, len(pool), (batch,), generator=g).to(dev)]]
+            m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
+            stamped = layout(_patch(xb.unsqueeze(0), m.unsqueeze(1), p.unsqueeze(1)).reshape(-1, c, h, w))
+            opt.zero_grad(set_to_none=True)
+            penalty = lam * m.mean(dim=(1, 2, 3)).sum()
+            for s0 in range(0, len(stamped), chunk):
+                s1 = min(len(stamped), s0 + chunk)
+                logits = model(stamped[s0:s1])
+                target = torch.full((s1 - s0,), cls, device=dev)
+                loss = F.cross_entropy(logits, target, reduction="sum") / batch + (penalty if s0 == 0 else 0.0)
+                loss.backward(retain_graph=s1 < len(stamped))
+                del logits, loss
+            opt.step()
+            shown.update(1)
+    with torch.no_grad(), frozen(model):
+        m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
+        xo = x[pool]
+        hit = torch.zeros(len(starts), device=dev)
+        for k in range(len(starts)):
+            for s0 in range(0, len(xo), chunk):
+                xs = _patch(xo[s0:s0 + chunk], m[k], p[k])
+                hit[k] += (model(xs).argmax(1) == cls).sum()
+        keep = (hit / len(xo) >= TILE_FLIP).cpu()
+    return m[keep].clone(), p[keep].clone()
 
 
 def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,

@@ -23,7 +23,9 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
       softmax(anomaly index) (ProxySet.sample), so a flagged class gets most copies and an unflagged backdoor's
       class still gets its share; with `purify_every_family`, one copy per family instead, its class drawn with
       softmax(anomaly index) within the family (a family's share does not shrink as families are added); plain
-      SGD;
+      SGD; when the set has tile proxies (a tiled model, `ProxySet.tile_masks`), they replace that draw: each
+      image gets one copy stamped with one of them, drawn uniformly (why: docs/design.md, "Tile proxies for a
+      ViT");
     - "sam+proxy": both.
     Without proxies (none synthesised), "proxy" and "sam+proxy" run trigger-free SAM, so the backdoor is not left
     untouched. The defense images' own loss is distillation from the model as given (`purify_distill`), with a
@@ -40,12 +42,16 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     clip = cfg.purify_clip or None
     proxies = ctx.proxies if "proxy" in mode else None
     augment = None
+    tiles = proxies is not None and proxies.tile_masks is not None
     if proxies is not None:
         def augment(xb, yb, gen):
-            draws = ([proxies.sample(yb, gen, family=f) for f in range(len(proxies.patterns))]
-                     if cfg.purify_every_family else [proxies.sample(yb, gen)])
-            return (torch.cat([xb, *(proxies.stamp(xb, family, cls) for family, cls in draws)]),
-                    yb.repeat(1 + len(draws)))
+            if tiles:
+                copies = [proxies.stamp_tiles(xb, gen)]
+            else:
+                draws = ([proxies.sample(yb, gen, family=f) for f in range(len(proxies.patterns))]
+                         if cfg.purify_every_family else [proxies.sample(yb, gen)])
+                copies = [proxies.stamp(xb, family, cls) for family, cls in draws]
+            return torch.cat([xb, *copies]), yb.repeat(1 + len(copies))
     sam = "sam" in mode or proxies is None
     best = {"epoch": 0, "state": copy.deepcopy(model.state_dict()), "ca": None}  # one copy, overwritten in place
     curve = []
@@ -70,8 +76,10 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
                         max_memory=cfg.activation_memory, info=steps)
     model.load_state_dict(best["state"])
     return {"mode": mode, "precision": cfg.precision, "sam_rho": cfg.sam_rho if sam else 0.0,
-            "proxy_images_per_epoch": (len(ctx.x_opt) * (len(proxies.patterns) if cfg.purify_every_family else 1)
-                                       if proxies is not None else 0),
+            "proxy_images_per_epoch": (len(ctx.x_opt) * (len(proxies.patterns) if cfg.purify_every_family and not tiles
+                                                        else 1) if proxies is not None else 0),
+            "tile_proxies": len(proxies.tile_masks) if tiles else 0,
+            "tile_class": proxies.tile_class if tiles else None,
             "images": len(ctx.x_opt), "epochs": epochs, "lr": cfg.purify_lr,
             "batch": steps.get("batch"), "micro_batch": steps.get("micro_batch"),
             "micro_batches": steps.get("micro_batches", 1),
