@@ -130,6 +130,36 @@ def test_every_family_gives_each_image_one_copy_per_family_of_another_class(monk
                 assert not (cls == yb).any()  # never the image's own class
 
 
+def test_purification_stamps_a_tile_proxy_on_a_copy_of_every_image(monkeypatch):
+    """With tile proxies, each step carries the images and one copy of each stamped with a tile proxy (drawn
+    uniformly) in place of the usual draw, all with their true labels."""
+    ctx = _ctx("sam+proxy", tolerance=1.0)
+    assert ctx.proxies.tile_masks is None  # a CNN gets none
+    masks = torch.zeros(3, 1, 8, 8)
+    for k in range(3):
+        masks[k, 0, 2 * k, 2 * k] = 1.0
+    ctx.proxies.tile_masks, ctx.proxies.tile_patterns, ctx.proxies.tile_class = masks, torch.full((3, 1, 8, 8), 9.0), 1
+    seen = []
+    _record_augment(monkeypatch, seen)
+    prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
+    part = purify(ctx, ctx.groups.pruned_copy(ctx.model, prune), prune, ca_val_before=1.0, mode="sam+proxy")
+    assert part["tile_proxies"] == 3 and part["tile_class"] == 1
+    assert part["proxy_images_per_epoch"] == len(ctx.x_opt)
+    used = set()
+    for xb, yb, xa, ya in seen:
+        n = len(xb)
+        assert len(xa) == 2 * n and torch.equal(ya, yb.repeat(2))
+        tiles = xa[n:]
+        for img, own in zip(tiles, xb):
+            hot = torch.nonzero(img[0] == 9.0).tolist()
+            assert len(hot) == 1 and hot[0][0] == hot[0][1] and hot[0][0] in (0, 2, 4)  # one tile proxy's pixel
+            used.add(hot[0][0])
+            rest = img.clone()
+            rest[0, hot[0][0], hot[0][1]] = own[0, hot[0][0], hot[0][1]]
+            assert torch.equal(rest, own)
+    assert used == {0, 2, 4}  # every tile proxy is drawn
+
+
 def test_purification_without_proxies_runs_sam_and_is_undone_when_it_costs_accuracy():
     ctx = _ctx("proxy", tolerance=-1.0)  # any result is "too costly": the model must come back unchanged
     ctx.proxies = None

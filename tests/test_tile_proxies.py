@@ -1,15 +1,14 @@
 """Tile proxies (onp_fast.prepare.trigger): a tiled model (a ViT's patch embedding) is recognised, the suspect
 class gets a patch proxy started on each tile, each finds a planted backdoor reachable from any tile in its own
-tile, and purification stamps one of them on a copy of every image."""
+tile (purification's use of them: tests/test_purify.py)."""
 import pytest
 import torch
 import torch.nn as nn
 
 from onp_fast import models
-from onp_fast.prepare import RepairConfig, prepare, synthesize_proxies
+from onp_fast.prepare import RepairConfig, synthesize_proxies
 from onp_fast.prepare.context import trigger_settings
 from onp_fast.prepare.trigger import MAX_TILES, TILE_FLIP, _patch, tile_side, tile_starts
-from onp_fast.repair.purify import purify
 
 TARGET = 0
 TILE = 4
@@ -102,52 +101,6 @@ def test_a_class_no_tile_proxy_reaches_gets_none():
     assert proxies.tile_masks is None and proxies.tile_patterns is None and proxies.tile_class is None
     with pytest.raises(ValueError, match="no tile proxies"):
         proxies.stamp_tiles(x, torch.Generator())
-
-
-def test_purification_stamps_a_tile_proxy_on_a_copy_of_every_image(monkeypatch):
-    """With tile proxies, each step carries the images and one copy of each stamped with a tile proxy (drawn
-    uniformly) in place of the usual draw, all with their true labels."""
-    import onp_fast.repair.purify as purify_mod
-
-    torch.manual_seed(0)
-    m = models.build("preactresnet18", num_classes=4, in_channels=1, width=0.125, input_size=8).eval()
-    x, y = torch.randn(60, 1, 8, 8), torch.arange(60) % 4
-    cfg = RepairConfig(reward_batch=32, purify="sam+proxy", purify_epochs=1, tolerance=1.0,
-                       anomaly_threshold=-float("inf"))
-    ctx = prepare(m, x, y, 4, cfg, progress=False)
-    assert ctx.proxies.tile_masks is None  # a CNN gets none
-    masks = torch.zeros(3, 1, 8, 8)
-    for k in range(3):
-        masks[k, 0, 2 * k, 2 * k] = 1.0
-    ctx.proxies.tile_masks, ctx.proxies.tile_patterns, ctx.proxies.tile_class = masks, torch.full((3, 1, 8, 8), 9.0), 1
-    seen = []
-    real = purify_mod.finetune_pruned
-
-    def recording(*a, augment=None, **kw):
-        def spy(xb, yb, gen):
-            out = augment(xb, yb, gen)
-            seen.append((xb, yb, *out))
-            return out
-        return real(*a, augment=spy, **kw)
-
-    monkeypatch.setattr(purify_mod, "finetune_pruned", recording)
-    prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
-    part = purify(ctx, ctx.groups.pruned_copy(ctx.model, prune), prune, ca_val_before=1.0, mode="sam+proxy")
-    assert part["tile_proxies"] == 3 and part["tile_class"] == 1
-    assert part["proxy_images_per_epoch"] == len(ctx.x_opt)
-    used = set()
-    for xb, yb, xa, ya in seen:
-        n = len(xb)
-        assert len(xa) == 2 * n and torch.equal(ya, yb.repeat(2))
-        tiles = xa[n:]
-        for img, own in zip(tiles, xb):
-            hot = torch.nonzero(img[0] == 9.0).tolist()
-            assert len(hot) == 1 and hot[0][0] == hot[0][1] and hot[0][0] in (0, 2, 4)  # one tile proxy's pixel
-            used.add(hot[0][0])
-            rest = img.clone()
-            rest[0, hot[0][0], hot[0][1]] = own[0, hot[0][0], hot[0][1]]
-            assert torch.equal(rest, own)
-    assert used == {0, 2, 4}  # every tile proxy is drawn
 
 
 def test_on_a_tiled_model_the_patch_family_alone_runs_on_for_tile_steps_times_the_steps():
