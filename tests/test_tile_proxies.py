@@ -61,6 +61,8 @@ def test_tile_side_is_a_patch_embedding_and_nothing_else():
     assert trigger_settings(cfg, (1, 1, 8, 8), TiledToy(1.0))["tile"] == TILE
     assert trigger_settings(RepairConfig(tile_proxies=False).check(), (1, 1, 8, 8), TiledToy(1.0))["tile"] is None
     assert trigger_settings(cfg, (1, 1, 8, 8))["tile"] is None
+    assert trigger_settings(cfg, (1, 1, 8, 8), TiledToy(1.0))["tile_fit"] is True
+    assert trigger_settings(RepairConfig(purify="none").check(), (1, 1, 8, 8), TiledToy(1.0))["tile_fit"] is False
 
 
 def test_tile_starts_cover_the_grid_and_spread_out_when_there_are_more_than_max_tiles():
@@ -90,6 +92,9 @@ def test_each_tile_proxy_finds_the_planted_backdoor_in_its_own_tile():
         assert float(flips.float().mean()) >= TILE_FLIP
     plain = synthesize_proxies(model, x, y, 4, steps=40, batch=8, lr=0.2, families=("patch",))
     assert plain.tile_masks is None and plain.tile_class is None  # an untiled run has none
+    unfitted = synthesize_proxies(model, x, y, 4, steps=40, batch=8, lr=0.2, families=("patch",), tile=TILE,
+                                  tile_fit=False)  # scan's: the same patch family, no tile proxies
+    assert unfitted.tile_masks is None and torch.equal(unfitted.masks, proxies.masks)
     moved = proxies.to("cpu")
     assert torch.equal(moved.tile_masks, proxies.tile_masks) and moved.tile_class == TARGET
 

@@ -322,14 +322,16 @@ def trigger_settings(cfg: RepairConfig, shape, model: nn.Module | None = None) -
     """synthesize_proxies' keywords under cfg for images of shape [..., H, W]: seed, steps, batch and lr
     (trigger_steps, trigger_batch, trigger_lr; each None: full effort, `trigger_setting(shape)`), max_classes,
     families (trigger_families, and purify_families unless cfg.purify is "none"), detect (trigger_families:
-    only they may name the suspect) and tile: `model`'s tile side (`tile_side`) unless cfg.tile_proxies is
-    False (None: on), else None (and None without a model)."""
+    only they may name the suspect), tile: `model`'s tile side (`tile_side`) unless cfg.tile_proxies is
+    False (None: on), else None (and None without a model), and tile_fit: whether the tile proxies themselves
+    are fitted (purification's alone: not when cfg.purify is "none")."""
     both = set(cfg.trigger_families) | set(cfg.purify_families if cfg.purify != "none" else ())
     steps, batch, lr = resolve_setting(shape, cfg.trigger_steps, cfg.trigger_batch, cfg.trigger_lr)
     return {"seed": cfg.seed, "steps": steps, "batch": batch, "lr": lr,
             "max_classes": cfg.trigger_classes, "families": tuple(f for f in FAMILIES if f in both),
             "detect": cfg.trigger_families,
-            "tile": tile_side(model) if model is not None and cfg.tile_proxies is not False else None}
+            "tile": tile_side(model) if model is not None and cfg.tile_proxies is not False else None,
+            "tile_fit": cfg.purify != "none"}
 
 
 def trigger_run(cfg: RepairConfig, shape) -> dict:

@@ -72,9 +72,10 @@ def summarize(proxies: ProxySet, gate: float) -> dict:
 def scan_with_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                       cfg: RepairConfig | None = None, progress: bool = False) -> tuple[dict, ProxySet]:
     """(scan's dict, the ProxySet it summarises, on the CPU), for callers that also draw the proxies
-    (write_scan_png). A scan purifies nothing: cfg.purify_families are not synthesised (each family has its own
-    random stream, so the detection families and the verdict are repair's)."""
-    cfg = dataclasses.replace(cfg or RepairConfig(), purify_families=()).check()
+    (write_scan_png). A scan purifies nothing: cfg.purify_families are not synthesised and no tile proxies are
+    fitted (each family, and the tile fit, has its own random stream, so the detection families and the verdict
+    are repair's)."""
+    cfg = dataclasses.replace(cfg or RepairConfig(), purify_families=(), purify="none").check()
     t0 = time.perf_counter()
     proxies = scan_proxies(model, x, y, num_classes, cfg, progress)
     result = summarize(proxies, cfg.anomaly_threshold)

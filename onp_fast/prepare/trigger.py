@@ -279,7 +279,8 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
                        lam_additive: float = 10.0, lr: float | None = None,
                        lam_periodic: float = LAM_PERIODIC, lam_blend: float = LAM_BLEND, lam_warp: float = LAM_WARP,
                        seed: int = 0, families: tuple[str, ...] = DEFAULT_FAMILIES, max_classes: int = MAX_CLASSES,
-                       detect: tuple[str, ...] | None = None, tile: int | None = None, progress: bool = False,
+                       detect: tuple[str, ...] | None = None, tile: int | None = None, tile_fit: bool = True,
+                       progress: bool = False,
                        max_memory: int | str | None = None) -> ProxySet:
     """x [N, C, H, W] normalised clean images, y [N] int64 (on the model's device) -> the proxies in every family
     of `families` of every class (at most `max_classes` classes), else of the `max_classes // 2` classes
@@ -297,7 +298,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     suspect (ProxySet.detect; None: every one). tile: the model's tile side (`tile_side`; None: not tiled): the
     patch family then runs TILE_STEPS x steps (the other families stop at `steps`; the later steps stamp the patch
     family alone), and the patch family's most anomalous class gets tile proxies (`tile_proxies`, the patch
-    family's steps, batch, lr and lam). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
+    family's steps, batch, lr and lam) unless tile_fit is False (they serve purification alone). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
     if max_classes < 2:
         raise ValueError(f"max_classes must be at least 2, got {max_classes}")
     steps, batch, lr = resolve_setting(x.shape, steps, batch, lr)
@@ -395,7 +396,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             patterns["warp"], norms["warp"] = fl.clone(), _rms(fl)
     out = ProxySet(masks=m.clone(), patterns=patterns, norms=norms, lo=lo, hi=hi, classes=classes,
                    reference=reference, detect=detect)
-    if patch_steps > steps:
+    if patch_steps > steps and tile_fit:
         cls = int(classes[int(out.z_scores("patch").argmax())])
         out.tile_masks, out.tile_patterns = tile_proxies(model, x, y, cls, tile, steps=patch_steps, batch=batch,
                                                          lr=lr, lam=lam, seed=seed, progress=progress,
