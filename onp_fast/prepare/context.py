@@ -372,10 +372,10 @@ def with_effort(cfg: RepairConfig, efforts, shape) -> RepairConfig:
     follow e); trigger lr = lr; unlearning's most epochs ceil(UNLEARN_EPOCHS x e) and purification's epochs
     ceil(PURIFY_EPOCHS x e), each at least 1; tile proxies (a tiled model's longer patch family and tile proxies,
     several times the trigger phase's work, which has no short form) only at e = 1. A short run (one RL iteration
-    of two masks) has short phases, the defaults the full ones. A setting made by hand is kept (trigger steps set by hand keep the batch set by hand,
-    else B). `onp-fast repair` applies it with its method's
-    effort; the library's repair and compare take the config as given (None: the full phase), so a compare row
-    stays what repair gives with the same config."""
+    of two masks) has short phases, the defaults the full ones. A setting made by hand is kept (trigger steps
+    set by hand keep the batch set by hand, else B). `onp-fast repair` applies it with its method's effort;
+    the library's repair and compare take the config as given (None: the full phase), so a compare row stays
+    what repair gives with the same config."""
     effort = min(1.0, max([float(e) for e in efforts if e is not None] or [1.0]))
 
     def share(full: int) -> int:

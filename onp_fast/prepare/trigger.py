@@ -298,7 +298,8 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     suspect (ProxySet.detect; None: every one). tile: the model's tile side (`tile_side`; None: not tiled): the
     patch family then runs TILE_STEPS x steps (the other families stop at `steps`; the later steps stamp the patch
     family alone), and the patch family's most anomalous class gets tile proxies (`tile_proxies`, the patch
-    family's steps, batch, lr and lam) unless tile_fit is False (they serve purification alone). progress: a bar of the steps on stderr (onp_fast.progress.bar)."""
+    family's steps, batch, lr and lam) unless tile_fit is False (they serve purification alone). progress: a bar
+    of the steps on stderr (onp_fast.progress.bar)."""
     if max_classes < 2:
         raise ValueError(f"max_classes must be at least 2, got {max_classes}")
     steps, batch, lr = resolve_setting(x.shape, steps, batch, lr)
