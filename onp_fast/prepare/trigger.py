@@ -468,7 +468,7 @@ def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, t
             for s0 in range(0, len(xo), chunk):
                 xs = _patch(xo[s0:s0 + chunk], m[k], p[k])
                 hit[k] += (model(xs).argmax(1) == cls).sum()
-        keep = (hit / len(xo) >= TILE_FLIP).cpu()
+        keep = hit / len(xo) >= TILE_FLIP
     return m[keep].clone(), p[keep].clone()
 
 
