@@ -399,12 +399,10 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
                    reference=reference, detect=detect)
     if patch_steps > steps and tile_fit:
         cls = int(classes[int(out.z_scores("patch").argmax())])
-        out.tile_masks, out.tile_patterns = tile_proxies(model, x, y, cls, tile, steps=patch_steps, batch=batch,
-                                                         lr=lr, lam=lam, seed=seed, progress=progress,
-                                                         max_memory=max_memory)
-        out.tile_class = cls if len(out.tile_masks) else None
-        if not len(out.tile_masks):
-            out.tile_masks = out.tile_patterns = None
+        masks, patterns = tile_proxies(model, x, y, cls, tile, steps=patch_steps, batch=batch, lr=lr, lam=lam,
+                                       seed=seed, progress=progress, max_memory=max_memory)
+        if len(masks):  # else the set keeps None: no tile proxy moved the images
+            out.tile_masks, out.tile_patterns, out.tile_class = masks, patterns, cls
     return out
 
 
