@@ -160,6 +160,72 @@ def test_purification_stamps_a_tile_proxy_on_a_copy_of_every_image(monkeypatch):
     assert used == {0, 2, 4}  # every tile proxy is drawn
 
 
+def test_purification_refits_the_tile_proxies_between_rounds(monkeypatch):
+    """purify_rounds = 2 over 4 epochs: after epoch 2 the tile proxies are fitted again on the model being purified
+    (started from the current ones, at the trigger phase's base setting and REFIT_LAM), and the last two epochs
+    stamp the refitted ones; the context's proxies are left as they were. A refit that keeps none leaves the
+    copies on the ones before it; one round fits nothing again."""
+    import onp_fast.repair.purify as purify_mod
+
+    ctx = _ctx("sam+proxy", tolerance=1.0)
+    ctx.cfg.purify_epochs, ctx.cfg.trigger_steps, ctx.cfg.trigger_batch = 4, 3, 5
+    old = torch.zeros(2, 1, 8, 8)
+    old[:, 0, 0, 0] = 1.0
+    ctx.proxies.tile_masks, ctx.proxies.tile_patterns, ctx.proxies.tile_class = old, torch.full((2, 1, 8, 8), 9.0), 1
+    new = torch.zeros(2, 1, 8, 8)
+    new[:, 0, 5, 6] = 1.0
+    calls, epochs_seen = [], []
+
+    def refit(model, x, y, cls, tile, *, init, **kw):
+        calls.append((model, cls, init, kw, len(epochs_seen)))
+        return (new, torch.full((2, 1, 8, 8), 7.0)) if keep else (new[:0], new[:0])
+
+    monkeypatch.setattr(purify_mod, "tile_proxies", refit)
+    seen = []
+    _record_augment(monkeypatch, seen)
+    prune = torch.zeros(ctx.groups.num_groups, dtype=torch.bool)
+    steps_per_epoch = -(-len(ctx.x_opt) // 64)
+    for keep in (True, False):
+        seen.clear(), calls.clear()
+        model = ctx.groups.pruned_copy(ctx.model, prune)
+        part = purify(ctx, model, prune, ca_val_before=1.0, mode="sam+proxy")
+        assert part["rounds"] == 2 and len(calls) == 1
+        got_model, cls, init, kw, _ = calls[0]
+        assert got_model is model and cls == 1 and torch.equal(init[0], old) and init[1].eq(9.0).all()
+        assert kw["steps"] == 3 and kw["batch"] == 5 and kw["lam"] == purify_mod.REFIT_LAM
+        assert part["refits"] == [{"after_epoch": 2, "kept": 2 if keep else 0, "mask_l1": 1.0 if keep else None}]
+        stamped = [float(xa[len(xb):].amax()) for xb, _, xa, _ in seen]
+        first, second = stamped[:2 * steps_per_epoch], stamped[2 * steps_per_epoch:]
+        assert len(second) == 2 * steps_per_epoch and all(v == 9.0 for v in first)
+        assert all(v == (7.0 if keep else 9.0) for v in second)  # the refitted proxies (or the old ones)
+        assert ctx.proxies.tile_masks is old  # the shared context keeps its own
+    ctx.cfg.purify_rounds = 1
+    calls.clear()
+    part = purify(ctx, ctx.groups.pruned_copy(ctx.model, prune), prune, ca_val_before=1.0, mode="sam+proxy")
+    assert part["rounds"] == 1 and part["refits"] == [] and calls == []
+
+
+def test_auto_purification_drops_the_sharpness_aware_step_where_there_are_tile_proxies():
+    """"auto" on a context with tile proxies (a ViT) runs the method's "sam+proxy" as "proxy" (plain SGD); a mode
+    asked for by name, a method without proxy purification and a context without tile proxies are as before."""
+    from onp_fast.defenses import get
+    from onp_fast.repair.pipeline import purify_mode_of
+
+    onp, cfg = get("onp"), RepairConfig()
+    assert purify_mode_of(cfg, onp) == "sam+proxy" and purify_mode_of(cfg, onp, tiled=True) == "proxy"
+    assert purify_mode_of(RepairConfig(purify="sam+proxy"), onp, tiled=True) == "sam+proxy"
+    assert purify_mode_of(cfg, onp, "sam", tiled=True) == "sam"
+    assert purify_mode_of(cfg, get("clp"), tiled=True) == "none"
+    ctx = _ctx("auto", tolerance=1.0)
+    method = get("clp")
+    method.purify = "sam+proxy"  # a method whose own default unlearns proxies, run through repair's path
+    assert run(ctx, method).report["purify"]["mode"] == "sam+proxy"  # a CNN: no tile proxies
+    ctx.proxies.tile_masks, ctx.proxies.tile_patterns = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    ctx.proxies.tile_class = 1
+    part = run(ctx, method).report["purify"]
+    assert part["mode"] == "proxy" and part["sam_rho"] == 0.0 and part["tile_proxies"] == 2
+
+
 def test_purification_without_proxies_runs_sam_and_is_undone_when_it_costs_accuracy():
     ctx = _ctx("proxy", tolerance=-1.0)  # any result is "too costly": the model must come back unchanged
     ctx.proxies = None

@@ -135,9 +135,10 @@ def test_cli_repair_purifies_after_pruning_and_reports_it(tiny_ckpt, tmp_path):
     res = CliRunner().invoke(main, ["repair", str(tiny_ckpt), "--dataset", "digits", "--out", str(out),
                                     "--defense-size", "60", "--method", "clp", "--purify", "sam",
                                     "--purify-epochs", "1", "--purify-lr", "0.002", "--purify-clip", "3",
-                                    "--purify-path", "-0.25", "--skip-accuracy-check"])
+                                    "--purify-path", "-0.25", "--purify-rounds", "3", "--skip-accuracy-check"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "fixed.report.json").read_text())
+    assert report["config"]["purify_rounds"] == 3 and report["purify"]["rounds"] == 1  # a CNN: no tile proxies
     assert report["purify"]["mode"] == "sam" and report["purify"]["epochs"] == 1
     assert report["purify"]["lr"] == 0.002 and report["purify"]["grad_clip"] == 3
     assert report["purify"]["path_step"] == -0.25
@@ -183,7 +184,7 @@ def test_cli_repair_reward_backend_option(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_folder", "too_few_images", "wrong_channels", "no_prunable",
                                   "unknown_method", "onp_option_for_a_baseline", "zero_purify_lr",
-                                  "negative_purify_clip", "purify_path_minus_one"])
+                                  "negative_purify_clip", "purify_path_minus_one", "zero_purify_rounds"])
 def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
     model, extra = str(tiny_ckpt), ["--defense-size", "60"]
     out = tmp_path / "out.pt"
@@ -205,6 +206,8 @@ def test_cli_repair_bad_inputs(case, tiny_ckpt, tmp_path):
         extra += ["--purify-clip", "-1"]
     if case == "purify_path_minus_one":
         extra += ["--purify-path", "-1"]
+    if case == "zero_purify_rounds":
+        extra += ["--purify-rounds", "0"]
     if case == "no_prunable":
         model = str(tmp_path / "linear.pt")
         torch.save(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), model)

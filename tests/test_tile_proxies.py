@@ -8,7 +8,7 @@ import torch.nn as nn
 from onp_fast import models
 from onp_fast.prepare import RepairConfig, synthesize_proxies
 from onp_fast.prepare.context import trigger_settings
-from onp_fast.prepare.trigger import MAX_TILES, TILE_FLIP, _patch, tile_side, tile_starts
+from onp_fast.prepare.trigger import MAX_TILES, TILE_FLIP, _patch, tile_proxies, tile_side, tile_starts
 
 TARGET = 0
 TILE = 4
@@ -97,6 +97,29 @@ def test_each_tile_proxy_finds_the_planted_backdoor_in_its_own_tile():
     assert unfitted.tile_masks is None and torch.equal(unfitted.masks, proxies.masks)
     moved = proxies.to("cpu")
     assert torch.equal(moved.tile_masks, proxies.tile_masks) and moved.tile_class == TARGET
+
+
+def test_a_refit_starts_where_the_proxies_stand_and_follows_the_backdoor_when_the_model_changes():
+    """init: with no step the proxies come back as given; the model's backdoor then moves from each tile's corner
+    (3, 3) to its first pixel (0, 0) (as purification moves a model's weights), and a refit from the old proxies
+    (at purification's penalty) puts each one's mask on the new pixel of its own tile and lets the old one go."""
+    from onp_fast.repair.purify import REFIT_LAM
+
+    x, y = _images()
+    model = TiledToy(gain=6.0).eval()
+    proxies = synthesize_proxies(model, x, y, 4, steps=40, batch=8, lr=0.2, families=("patch",), tile=TILE)
+    init = (proxies.tile_masks, proxies.tile_patterns)
+    same_m, same_p = tile_proxies(model, x, y, TARGET, None, steps=0, batch=8, lr=0.2, init=init)
+    assert torch.allclose(same_m, init[0], atol=1e-3) and torch.allclose(same_p, init[1], atol=1e-3)
+    with torch.no_grad():
+        model.embed.weight[1].zero_()
+        model.embed.weight[1, 0, 0, 0] = 1.0
+    masks, _ = tile_proxies(model, x, y, TARGET, None, steps=100, batch=8, lr=0.2, lam=REFIT_LAM, init=init,
+                            seed=1)
+    assert len(masks) == 4
+    for k, (i, j) in enumerate(tile_starts(8, 8, TILE)):
+        assert divmod(int(masks[k, 0].argmax()), 8) == (i, j) and float(masks[k, 0, i, j]) > 0.9
+        assert float(masks[k, 0, i + 3, j + 3]) < 0.1 < 0.9 < float(init[0][k, 0, i + 3, j + 3])  # the old one goes
 
 
 def test_a_class_no_tile_proxy_reaches_gets_none():

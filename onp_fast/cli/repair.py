@@ -96,10 +96,14 @@ def _weights(text: str | None):
 @click.option("--purify", type=click.Choice(["auto", "none", "sam", "proxy", "sam+proxy"]), default="auto",
               show_default=True,
               help="After pruning: sharpness-aware fine-tuning (sam), unlearning the trigger proxies (proxy), both, "
-                   "or none; auto: the method's default (onp: sam+proxy; the baselines: none).")
+                   "or none; auto: the method's default (onp: sam+proxy, or proxy on a model with tile proxies; the "
+                   "baselines: none).")
 @click.option("--purify-epochs", type=click.IntRange(min=0), default=None,
               help="Purification epochs on D_opt [default: 10, scaled down with a run of fewer RL iterations x "
                    "samples than ONP's defaults, as the trigger phase and the unlearning's most epochs (20) are].")
+@click.option("--purify-rounds", type=click.IntRange(min=1), default=None,
+              help="With tile proxies (a ViT): purification's rounds; between two, the tile proxies are fitted "
+                   "again on the model as it is then [default: 2].")
 @click.option("--purify-lr", type=float, default=None, help="Purification learning rate [default: RepairConfig's].")
 @click.option("--purify-clip", type=float, default=None,
               help="Largest gradient norm of a purification step, 0 for none [default: RepairConfig's].")
@@ -122,7 +126,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
             trigger_lr, tile_proxies, tolerance, reward_backend, reward_sequential,
             precision, compact_model, trigger_families, purify_families,
             purify,
-            purify_epochs, purify_lr, purify_clip, purify_path, finetune_epochs, seed, force, skip_accuracy_check,
+            purify_epochs, purify_rounds, purify_lr, purify_clip, purify_path, finetune_epochs, seed, force, skip_accuracy_check,
             quiet, device, max_memory, **model_opts):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..atomic import check_outputs
@@ -150,6 +154,7 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
         raise UserError(f"{', '.join(given)} set ONP's policy training; --method {method} has none")
     onp = ONPConfig(**{k: v for k, v in onp_options.items() if v is not None})
     given = {k: v for k, v in (("purify_lr", purify_lr), ("purify_clip", purify_clip), ("purify_path", purify_path),
+                               ("purify_rounds", purify_rounds),
                                ("tolerance", tolerance), ("trigger_lr", trigger_lr)) if v is not None}
     rank, _, device = init_from_env(device)  # under torchrun: mask scoring shared; rank 0 alone writes and talks
     quiet = quiet or rank > 0
@@ -243,6 +248,11 @@ def summary(report: dict, asked_tolerance: float | None = None) -> str:
             f"kept {pur['kept_epochs']} of {pur['epochs']} epochs, accuracy on the kept-aside images "
             f"{100 * pur['ca_val_after']:.1f}%" if pur["kept"] else
             "undone: every epoch cost more than the allowed drop on the kept-aside images"))
+        if pur.get("tile_proxies"):
+            refits = pur["refits"]
+            lines.append(f"  the copies carried {pur['tile_proxies']} tile proxies of class {pur['tile_class']}"
+                         + (", fitted again after epoch " + ", ".join(str(r["after_epoch"]) for r in refits)
+                            + " (kept: " + ", ".join(str(r["kept"]) for r in refits) + ")" if refits else ""))
     t = report["times_s"]
     lines.append("seconds per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     lines.append(memory_line(report["peak_memory"]))

@@ -27,6 +27,7 @@ PURIFY_MODES = ("auto", "none", "sam", "proxy", "sam+proxy")  # auto: the method
 UNLEARN_BATCH = 128  # images per step of prepare's unlearning
 UNLEARN_EPOCHS = 20  # the most epochs of prepare's unlearning at full effort (it stops earlier at its target)
 PURIFY_EPOCHS = 10  # purification epochs at full effort
+PURIFY_ROUNDS = 2  # with tile proxies: purification's rounds (measurements: docs/design.md, "Refitting the tile proxies")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RepairConfig:
     # on (`repair` CLI: with_effort, on at full effort only)
     purify: str = "auto"  # after the depth rule: auto, none, sam, proxy or sam+proxy (onp_fast.repair.purify)
     purify_epochs: int | None = None  # None: PURIFY_EPOCHS (`repair` CLI: with_effort)
+    purify_rounds: int = PURIFY_ROUNDS  # with tile proxies: rounds of purification, the proxies refitted between
     purify_lr: float = 0.003
     sam_rho: float = 0.5  # radius of purification's adaptive sharpness-aware step
     purify_clip: float = 5.0  # largest gradient norm of a purification step (0: not clipped)
@@ -88,6 +90,8 @@ class RepairConfig:
             parse_memory(self.max_memory)
         if self.purify not in PURIFY_MODES:
             raise UserError(f"unknown purification {self.purify!r}: use one of {', '.join(PURIFY_MODES)}")
+        if self.purify_rounds < 1:
+            raise UserError(f"purify_rounds must be at least 1, not {self.purify_rounds}")
         if (self.purify_epochs or 0) < 0 or self.finetune_epochs < 0:
             raise UserError("purification and fine-tuning epochs must not be negative")
         if self.unlearn_epochs is not None and self.unlearn_epochs < 1:

@@ -415,32 +415,39 @@ def tile_starts(h: int, w: int, tile: int) -> list[tuple[int, int]]:
     return [starts[int(k)] for k in torch.linspace(0, len(starts) - 1, MAX_TILES).round().long()]
 
 
-def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, tile: int, *, steps: int,
+def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, tile: int | None, *, steps: int,
                  batch: int, lr: float, lam: float = 10.0, seed: int = 0, progress: bool = False,
-                 max_memory: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_memory: int | str | None = None,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch proxies of class `cls`, one started on each tile (`tile_starts`: its mask's logits 0 on the tile,
     -3 elsewhere, where `synthesize_proxies` starts every pixel at -3), fitted together as the patch family is
     (`steps` Adam steps at lr on `batch` images of other classes each, penalty lam on the mean mask value).
-    x [N, C, H, W] normalised clean images, y [N] (on the model's device) -> (masks [S, 1, H, W], patterns
-    [S, C, H, W]) of the S proxies that send at least TILE_FLIP of x's images of other classes to cls (S may be
-    0). The model stays frozen in eval mode; the draws come from a CPU generator; images run in chunks
-    `max_memory` holds."""
+    init: (masks [S, 1, H, W], patterns [S, C, H, W]) to start from instead (a refit of proxies fitted before, on
+    the model as it is now: purification's later rounds; `tile` is then not read). x [N, C, H, W] normalised
+    clean images, y [N] (on the model's device) -> (masks [S, 1, H, W], patterns [S, C, H, W]) of the S proxies
+    that send at least TILE_FLIP of x's images of other classes to cls (S may be 0). The model stays frozen in
+    eval mode; the draws come from a CPU generator; images run in chunks `max_memory` holds."""
     n, c, h, w = x.shape
     dev = x.device
     lo, hi = _range(x)
     span = hi - lo
-    starts = tile_starts(h, w, tile)
-    mlog = torch.full((len(starts), 1, h, w), -3.0, device=dev)
-    for k, (i, j) in enumerate(starts):
-        mlog[k, :, i:i + tile, j:j + tile] = 0.0
-    mlog.requires_grad_(True)
     g = torch.Generator().manual_seed(seed + 4)
-    plog = (torch.randn(len(starts), c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
+    if init is None:
+        starts = tile_starts(h, w, tile)
+        mlog = torch.full((len(starts), 1, h, w), -3.0, device=dev)
+        for k, (i, j) in enumerate(starts):
+            mlog[k, :, i:i + tile, j:j + tile] = 0.0
+        plog = (torch.randn(len(starts), c, h, w, generator=g) * 0.1).to(dev)
+    else:  # the sigmoids' inverses, clamped off 0 and 1 where a value sits at an end
+        mlog = torch.logit(init[0].detach().to(dev).clamp(1e-4, 1 - 1e-4))
+        plog = torch.logit(((init[1].detach().to(dev) - lo) / span).clamp(1e-4, 1 - 1e-4))
+    count = len(mlog)
+    mlog, plog = mlog.clone().requires_grad_(True), plog.clone().requires_grad_(True)
     opt = torch.optim.Adam([mlog, plog], lr=lr)
     pool = torch.nonzero(y != cls).flatten()
     if len(pool) == 0:
         return mlog.detach()[:0], plog.detach()[:0]
-    chunk = fit_batch(model, x, max_memory, len(starts) * batch)
+    chunk = fit_batch(model, x, max_memory, count * batch)
     layout = gradient_order(model, x)
     with frozen(model), bar(steps, f"tile proxies of class {cls}", progress) as shown:
         for _ in range(steps):
@@ -461,8 +468,8 @@ def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, t
     with torch.no_grad(), frozen(model):
         m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
         xo = x[pool]
-        hit = torch.zeros(len(starts), device=dev)
-        for k in range(len(starts)):
+        hit = torch.zeros(count, device=dev)
+        for k in range(count):
             for s0 in range(0, len(xo), chunk):
                 xs = _patch(xo[s0:s0 + chunk], m[k], p[k])
                 hit[k] += (model(xs).argmax(1) == cls).sum()

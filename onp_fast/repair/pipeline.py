@@ -54,11 +54,14 @@ def repair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
     return run(prepare(model, x, y, num_classes, cfg, progress, copy_model), defense, last=True)
 
 
-def purify_mode_of(cfg: RepairConfig, defense: Defense, purify: str | None = None) -> str:
+def purify_mode_of(cfg: RepairConfig, defense: Defense, purify: str | None = None, tiled: bool = False) -> str:
     """The purification a run uses: `purify` when given, else cfg.purify, whose "auto" is the method's own
-    default (Defense.purify)."""
+    default (Defense.purify), its sharpness-aware step dropped ("sam+proxy" -> "proxy") when `tiled` (the
+    context has tile proxies: a ViT; why: docs/design.md, "Refitting the tile proxies")."""
     mode = purify or cfg.purify
-    return defense.purify if mode == "auto" else mode
+    if mode != "auto":
+        return mode
+    return "proxy" if tiled and defense.purify == "sam+proxy" else defense.purify
 
 
 def training_batches(y: torch.Tensor, cfg: RepairConfig, runs) -> dict[str, tuple[int, int | None]]:
@@ -113,7 +116,8 @@ def run(ctx: DefenseContext, method: str | Defense = "onp", method_config=None, 
     from `ranked` when given); report["times_s"]: the shared ones and this method's; report["peak_memory"]:
     `memory_part` at the end of the run."""
     defense = get(method, method_config)
-    mode = purify_mode_of(ctx.cfg, defense, purify)
+    mode = purify_mode_of(ctx.cfg, defense, purify,
+                          tiled=ctx.proxies is not None and ctx.proxies.tile_masks is not None)
     if mode not in PURIFY_MODES or mode == "auto":
         raise UserError(f"unknown purification {mode!r}: use one of {', '.join(PURIFY_MODES)}")
     with ctx.own_times() as own:

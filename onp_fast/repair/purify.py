@@ -4,15 +4,19 @@ CA on D_val."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from ..metrics import within_tolerance
-from ..prepare import PURIFY_EPOCHS, DefenseContext, accuracy_of, finetune_pruned
+from ..prepare import PURIFY_EPOCHS, DefenseContext, ProxySet, accuracy_of, finetune_pruned
+from ..prepare.trigger import resolve_setting, tile_proxies
 from ..torchutil import autocast, full_precision
 
 DISTILL_TEMPERATURE = 2.0
+REFIT_LAM = 30.0  # a refit's penalty on the mean mask value, 3 x the trigger phase's (docs/design.md, "Refitting the
+# tile proxies": at the trigger phase's the refits grow into large adversarial patches that cost clean accuracy)
 
 
 def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_before: float, mode: str) -> dict:
@@ -25,7 +29,9 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
       softmax(anomaly index) within the family (a family's share does not shrink as families are added); plain
       SGD; when the set has tile proxies (a tiled model, `ProxySet.tile_masks`), they replace that draw: each
       image gets one copy stamped with one of them, drawn uniformly (why: docs/design.md, "Tile proxies for a
-      ViT");
+      ViT"), and the epochs are cut into `purify_rounds` rounds (at most one per epoch): before each round after
+      the first, the tile proxies are fitted again on the model as it is then, from where they stand
+      (`_refit`; why: docs/design.md, "Refitting the tile proxies");
     - "sam+proxy": both.
     Without proxies (none synthesised), "proxy" and "sam+proxy" run trigger-free SAM, so the backdoor is not left
     untouched. The defense images' own loss is distillation from the model as given (`purify_distill`), with a
@@ -43,10 +49,13 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     proxies = ctx.proxies if "proxy" in mode else None
     augment = None
     tiles = proxies is not None and proxies.tile_masks is not None
+    ends = {epochs * r // cfg.purify_rounds for r in range(1, min(cfg.purify_rounds, epochs))} if tiles else set()
+    live = [proxies]  # the set the copies are stamped from; a refit replaces it (ctx.proxies stays as it is)
+    refits = []
     if proxies is not None:
         def augment(xb, yb, gen):
             if tiles:
-                copies = [proxies.stamp_tiles(xb, gen)]
+                copies = [live[0].stamp_tiles(xb, gen)]
             else:
                 draws = ([proxies.sample(yb, gen, family=f) for f in range(len(proxies.patterns))]
                          if cfg.purify_every_family else [proxies.sample(yb, gen)])
@@ -64,6 +73,9 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             for name, value in model.state_dict().items():
                 best["state"][name].copy_(value)
             best.update(epoch=epoch, ca=ca)
+        if epoch in ends:  # a round ends: the tile proxies are fitted again on the model as it is now
+            live[0], part = _refit(ctx, model, live[0], seed=cfg.seed + len(refits) + 1)
+            refits.append({"after_epoch": epoch, **part})
 
     steps: dict = {}
     with autocast(ctx.x_opt.device, cfg.precision):
@@ -80,6 +92,7 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
                                                         else 1) if proxies is not None else 0),
             "tile_proxies": len(proxies.tile_masks) if tiles else 0,
             "tile_class": proxies.tile_class if tiles else None,
+            "rounds": len(refits) + 1, "refits": refits,
             "images": len(ctx.x_opt), "epochs": epochs, "lr": cfg.purify_lr,
             "batch": steps.get("batch"), "micro_batch": steps.get("micro_batch"),
             "micro_batches": steps.get("micro_batches", 1),
@@ -92,3 +105,21 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
             "ca_val_after": best["ca"] if best["ca"] is not None else accuracy_of(model, ctx.x_val, ctx.y_val,
                                                                                   max_memory=cfg.activation_memory),
             "kept": best["epoch"] > 0}
+
+
+def _refit(ctx: DefenseContext, model: nn.Module, proxies: ProxySet, seed: int) -> tuple[ProxySet, dict]:
+    """The tile proxies of `proxies` fitted again on `model` (its weights as they are, mid-purification), started
+    from where they stand (`tile_proxies`' init), at the trigger phase's base steps, batch and lr
+    (`resolve_setting`: a tiled model's longer patch family aside) and the penalty REFIT_LAM on D_opt -> (the set with the refitted proxies
+    that still send TILE_FLIP of the images to the class, or `proxies` itself when none does, its report part:
+    {"kept": those refitted, "mask_l1": their masks' mean L1 (None when none is kept)})."""
+    cfg = ctx.cfg
+    steps, batch, lr = resolve_setting(ctx.x_opt.shape, cfg.trigger_steps, cfg.trigger_batch, cfg.trigger_lr)
+    with torch.enable_grad():
+        masks, patterns = tile_proxies(model, ctx.x_opt, ctx.y_opt, proxies.tile_class, None, steps=steps,
+                                       batch=batch, lr=lr, lam=REFIT_LAM, seed=seed, max_memory=cfg.activation_memory,
+                                       init=(proxies.tile_masks, proxies.tile_patterns))
+    if not len(masks):
+        return proxies, {"kept": 0, "mask_l1": None}
+    return (replace(proxies, tile_masks=masks, tile_patterns=patterns),
+            {"kept": len(masks), "mask_l1": round(float(masks.sum(dim=(1, 2, 3)).mean()), 3)})
