@@ -126,8 +126,8 @@ def command(model_path, dataset, defense_size, out_path, report_path, masks_path
             trigger_lr, tile_proxies, tolerance, reward_backend, reward_sequential,
             precision, compact_model, trigger_families, purify_families,
             purify,
-            purify_epochs, purify_rounds, purify_lr, purify_clip, purify_path, finetune_epochs, seed, force, skip_accuracy_check,
-            quiet, device, max_memory, **model_opts):
+            purify_epochs, purify_rounds, purify_lr, purify_clip, purify_path, finetune_epochs, seed, force,
+            skip_accuracy_check, quiet, device, max_memory, **model_opts):
     """Repair MODEL: prune the neurons an RL-trained GNN policy finds (or a baseline's), keeping clean accuracy."""
     from ..atomic import check_outputs
     from ..data import normalize

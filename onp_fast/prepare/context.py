@@ -27,7 +27,7 @@ PURIFY_MODES = ("auto", "none", "sam", "proxy", "sam+proxy")  # auto: the method
 UNLEARN_BATCH = 128  # images per step of prepare's unlearning
 UNLEARN_EPOCHS = 20  # the most epochs of prepare's unlearning at full effort (it stops earlier at its target)
 PURIFY_EPOCHS = 10  # purification epochs at full effort
-PURIFY_ROUNDS = 2  # with tile proxies: purification's rounds (measurements: docs/design.md, "Refitting the tile proxies")
+PURIFY_ROUNDS = 2  # with tile proxies: purification's rounds (docs/design.md, "Refitting the tile proxies")
 
 
 @dataclass

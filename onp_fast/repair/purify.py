@@ -15,8 +15,8 @@ from ..prepare.trigger import resolve_setting, tile_proxies
 from ..torchutil import autocast, full_precision
 
 DISTILL_TEMPERATURE = 2.0
-REFIT_LAM = 30.0  # a refit's penalty on the mean mask value, 3 x the trigger phase's (docs/design.md, "Refitting the
-# tile proxies": at the trigger phase's the refits grow into large adversarial patches that cost clean accuracy)
+REFIT_LAM = 30.0  # a refit's penalty on the mean mask value, 3 x the trigger phase's (measurements: docs/design.md,
+# "Refitting the tile proxies")
 
 
 def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_before: float, mode: str) -> dict:
@@ -110,12 +110,13 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
 def _refit(ctx: DefenseContext, model: nn.Module, proxies: ProxySet, seed: int) -> tuple[ProxySet, dict]:
     """The tile proxies of `proxies` fitted again on `model` (its weights as they are, mid-purification), started
     from where they stand (`tile_proxies`' init), at the trigger phase's base steps, batch and lr
-    (`resolve_setting`: a tiled model's longer patch family aside) and the penalty REFIT_LAM on D_opt -> (the set with the refitted proxies
-    that still send TILE_FLIP of the images to the class, or `proxies` itself when none does, its report part:
-    {"kept": those refitted, "mask_l1": their masks' mean L1 (None when none is kept)})."""
+    (`resolve_setting`: a tiled model's longer patch family aside) and the penalty REFIT_LAM on D_opt, at float32
+    as the trigger phase is -> (the set with the refitted proxies that still send TILE_FLIP of the images to the
+    class, or `proxies` itself when none does, its report part: {"kept": those refitted, "mask_l1": their masks'
+    mean L1 (None when none is kept)})."""
     cfg = ctx.cfg
     steps, batch, lr = resolve_setting(ctx.x_opt.shape, cfg.trigger_steps, cfg.trigger_batch, cfg.trigger_lr)
-    with torch.enable_grad():
+    with torch.enable_grad(), full_precision(ctx.x_opt.device):
         masks, patterns = tile_proxies(model, ctx.x_opt, ctx.y_opt, proxies.tile_class, None, steps=steps,
                                        batch=batch, lr=lr, lam=REFIT_LAM, seed=seed, max_memory=cfg.activation_memory,
                                        init=(proxies.tile_masks, proxies.tile_patterns))
