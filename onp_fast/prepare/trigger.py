@@ -42,6 +42,7 @@ from ..distributed import all_sum, share, world
 from ..memory import fit_batch
 from ..progress import bar
 from ..torchutil import frozen, gradient_order
+from .unlearn import accuracy_of
 
 FAMILIES = ("patch", "additive", "periodic", "blend", "warp")  # every family, in the order of a ProxySet's patterns
 DEFAULT_FAMILIES = ("patch", "additive")
@@ -467,13 +468,9 @@ def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, t
             shown.update(1)
     with torch.no_grad(), frozen(model):
         m, p = torch.sigmoid(mlog), lo + span * torch.sigmoid(plog)
-        xo = x[pool]
-        hit = torch.zeros(count, device=dev)
-        for k in range(count):
-            for s0 in range(0, len(xo), chunk):
-                xs = _patch(xo[s0:s0 + chunk], m[k], p[k])
-                hit[k] += (model(xs).argmax(1) == cls).sum()
-        keep = hit / len(xo) >= TILE_FLIP
+        xo, target = x[pool], torch.full((len(pool),), cls, device=dev)
+        keep = torch.tensor([accuracy_of(model, _patch(xo, m[k], p[k]), target, max_memory=max_memory) >= TILE_FLIP
+                             for k in range(count)], device=dev)
     return m[keep].clone(), p[keep].clone()
 
 

@@ -50,12 +50,12 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     augment = None
     tiles = proxies is not None and proxies.tile_masks is not None
     ends = {epochs * r // cfg.purify_rounds for r in range(1, min(cfg.purify_rounds, epochs))} if tiles else set()
-    live = [proxies]  # the set the copies are stamped from; a refit replaces it (ctx.proxies stays as it is)
+    current = proxies  # the set the copies are stamped from; a refit replaces it (ctx.proxies stays as it is)
     refits = []
     if proxies is not None:
         def augment(xb, yb, gen):
             if tiles:
-                copies = [live[0].stamp_tiles(xb, gen)]
+                copies = [current.stamp_tiles(xb, gen)]
             else:
                 draws = ([proxies.sample(yb, gen, family=f) for f in range(len(proxies.patterns))]
                          if cfg.purify_every_family else [proxies.sample(yb, gen)])
@@ -66,6 +66,7 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
     curve = []
 
     def check(epoch):  # the last epoch whose held-out CA stays within the tolerance is what purification keeps
+        nonlocal current
         with full_precision(ctx.x_val.device):
             ca = accuracy_of(model, ctx.x_val, ctx.y_val, max_memory=cfg.activation_memory)
         curve.append(round(ca, 4))
@@ -74,7 +75,7 @@ def purify(ctx: DefenseContext, model: nn.Module, prune: torch.Tensor, ca_val_be
                 best["state"][name].copy_(value)
             best.update(epoch=epoch, ca=ca)
         if epoch in ends:  # a round ends: the tile proxies are fitted again on the model as it is now
-            live[0], part = _refit(ctx, model, live[0], seed=cfg.seed + len(refits) + 1)
+            current, part = _refit(ctx, model, current, seed=cfg.seed + len(refits) + 1)
             refits.append({"after_epoch": epoch, **part})
 
     steps: dict = {}
