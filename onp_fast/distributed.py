@@ -1,9 +1,10 @@
-"""Scale-out of mask scoring and the trigger screen over torch.distributed ranks (started by `torchrun`).
+"""Scale-out of mask scoring and the trigger phase over torch.distributed ranks (started by `torchrun`).
 
 Every rank runs the same seeded repair on the whole defense set; only the scoring of candidate masks and the
-class screen's image passes are split. The K masks of one scoring call are cut into contiguous shares, one per
-rank, and the reward terms of every share are all-gathered (`gather_rows`); the screen's stamped images of
-each step, and its scoring images, are cut the same way and their gradients and sums all-reduced (`all_sum`).
+trigger phase's image passes (the class screen, the per-class search, the tile proxies) are split. The K masks
+of one scoring call are cut into contiguous shares, one per rank, and the reward terms of every share are
+all-gathered (`gather_rows`); the trigger phase's stamped images of each step, and the screen's scoring images,
+are cut the same way and their gradients and sums all-reduced (`all_sum`).
 So every rank holds what one process would have computed (up to the order of float sums) and takes the same
 decisions. Outside a process group (the default) nothing here changes anything.
 """

@@ -1,6 +1,7 @@
-"""Mask scoring and the trigger screen shared across torch.distributed ranks: two gloo processes started by
-torchrun repair to the same masks as one process, each scoring its share of the masks, and screen the classes of
-a planted 40-class task as one process does, each passing its share of the images."""
+"""Mask scoring and the trigger phase shared across torch.distributed ranks: two gloo processes started by
+torchrun repair to the same masks as one process, each scoring its share of the masks, screen the classes of a
+planted 40-class task and search a planted tiled task's classes and tile proxies as one process does, each
+passing its share of the images."""
 import json
 import os
 import subprocess
@@ -8,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 from onp_fast.distributed import all_sum, gather_rows, share, world
@@ -54,6 +54,30 @@ SCREEN = textwrap.dedent("""
     model.register_forward_pre_hook(lambda m, a: seen.__setitem__(0, seen[0] + len(a[0])))
     scores = screen_classes(model, x, y, 40, steps=60, seed=0)
     json.dump({"rank": rank, "size": size, "scores": scores.tolist(), "images": seen[0], "target": TARGET},
+              open(sys.argv[1] + f".{rank}.json", "w"))
+""")
+
+
+SEARCH = textwrap.dedent("""
+    import json, sys
+    import torch
+    from onp_fast.distributed import init_from_env
+    from onp_fast.prepare.trigger import synthesize_proxies
+
+    rank, size, _ = init_from_env("cpu")
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[2])
+    from test_tile_proxies import TARGET, TILE, TiledToy, _images
+
+    x, y = _images()
+    model = TiledToy(gain=6.0).eval()
+    seen = [0]
+    model.register_forward_pre_hook(
+        lambda m, a: seen.__setitem__(0, seen[0] + len(a[0])) if torch.is_grad_enabled() else None)
+    ps = synthesize_proxies(model, x, y, 4, steps=10, batch=8, lr=0.2, families=("patch", "additive"), tile=TILE)
+    json.dump({"rank": rank, "size": size, "masks": ps.masks.tolist(), "additive": ps.patterns["additive"].tolist(),
+               "norms": {f: v.tolist() for f, v in ps.norms.items()}, "tile_class": ps.tile_class,
+               "tile_masks": ps.tile_masks.tolist(), "images": seen[0], "target": TARGET},
               open(sys.argv[1] + f".{rank}.json", "w"))
 """)
 
@@ -159,5 +183,25 @@ def test_two_gloo_ranks_screen_the_classes_as_one_process_each_passing_half_the_
     assert two[0]["scores"] == two[1]["scores"]  # summed over the ranks: the same on each
     assert torch.allclose(torch.tensor(two[0]["scores"]), torch.tensor(one["scores"]), rtol=1e-3, atol=1e-5)
     assert max(range(40), key=lambda c: two[0]["scores"][c]) == target
+    assert sum(r["images"] for r in two) == one["images"]
+    assert all(0.4 * one["images"] < r["images"] < 0.6 * one["images"] for r in two)
+
+
+def test_two_gloo_ranks_search_the_classes_and_fit_the_tile_proxies_as_one_process_each_passing_half(tmp_path):
+    """The per-class trigger search (every family, then the patch family alone for the later steps of a tiled
+    model) and the tile proxies after it, on the planted tiled toy of test_tile_proxies: both ranks hold the same
+    proxies, those of one process up to the order of float sums, and name the planted target; each rank passed
+    about half of the stamped images one process passes, together all of them."""
+    here = str(Path(__file__).resolve().parent)
+    one, = _run(tmp_path, 1, SEARCH, here)
+    two = _run(tmp_path, 2, SEARCH, here)
+    assert one["tile_class"] == one["target"] and len(one["tile_masks"]) == 4
+    for key in ("masks", "additive", "norms", "tile_masks", "tile_class"):
+        assert two[0][key] == two[1][key]  # summed over the ranks: the same step on each
+    for key in ("masks", "additive", "tile_masks"):
+        assert torch.allclose(torch.tensor(two[0][key]), torch.tensor(one[key]), rtol=1e-4, atol=1e-5), key
+    for f in one["norms"]:
+        assert torch.allclose(torch.tensor(two[0]["norms"][f]), torch.tensor(one["norms"][f]), rtol=1e-4, atol=1e-5)
+    assert two[0]["tile_class"] == one["tile_class"]
     assert sum(r["images"] for r in two) == one["images"]
     assert all(0.4 * one["images"] < r["images"] < 0.6 * one["images"] for r in two)

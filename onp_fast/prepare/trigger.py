@@ -294,7 +294,9 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     measurements: docs/design.md; the periodic family's coefficients take Adam at PERIODIC_LR). The model stays
     frozen in eval mode, so the step's loss is a sum over images: where `max_memory` (bytes or "512MB"; None: no
     budget) cannot hold the step's F x R x batch stamped images at once, they run in chunks whose gradients add up
-    to the same step (`memory.fit_batch`).
+    to the same step (`memory.fit_batch`). Under torch.distributed each rank passes its share of every step's
+    stamped images (`distributed.share`; the tile proxies' too) and the gradients are summed over the ranks, so
+    every rank fits the same proxies, up to the order of float sums.
     The random draws come from CPU generators whatever the device. detect: the families that may name the
     suspect (ProxySet.detect; None: every one). tile: the model's tile side (`tile_side`; None: not tiled): the
     patch family then runs TILE_STEPS x steps (the other families stop at `steps`; the later steps stamp the patch
@@ -334,6 +336,9 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     warp = _Flow(rows, h, w, seed, dev)  # and this one
     opt = _adam(params + (blend.params if "blend" in families else []) + (warp.params if "warp" in families else []),
                 waves.params if "periodic" in families else [], lr)
+    owned = {"patch": [mlog, plog], "additive": [dlog], "periodic": waves.params, "blend": blend.params,
+             "warp": warp.params}  # each family's parameters: a step sums over the ranks those of its families
+    rank, size = world()
     targets = classes.to(dev)
     per_step = rows * batch * sum(f in families for f in FAMILIES)  # stamped images per step
     chunk = fit_batch(model, x, max_memory, per_step)
@@ -372,15 +377,17 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             stamped = layout(torch.cat(parts).reshape(-1, c, h, w))
             tgt = targets.repeat_interleave(batch).repeat(len(parts))
             other = (yb.unsqueeze(0) != targets.unsqueeze(1)).reshape(-1).float().repeat(len(parts))
+            mine = share(len(stamped), rank, size)  # every row when there is one process
             opt.zero_grad(set_to_none=True)
-            for s0 in range(0, len(stamped), chunk):  # one chunk at the default budget: the step as it was
-                s1 = min(len(stamped), s0 + chunk)
+            for s0 in range(mine.start, mine.stop, chunk):  # one chunk at the default budget: the step as it was
+                s1 = min(mine.stop, s0 + chunk)
                 logits = model(stamped[s0:s1])
                 ce = (F.cross_entropy(logits, tgt[s0:s1], reduction="none") * other[s0:s1]).sum() \
                     / other.sum().clamp(min=1)
                 loss = ce * rows * len(parts) + (penalty if s0 == 0 else 0.0)
-                loss.backward(retain_graph=s1 < len(stamped))
+                loss.backward(retain_graph=s1 < mine.stop)
                 del logits, ce, loss  # the retained graph frees this chunk's activations before the next forward
+            _sum_gradients([t for f in on if f in families for t in owned[f]], size)
             opt.step()
             shown.update(1)
     with torch.no_grad():
@@ -427,7 +434,9 @@ def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, t
     the model as it is now: purification's later rounds; `tile` is then not read). x [N, C, H, W] normalised
     clean images, y [N] (on the model's device) -> (masks [S, 1, H, W], patterns [S, C, H, W]) of the S proxies
     that send at least TILE_FLIP of x's images of other classes to cls (S may be 0). The model stays frozen in
-    eval mode; the draws come from a CPU generator; images run in chunks `max_memory` holds."""
+    eval mode; the draws come from a CPU generator; images run in chunks `max_memory` holds; under
+    torch.distributed each rank passes its share of every step's stamped images, the gradients summed over the
+    ranks."""
     n, c, h, w = x.shape
     dev = x.device
     lo, hi = _range(x)
@@ -450,6 +459,7 @@ def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, t
         return mlog.detach()[:0], plog.detach()[:0]
     chunk = fit_batch(model, x, max_memory, count * batch)
     layout = gradient_order(model, x)
+    rank, size = world()
     with frozen(model), bar(steps, f"tile proxies of class {cls}", progress) as shown:
         for _ in range(steps):
             xb = x[pool[torch.randint(0, len(pool), (batch,), generator=g).to(dev)]]
@@ -457,13 +467,15 @@ def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, t
             stamped = layout(_patch(xb.unsqueeze(0), m.unsqueeze(1), p.unsqueeze(1)).reshape(-1, c, h, w))
             opt.zero_grad(set_to_none=True)
             penalty = lam * m.mean(dim=(1, 2, 3)).sum()
-            for s0 in range(0, len(stamped), chunk):
-                s1 = min(len(stamped), s0 + chunk)
+            mine = share(len(stamped), rank, size)  # every row when there is one process
+            for s0 in range(mine.start, mine.stop, chunk):
+                s1 = min(mine.stop, s0 + chunk)
                 logits = model(stamped[s0:s1])
                 target = torch.full((s1 - s0,), cls, device=dev)
                 loss = F.cross_entropy(logits, target, reduction="sum") / batch + (penalty if s0 == 0 else 0.0)
-                loss.backward(retain_graph=s1 < len(stamped))
+                loss.backward(retain_graph=s1 < mine.stop)
                 del logits, loss
+            _sum_gradients([mlog, plog], size)
             opt.step()
             shown.update(1)
     with torch.no_grad(), frozen(model):
@@ -472,6 +484,19 @@ def tile_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cls: int, t
         keep = torch.tensor([accuracy_of(model, _patch(xo, m[k], p[k]), target, max_memory=max_memory) >= TILE_FLIP
                              for k in range(count)], device=dev)
     return m[keep].clone(), p[keep].clone()
+
+
+def _sum_gradients(params: list[torch.Tensor], size: int) -> None:
+    """Under torch.distributed (size > 1), each of `params`' gradients replaced by its sum over the ranks (a rank
+    that passed no image of the step contributes zeros), so every rank takes the same optimiser step; nothing
+    with one process. Only the parameters the step's loss reads may be passed: Adam moves a parameter whose
+    gradient is zero but not one whose gradient is None."""
+    if size == 1:
+        return
+    for t in params:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+    all_sum([t.grad for t in params])
 
 
 def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
@@ -542,11 +567,7 @@ def screen_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
                 p_own = F.softmax(model(stamped[s0:s1]), dim=1).gather(1, own[s0:s1, None]).sum() / len(stamped)
                 (p_own + (penalty if s0 == 0 else 0.0)).backward(retain_graph=s1 < mine.stop)
                 del p_own  # the retained graph frees this chunk's activations before the next forward
-            if size > 1:
-                for t in params:
-                    if t.grad is None:
-                        t.grad = torch.zeros_like(t)
-                all_sum([t.grad for t in params])
+            _sum_gradients(params, size)
             opt.step()
             shown.update(1)
     scores = torch.zeros(num_classes, dtype=torch.float64)
