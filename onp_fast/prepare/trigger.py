@@ -330,14 +330,13 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     plog = (torch.randn(rows, c, h, w, generator=g) * 0.1).to(dev).requires_grad_(True)
     g_add = torch.Generator().manual_seed(seed + 1)  # its own stream: the patch family is as without it
     dlog = (torch.randn(rows, c, h, w, generator=g_add) * 0.01).to(dev).requires_grad_(True)
-    params = ([mlog, plog] if "patch" in families else []) + ([dlog] if "additive" in families else [])
     waves = _Waves(rows, c, h, w, seed, dev)  # its own stream: the other families are as without it
     blend = _Blend(rows, c, h, w, seed, dev)  # its own stream too
     warp = _Flow(rows, h, w, seed, dev)  # and this one
-    opt = _adam(params + (blend.params if "blend" in families else []) + (warp.params if "warp" in families else []),
-                waves.params if "periodic" in families else [], lr)
     owned = {"patch": [mlog, plog], "additive": [dlog], "periodic": waves.params, "blend": blend.params,
              "warp": warp.params}  # each family's parameters: a step sums over the ranks those of its families
+    opt = _adam([t for f in ("patch", "additive", "blend", "warp") if f in families for t in owned[f]],
+                owned["periodic"] if "periodic" in families else [], lr)
     rank, size = world()
     targets = classes.to(dev)
     per_step = rows * batch * sum(f in families for f in FAMILIES)  # stamped images per step
@@ -387,7 +386,7 @@ def synthesize_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
                 loss = ce * rows * len(parts) + (penalty if s0 == 0 else 0.0)
                 loss.backward(retain_graph=s1 < mine.stop)
                 del logits, ce, loss  # the retained graph frees this chunk's activations before the next forward
-            _sum_gradients([t for f in on if f in families for t in owned[f]], size)
+            _sum_gradients([t for f in on for t in owned[f]], size)
             opt.step()
             shown.update(1)
     with torch.no_grad():
